@@ -1,0 +1,70 @@
+# FREE-Fed: every target sets up what it needs on a fresh machine (as root, nothing by hand).
+#   make test   install everything, then run the whole test suite (slow tests included)
+#   make demo   install everything, then run the demo
+#   make lint   ruff (lint + format check) and mypy
+#   make proto  regenerate free_common/proto from proto/
+
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# The CPU wheel of this release lies on the development machines' disk; installing it
+# before the project keeps pip from fetching a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+# onnxruntime or onnxruntime-gpu, never both: gpu where CUDA is present.
+ORT_EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+export FLWR_TELEMETRY_ENABLED=0
+export FLWR_DISABLE_UPDATE_CHECK=1
+
+.PHONY: install system-deps test test-fast lint format proto demo clean
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(VENV)/.torch: | $(PY)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
+	touch $@
+
+$(VENV)/.project: pyproject.toml $(VENV)/.torch
+	$(PIP) install --quiet -e ".[$(ORT_EXTRA),dev]" --config-settings editable_mode=strict
+	touch $@
+
+# Debian packages (fonts, dataset-fashion-mnist) the small glyph set and the tests need.
+system-deps: $(VENV)/.project
+	@missing="$$($(PY) -m free_common.data.debian_packages --missing small)"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+# The editable install is "strict" (a link tree mypy and pytest follow), so new modules
+# need a re-install: it is cheap when nothing changed.
+install: $(VENV)/.project system-deps
+	$(PIP) install --quiet --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
+
+test: install
+	$(PY) -m pytest -q
+
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: install
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+proto: install
+	$(PY) proto/generate.py
+
+demo: install
+	$(VENV)/bin/free-bench data build --size small --out data-cache/small
+	$(VENV)/bin/free-bench data show data-cache/small --split meta-train --ways 5 --shots 1 --queries 2 --out demo-output/episode-meta-train.png
+	$(VENV)/bin/free-bench data show data-cache/small --split meta-test --ways 5 --shots 1 --queries 2 --out demo-output/episode-meta-test.png
+
+clean:
+	rm -rf $(VENV) build *.egg-info data-cache demo-output

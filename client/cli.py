@@ -1,0 +1,34 @@
+"""`free-client`: the data owner's command line."""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import typer
+
+from free_common import __version__
+from free_common.console import out_console, run_app
+
+app = typer.Typer(
+    name="free-client",
+    help="FREE-Fed data owner: export, inspect and submit models; fetch and fine-tune releases.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """Keep the command group shape even while it has a single command."""
+
+
+@app.command()
+def version() -> None:
+    """Print the installed FREE-Fed version."""
+    out_console.print(f"free-client {__version__}")
+
+
+def main() -> NoReturn:
+    """Console-script entry point of `free-client`."""
+    run_app(app)

@@ -1,0 +1,1 @@
+"""`free-bench`: the research and benchmark command line (data, zoo, runs)."""

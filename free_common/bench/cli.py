@@ -1,0 +1,30 @@
+"""`free-bench`: build data sets, train teacher zoos and run benchmarks.
+
+Examples::
+
+    free-bench data build --size small --out data-cache/small
+    free-bench data show data-cache/small --split meta-train --ways 5 --shots 1
+"""
+
+from __future__ import annotations
+
+from typing import NoReturn
+
+import typer
+
+from free_common.bench.data_cmd import data_app
+from free_common.console import run_app
+
+app = typer.Typer(
+    name="free-bench",
+    help="FREE-Fed research and benchmark tools: data sets, teacher zoos, benchmark runs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(data_app, name="data")
+
+
+def main() -> NoReturn:
+    """Console-script entry point of `free-bench`."""
+    run_app(app)

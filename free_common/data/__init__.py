@@ -1,0 +1,1 @@
+"""Data: the glyph benchmark, Fashion-MNIST, standard few-shot folders, episodes."""

@@ -1,0 +1,1 @@
+"""Inversion: generator, meta-generator and the losses that recover tasks from teachers."""

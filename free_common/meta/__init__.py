@@ -1,0 +1,1 @@
+"""Meta-learning: meta-learner, implicit gradient alignment, MAML replay, evaluation."""

@@ -1,0 +1,1 @@
+"""Models: backbones, ONNX export helpers and untrusted-ONNX intake."""

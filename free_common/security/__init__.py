@@ -1,0 +1,1 @@
+"""Security: Ed25519 keys, canonical manifest bytes, signing and verification."""

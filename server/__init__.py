@@ -1,0 +1,1 @@
+"""FREE-Fed aggregator: exchange service, store, intake workers, Flower rounds."""
