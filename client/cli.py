@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NoReturn
 
 import typer
+from free_client.keygen import keygen
 
 from free_common import __version__
 from free_common.console import out_console, run_app
@@ -27,6 +28,9 @@ def _root() -> None:
 def version() -> None:
     """Print the installed FREE-Fed version."""
     out_console.print(f"free-client {__version__}")
+
+
+app.command("keygen")(keygen)
 
 
 def main() -> NoReturn:

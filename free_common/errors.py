@@ -6,6 +6,7 @@ answers with, so the CLIs and the servicer never invent their own mapping::
 
     FreeError
     ├── ConfigError            bad option, file or setting given by the user
+    │   └── HomeError          a server home that is missing, incomplete or already there
     ├── DataError              data sets and font packages
     │   ├── FontPackageMissing
     │   ├── FontUnreadable
@@ -14,10 +15,42 @@ answers with, so the CLIs and the servicer never invent their own mapping::
     │   └── SplitError
     ├── SecurityError          keys, signatures, manifests
     │   ├── KeyFormatError
-    │   └── SignatureError
+    │   ├── SignatureError
+    │   ├── CanonicalFormError bytes that are not the canonical form of a signed record
+    │   ├── UnknownClient      a key that is not on the allow-list
+    │   ├── RevokedClient      a key whose owner was revoked
+    │   └── ReplayError        a nonce already used, with other bytes
     ├── WireError              a protobuf message that does not make a valid record
-    ├── IntakeError            an untrusted model refused (subclasses in `models.intake`)
+    ├── RecordError            a manifest, receipt, verdict or release field out of its rules
+    ├── UploadError            streamed bytes that cannot be accepted
+    │   ├── PayloadTooLarge    more bytes than the server's cap
+    │   └── PayloadMismatch    size or sha256 differ from the signed manifest
+    ├── StoreError             the server's store cannot be read or written
+    │   ├── StoreVersionError  a store made by a newer free-server
+    │   ├── RecordNotFound     no client, submission or release by that name
+    │   └── DuplicateRecord    a client name or key that is already registered
+    ├── IntakeError            an untrusted model refused by `models` intake
+    │   ├── NotOnnxError       not a parseable ONNX model (other bytes, truncated, other proto)
+    │   ├── ModelTooLarge      file, node count or metadata over the caps
+    │   ├── ExternalDataError  a tensor that points to data outside the file
+    │   ├── CustomOperatorError  a non-standard operator domain or model-local function
+    │   ├── OpsetError         IR version or opset out of the supported range
+    │   ├── UnsupportedOperatorError  an operator or attribute form not on the allow-list
+    │   ├── SubgraphError      graph-valued attributes (If, training graphs)
+    │   ├── LoopError          Loop or Scan
+    │   ├── TensorLimitError   gigantic declared tensors, shapes or parameter counts
+    │   ├── NonFiniteWeights   NaN or Inf in weights
+    │   ├── InputShapeError    input missing, several, or not the declared image shape
+    │   ├── OutputShapeError   output that does not give one logit per declared class
+    │   ├── MetadataError      task metadata missing, malformed or inconsistent
+    │   ├── InvalidModelError  fails onnx's checker or shape inference
+    │   ├── RuntimeProbeError  onnxruntime cannot load or run it
+    │   ├── ParityError        torch conversion and onnxruntime disagree
+    │   ├── IntakeResourceError  the intake worker ran out of memory
+    │   └── IntakeTimeout      the intake worker ran past its time limit
     └── EngineError            a meta round that cannot go on
+        ├── MemoryBankError    a task the memory cannot form, or a folder it cannot read
+        └── ArchitectureMismatch  models that must share one architecture do not
 
 `grpc_status` holds the *name* of a `grpc.StatusCode` member, so this module (and
 every algorithm layer that raises these errors) stays free of grpc; the server
@@ -29,19 +62,52 @@ from __future__ import annotations
 from typing import ClassVar
 
 __all__ = [
+    "ArchitectureMismatch",
+    "CanonicalFormError",
     "ConfigError",
+    "CustomOperatorError",
     "DataError",
     "DatasetLayoutError",
+    "DuplicateRecord",
     "EngineError",
+    "ExternalDataError",
     "FontPackageMissing",
     "FontUnreadable",
     "FreeError",
+    "HomeError",
     "IdxFormatError",
+    "InputShapeError",
     "IntakeError",
+    "IntakeResourceError",
+    "IntakeTimeout",
+    "InvalidModelError",
     "KeyFormatError",
+    "LoopError",
+    "MemoryBankError",
+    "MetadataError",
+    "ModelTooLarge",
+    "NonFiniteWeights",
+    "NotOnnxError",
+    "OpsetError",
+    "OutputShapeError",
+    "ParityError",
+    "PayloadMismatch",
+    "PayloadTooLarge",
+    "RecordError",
+    "RecordNotFound",
+    "ReplayError",
+    "RevokedClient",
+    "RuntimeProbeError",
     "SecurityError",
     "SignatureError",
     "SplitError",
+    "StoreError",
+    "StoreVersionError",
+    "SubgraphError",
+    "TensorLimitError",
+    "UnknownClient",
+    "UnsupportedOperatorError",
+    "UploadError",
     "WireError",
 ]
 
@@ -68,6 +134,10 @@ class ConfigError(FreeError):
 
     exit_code = 2
     grpc_status = "INVALID_ARGUMENT"
+
+
+class HomeError(ConfigError):
+    """A server home folder is missing, incomplete, or already exists when it should not."""
 
 
 class DataError(FreeError):
@@ -112,11 +182,82 @@ class SignatureError(SecurityError):
     """A signature does not verify for the given bytes and key."""
 
 
+class UnknownClient(SecurityError):
+    """A request is signed with a key that is not on the server's allow-list."""
+
+
+class RevokedClient(SecurityError):
+    """A request is signed with the key of an owner the aggregator revoked."""
+
+    grpc_status = "PERMISSION_DENIED"
+
+
+class ReplayError(SecurityError):
+    """A manifest reuses a nonce its client already used for other bytes."""
+
+    grpc_status = "ALREADY_EXISTS"
+
+
+class CanonicalFormError(SecurityError):
+    """Bytes are not the canonical encoding of the expected kind of signed record."""
+
+
 class WireError(FreeError):
     """A protobuf message does not convert to a valid record."""
 
     exit_code = 2
     grpc_status = "INVALID_ARGUMENT"
+
+
+class RecordError(FreeError):
+    """A manifest, receipt, verdict or release has a field outside its rules."""
+
+    exit_code = 2
+    grpc_status = "INVALID_ARGUMENT"
+
+
+class UploadError(FreeError):
+    """Streamed bytes cannot be accepted as the payload the manifest announced."""
+
+    exit_code = 2
+    grpc_status = "INVALID_ARGUMENT"
+
+
+class PayloadTooLarge(UploadError):
+    """An upload is larger than the server's byte cap."""
+
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+
+class PayloadMismatch(UploadError):
+    """The streamed bytes differ in size or sha256 from the signed manifest."""
+
+
+class StoreError(FreeError):
+    """The server's store (database or blob files) cannot be read or written."""
+
+    exit_code = 6
+    grpc_status = "INTERNAL"
+
+
+class StoreVersionError(StoreError):
+    """The store was written by a newer free-server with a schema this one does not know."""
+
+    grpc_status = "FAILED_PRECONDITION"
+
+
+class RecordNotFound(StoreError):
+    """No client, submission, round or release matches what was asked for."""
+
+    exit_code = 2
+    grpc_status = "NOT_FOUND"
+
+
+class DuplicateRecord(StoreError):
+    """A client name or key is already registered."""
+
+    exit_code = 2
+    grpc_status = "ALREADY_EXISTS"
 
 
 class IntakeError(FreeError):
@@ -126,8 +267,88 @@ class IntakeError(FreeError):
     grpc_status = "INVALID_ARGUMENT"
 
 
+class NotOnnxError(IntakeError):
+    """The bytes are not a parseable ONNX model: other data, truncated, or another protobuf type."""
+
+
+class ModelTooLarge(IntakeError):
+    """The file, its node count or its metadata is over the intake caps."""
+
+
+class ExternalDataError(IntakeError):
+    """A tensor refers to data outside the model file (any external-data reference)."""
+
+
+class CustomOperatorError(IntakeError):
+    """The model uses a non-standard operator domain or model-local functions."""
+
+
+class OpsetError(IntakeError):
+    """The model's IR version or opset is outside the range intake supports."""
+
+
+class UnsupportedOperatorError(IntakeError):
+    """An operator, or a form of one, is not on the intake allow-list."""
+
+
+class SubgraphError(IntakeError):
+    """The model holds graph-valued attributes (If branches, training graphs)."""
+
+
+class LoopError(IntakeError):
+    """The model holds a Loop or Scan, which could run without bound."""
+
+
+class TensorLimitError(IntakeError):
+    """A tensor, shape or the parameter count declared by the model is over the caps."""
+
+
+class NonFiniteWeights(IntakeError):
+    """A weight of the model is NaN or infinite."""
+
+
+class InputShapeError(IntakeError):
+    """The model's input is missing, not single, or not the declared image shape."""
+
+
+class OutputShapeError(IntakeError):
+    """The model's output does not give one logit per declared class."""
+
+
+class MetadataError(IntakeError):
+    """The model's task metadata is missing, malformed or inconsistent."""
+
+
+class InvalidModelError(IntakeError):
+    """The model fails onnx's checker or shape inference."""
+
+
+class RuntimeProbeError(IntakeError):
+    """onnxruntime cannot load or run the model."""
+
+
+class ParityError(IntakeError):
+    """The torch conversion and onnxruntime disagree on the model's outputs."""
+
+
+class IntakeResourceError(IntakeError):
+    """The intake worker ran out of memory on the model."""
+
+
+class IntakeTimeout(IntakeError):
+    """The intake worker ran past its time limit on the model."""
+
+
 class EngineError(FreeError):
     """A meta round cannot start or go on."""
 
     exit_code = 5
     grpc_status = "FAILED_PRECONDITION"
+
+
+class MemoryBankError(EngineError):
+    """The memory bank cannot form the requested task, or its folder is not one it can read."""
+
+
+class ArchitectureMismatch(EngineError):
+    """Models that must share one architecture (weight averaging) do not."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import NoReturn
 
 import typer
+from free_server.commands import clients
+from free_server.commands.init import init
 
 from free_common import __version__
 from free_common.console import out_console, run_app
@@ -20,13 +22,17 @@ app = typer.Typer(
 
 @app.callback()
 def _root() -> None:
-    """Keep the command group shape even while it has a single command."""
+    """Group the subcommands (no options of its own yet)."""
 
 
 @app.command()
 def version() -> None:
     """Print the installed FREE-Fed version."""
     out_console.print(f"free-server {__version__}")
+
+
+app.command("init")(init)
+app.add_typer(clients.app, name="clients")
 
 
 def main() -> NoReturn:

@@ -1,0 +1,207 @@
+"""`free-client export`: an owner's safetensors weights to one ONNX file intake accepts.
+
+The checkpoint is the owner's own state dict of a supported backbone
+(`free_common.models.backbones`), saved with safetensors; pickles are never
+loaded. What the checkpoint's header does not say (architecture width, image
+size, normalization, class names) comes from flags, and flags win. After the
+export the same intake the server runs checks the file, so the owner learns the
+verdict before uploading.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+
+from free_common.console import out_console
+from free_common.errors import ConfigError
+from free_common.models.backbones import BACKBONES, build_backbone
+from free_common.models.checkpoint import read_checkpoint
+from free_common.models.export import to_onnx
+from free_common.models.intake import IntakeResult, run_intake
+from free_common.models.metadata import task_from_dict, task_to_dict
+from free_common.types import TaskMetadata
+
+__all__ = ["ExportOptions", "export", "export_checkpoint"]
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Flags of `free-client export`; None means "from the checkpoint, else inferred"."""
+
+    arch: str | None = None
+    width: int | None = None
+    num_classes: int | None = None
+    channels: int | None = None
+    image_size: int | None = None
+    channel_order: str | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    class_names: tuple[str, ...] | None = None
+
+
+def _per_channel(values: tuple[float, ...], channels: int, flag: str) -> list[float]:
+    if len(values) == 1:
+        return list(values) * channels
+    if len(values) != channels:
+        raise ConfigError(f"{flag} takes 1 or {channels} values; got {len(values)}")
+    return list(values)
+
+
+def _resolve_task(
+    options: ExportOptions, base: TaskMetadata | None, state: dict[str, torch.Tensor], arch: str
+) -> TaskMetadata:
+    fields: dict[str, Any] = task_to_dict(base) if base else {}
+    stem = state.get(BACKBONES[arch].stem_key)
+    head = state.get("head.weight")
+    num_classes = options.num_classes or fields.get("num_classes")
+    if num_classes is None and head is not None:
+        num_classes = int(head.shape[0])
+    shape = list(fields.get("input_shape") or [None, None, None])
+    channels = options.channels or shape[0]
+    if channels is None and stem is not None and stem.dim() == 4:
+        channels = int(stem.shape[1])
+    size = options.image_size or shape[1]
+    if channels is None or size is None:
+        raise ConfigError(
+            "the checkpoint does not say the input size: pass --channels and --image-size"
+        )
+    if shape[1] is not None and shape[1] != shape[2] and options.image_size is None:
+        raise ConfigError(f"backbones take square images; the checkpoint says {shape[1:]}")
+    mean = options.mean or fields.get("mean")
+    std = options.std or fields.get("std")
+    if mean is None or std is None:
+        raise ConfigError(
+            "the checkpoint does not say the input normalization: pass --mean and --std, the "
+            "values used in training (e.g. --mean 0.5 --std 0.5)"
+        )
+    order = options.channel_order
+    if order is None and channels == shape[0]:
+        order = fields.get("channel_order")
+    order = order or ("gray" if channels == 1 else "rgb")
+    names = options.class_names if options.class_names is not None else fields.get("class_names")
+    return task_from_dict(
+        {
+            "num_classes": num_classes,
+            "input_shape": [channels, size, size],
+            "channel_order": order,
+            "mean": _per_channel(tuple(mean), channels, "--mean"),
+            "std": _per_channel(tuple(std), channels, "--std"),
+            "class_names": list(names or []),
+        }
+    )
+
+
+def export_checkpoint(checkpoint: Path, out: Path, options: ExportOptions) -> TaskMetadata:
+    """Export the weights in `checkpoint` to the ONNX file `out`.
+
+    Parameters
+    ----------
+    checkpoint
+        The owner's safetensors state dict of a supported backbone.
+    out
+        Where to write the ``.onnx`` file (replaced atomically).
+    options
+        Architecture and task metadata; they win over the checkpoint's header.
+
+    Returns
+    -------
+    TaskMetadata
+        The metadata written into the file.
+
+    Raises
+    ------
+    ConfigError
+        Unknown architecture, weights that do not fit it, or missing metadata.
+    """
+    loaded = read_checkpoint(checkpoint)
+    arch = options.arch or loaded.arch
+    if arch is None or arch not in BACKBONES:
+        raise ConfigError(
+            f"unknown or missing architecture {arch!r}; pass --arch, one of {', '.join(BACKBONES)}"
+        )
+    task = _resolve_task(options, loaded.task, loaded.state, arch)
+    stem = loaded.state.get(BACKBONES[arch].stem_key)
+    width = options.width or loaded.width or (None if stem is None else int(stem.shape[0]))
+    model = build_backbone(
+        arch, task.num_classes, task.input_shape[0], task.input_shape[1], width=width
+    )
+    try:
+        model.load_state_dict(loaded.state, strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise ConfigError(
+            f"{checkpoint} does not hold {arch} weights for this task "
+            f"({task.num_classes} classes, input {list(task.input_shape)}): {detail}"
+        ) from None
+    data = to_onnx(model, task)
+    partial = out.with_name(out.name + ".partial")
+    partial.write_bytes(data)
+    os.replace(partial, out)
+    return task
+
+
+def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated numbers, e.g. 0.5,0.5,0.5") from None
+
+
+def _print_verdict(result: IntakeResult) -> None:
+    if result.accepted:
+        out_console.print("intake check: [green]accept[/]")
+    else:
+        out_console.print(f"intake check: [red]refuse[/] ({result.refusal}): {result.reason}")
+    for warning in result.warnings:
+        out_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+
+
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="safetensors file of your model's weights")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="ONNX file to write")],
+    arch: Annotated[
+        str | None, typer.Option(help=f"architecture: {', '.join(BACKBONES)}")
+    ] = None,
+    width: Annotated[int | None, typer.Option(help="backbone width if not the default")] = None,
+    num_classes: Annotated[int | None, typer.Option(help="default: from the weights")] = None,
+    channels: Annotated[int | None, typer.Option(help="1 (grey) or 3 (colour)")] = None,
+    image_size: Annotated[int | None, typer.Option(help="side of the square input")] = None,
+    channel_order: Annotated[str | None, typer.Option(help="gray, rgb or bgr")] = None,
+    mean: Annotated[str | None, typer.Option(help="normalization mean, e.g. 0.5 or r,g,b")] = None,
+    std: Annotated[str | None, typer.Option(help="normalization std, e.g. 0.5 or r,g,b")] = None,
+    class_names: Annotated[
+        str | None, typer.Option(help="comma-separated class names, one per class")
+    ] = None,
+    check: Annotated[bool, typer.Option(help="run intake on the result")] = True,
+) -> None:
+    """Export your weights (safetensors) to an ONNX file with its task metadata."""
+    options = ExportOptions(
+        arch=arch,
+        width=width,
+        num_classes=num_classes,
+        channels=channels,
+        image_size=image_size,
+        channel_order=channel_order,
+        mean=_floats(mean, "--mean"),
+        std=_floats(std, "--std"),
+        class_names=None if class_names is None else tuple(class_names.split(",")),
+    )
+    task = export_checkpoint(checkpoint, out, options)
+    out_console.print(
+        f"wrote {out}: {task.num_classes} classes, input {list(task.input_shape)} "
+        f"{task.channel_order.value}, mean {list(task.mean)}, std {list(task.std)}",
+        highlight=False,
+    )
+    if check:
+        result = run_intake(out.read_bytes())
+        _print_verdict(result)
+        if not result.accepted:
+            raise typer.Exit(2)

@@ -1,0 +1,30 @@
+"""Typed settings of the memory bank, with the official FREE code's bound as default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from free_common.errors import ConfigError
+
+__all__ = ["MemoryConfig", "StoredDtype"]
+
+StoredDtype = Literal["float16", "float32"]
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """How many images each pseudo-class keeps, how they are stored, how classes are named."""
+
+    # The official ImagePool2 keeps max_batch_per_class = 20 batches of 20 images: 400.
+    capacity_per_class: int = 400
+    # float16 keeps ~3 significant digits of a [0, 1] pixel: finer than the official PNGs.
+    dtype: StoredDtype = "float16"
+    # When owners declare class names, equal names are one pseudo-class across teachers.
+    merge_by_class_name: bool = True
+
+    def __post_init__(self) -> None:
+        if self.capacity_per_class < 1:
+            raise ConfigError(
+                f"capacity_per_class must be at least 1, got {self.capacity_per_class}"
+            )

@@ -1,0 +1,580 @@
+"""Static checks on the raw bytes of an untrusted ONNX model.
+
+Nothing here runs the model or lets onnx touch the filesystem: the bytes are
+parsed with ``ModelProto.ParseFromString`` (never ``onnx.load(path)``, which may
+follow external-data references), and every external-data reference is refused
+before any tensor is decoded, because onnx's own helpers and onnxruntime read
+such references relative to the current directory even for models parsed from
+bytes (`reference/onnx.md`, section 4).
+
+The checks run in this order, so each kind of bad input gets its own reason:
+size, protobuf parse, external data, operator domains, IR and opset range,
+loops and subgraphs, node count, operator allow-list and attribute caps, tensor
+caps and finiteness, one input and one output, task metadata, input and output
+shapes against the metadata. They are cheap (linear in the file size), so the
+server runs them before it acknowledges an upload; `free_common.models.intake`
+repeats them in its worker and goes on to the checks that need to run the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import TensorProto, numpy_helper
+
+from free_common.errors import (
+    CustomOperatorError,
+    ExternalDataError,
+    InputShapeError,
+    InvalidModelError,
+    LoopError,
+    MetadataError,
+    ModelTooLarge,
+    NonFiniteWeights,
+    NotOnnxError,
+    OpsetError,
+    OutputShapeError,
+    SubgraphError,
+    TensorLimitError,
+    UnsupportedOperatorError,
+)
+from free_common.models.metadata import read_metadata
+from free_common.types import TaskMetadata
+
+__all__ = [
+    "ALLOWED_OPS",
+    "IR_RANGE",
+    "OPSET_RANGE",
+    "IntakeLimits",
+    "StaticReport",
+    "check_static",
+    "iter_tensors",
+    "parse_model",
+]
+
+IR_RANGE = (7, 11)
+"""Inclusive range of ONNX IR versions accepted (torch's legacy exporter writes 8, dynamo 10)."""
+OPSET_RANGE = (13, 23)
+"""Inclusive range of the default-domain opset; the allow-listed operators change only
+in the data types they accept over this range, never in meaning."""
+
+ALLOWED_OPS = frozenset(
+    {
+        "Add",
+        "AveragePool",
+        "BatchNormalization",
+        "Concat",
+        "Constant",
+        "Conv",
+        "Div",
+        "Dropout",
+        "Flatten",
+        "Gemm",
+        "GlobalAveragePool",
+        "GlobalMaxPool",
+        "Identity",
+        "LeakyRelu",
+        "MatMul",
+        "MaxPool",
+        "Mul",
+        "ReduceMean",
+        "Relu",
+        "Reshape",
+        "Sigmoid",
+        "Squeeze",
+        "Sub",
+        "Tanh",
+        "Unsqueeze",
+    }
+)
+"""Operators a teacher may use. No Shape, ConstantOfShape, Expand, Range, Tile or
+Resize: shapes stay static, so no tensor size depends on run-time values."""
+
+_LOOP_OPS = frozenset({"Loop", "Scan"})
+_STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
+_TENSOR_DTYPES = {TensorProto.FLOAT: "float32", TensorProto.INT64: "int64"}
+_SHAPE_ATTRIBUTES = frozenset({"kernel_shape", "pads", "strides", "dilations"})
+
+
+@dataclass(frozen=True)
+class IntakeLimits:
+    """Caps intake enforces on an untrusted model and on the worker that examines it.
+
+    The defaults fit teachers of a few MB (Conv4, narrow ResNets, MLPs on images
+    up to 512 x 512) with a wide margin.
+    """
+
+    max_bytes: int = 64 * 2**20
+    """Size of the ONNX file."""
+    max_nodes: int = 4096
+    max_tensor_elements: int = 2**24
+    """Elements of any one weight tensor."""
+    max_parameters: int = 2**25
+    """Elements of all weight tensors together (128 MiB of float32)."""
+    max_input_elements: int = 3 * 512 * 512
+    """Elements of one input image."""
+    max_activation_elements: int = 2**24
+    """Elements per image of any intermediate tensor, after shape inference."""
+    max_shape_attribute: int = 64
+    """Largest kernel size, padding, stride or dilation."""
+    max_metadata_chars: int = 256 * 1024
+    memory_bytes: int = 4 * 2**30
+    """Address-space limit of the intake worker."""
+    timeout_s: float = 120.0
+    """Wall-clock limit of the intake worker."""
+    probe_batch: int = 4
+    """Images in the onnxruntime-versus-torch parity probe."""
+    atol: float = 1e-4
+    rtol: float = 1e-4
+    """Parity tolerance: ``|torch - ort| <= atol + rtol * |ort|`` for every logit."""
+
+
+@dataclass(frozen=True)
+class StaticReport:
+    """What the static checks found in an accepted model.
+
+    Attributes
+    ----------
+    model
+        The parsed model; treat as read-only.
+    task
+        The task metadata in force: the caller's, else the model's.
+    input_name, output_name
+        Names of the single graph input and output.
+    input_dims, output_dims
+        Declared dimensions; the batch axis is a name (``"batch"``) or None.
+    ir_version, opset
+        IR version and default-domain opset.
+    producer
+        ``producer_name producer_version`` as written by the exporter.
+    op_counts
+        Number of nodes per operator type.
+    num_parameters
+        Elements of all weight tensors.
+    metadata_props
+        Every ``metadata_props`` entry, ours and others.
+    warnings
+        Things that are allowed but worth telling the owner.
+    """
+
+    model: onnx.ModelProto
+    task: TaskMetadata
+    input_name: str
+    output_name: str
+    input_dims: tuple[int | str | None, ...]
+    output_dims: tuple[int | str | None, ...]
+    ir_version: int
+    opset: int
+    producer: str
+    op_counts: dict[str, int]
+    num_parameters: int
+    metadata_props: dict[str, str]
+    warnings: tuple[str, ...] = field(default=())
+
+
+def parse_model(data: bytes, limits: IntakeLimits) -> onnx.ModelProto:
+    """Parse `data` as a ModelProto held in memory, refusing what is not one.
+
+    Raises
+    ------
+    ModelTooLarge, NotOnnxError
+    """
+    if len(data) > limits.max_bytes:
+        raise ModelTooLarge(
+            f"the model file has {len(data):,} bytes; the limit is {limits.max_bytes:,} "
+            "(teachers are usually a few MB: export a smaller model)"
+        )
+    if not data:
+        raise NotOnnxError("the file is empty; give the .onnx file written by the exporter")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, RecursionError):
+        raise NotOnnxError(
+            "the file is not an ONNX model (protobuf decoding failed: other data, or a "
+            "truncated file); give the .onnx file written by the exporter"
+        ) from None
+    size = model.ByteSize()
+    model.DiscardUnknownFields()
+    if model.ByteSize() != size:
+        raise NotOnnxError(
+            "the file holds fields an ONNX model does not have (another protobuf type, a damaged "
+            "file, or a newer ONNX than the server knows); export with a current torch.onnx"
+        )
+    if not model.HasField("graph") or not model.ir_version or not model.opset_import:
+        raise NotOnnxError(
+            "the file parses but has no graph, IR version or opset import, so it is not an "
+            "ONNX model (perhaps another protobuf message or a truncated file)"
+        )
+    return model
+
+
+def _iter_graphs(model: onnx.ModelProto) -> Iterator[onnx.GraphProto]:
+    """Yield every graph: the main one, subgraphs at any depth, training and function bodies."""
+    stack: list[onnx.GraphProto] = [model.graph]
+    for info in model.training_info:
+        stack += [info.algorithm, info.initialization]
+    for function in model.functions:
+        for node in function.node:
+            stack += _node_subgraphs(node)
+    while stack:
+        graph = stack.pop()
+        yield graph
+        for node in graph.node:
+            stack += _node_subgraphs(node)
+
+
+def _node_subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    graphs: list[onnx.GraphProto] = []
+    for attr in node.attribute:
+        if attr.HasField("g"):
+            graphs.append(attr.g)
+        graphs.extend(attr.graphs)
+    return graphs
+
+
+def iter_tensors(model: onnx.ModelProto) -> Iterator[tuple[str, TensorProto]]:
+    """Every TensorProto the model holds, wherever it sits, with a name for messages."""
+    for graph in _iter_graphs(model):
+        for tensor in graph.initializer:
+            yield tensor.name, tensor
+        for sparse in graph.sparse_initializer:
+            yield sparse.values.name, sparse.values
+            yield sparse.indices.name, sparse.indices
+        for node in graph.node:
+            yield from _attribute_tensors(node)
+    for function in model.functions:
+        for node in function.node:
+            yield from _attribute_tensors(node)
+
+
+def _attribute_tensors(node: onnx.NodeProto) -> Iterator[tuple[str, TensorProto]]:
+    for attr in node.attribute:
+        label = f"{node.op_type} {node.name!r}.{attr.name}"
+        if attr.HasField("t"):
+            yield label, attr.t
+        for tensor in attr.tensors:
+            yield label, tensor
+        if attr.HasField("sparse_tensor"):
+            yield label, attr.sparse_tensor.values
+            yield label, attr.sparse_tensor.indices
+        for sparse in attr.sparse_tensors:
+            yield label, sparse.values
+            yield label, sparse.indices
+
+
+def _check_external_data(model: onnx.ModelProto) -> None:
+    for name, tensor in iter_tensors(model):
+        if tensor.data_location == TensorProto.EXTERNAL or len(tensor.external_data) > 0:
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            raise ExternalDataError(
+                f"tensor {name!r:.80} refers to external data {location!r:.80}; intake takes one "
+                "self-contained file: export without external data (torch.onnx.export(..., "
+                "external_data=False) or onnx.save_model(..., save_as_external_data=False))"
+            )
+
+
+def _check_domains(model: onnx.ModelProto) -> int:
+    domains = {o.domain for o in model.opset_import}
+    custom = sorted(domains - _STANDARD_DOMAINS)
+    if custom:
+        raise CustomOperatorError(
+            f"the model imports operator domain(s) {', '.join(map(repr, custom))[:120]}; only the "
+            "standard ONNX domain is accepted: export with standard operators only"
+        )
+    if model.functions:
+        raise CustomOperatorError(
+            f"the model defines {len(model.functions)} local function(s); only standard ONNX "
+            "operators are accepted: export without custom functions"
+        )
+    for graph in _iter_graphs(model):
+        for node in graph.node:
+            if node.domain not in _STANDARD_DOMAINS:
+                raise CustomOperatorError(
+                    f"node {node.op_type!r:.40} uses operator domain {node.domain!r:.60}; only the "
+                    "standard ONNX domain is accepted: export with standard operators only"
+                )
+    versions = {o.version for o in model.opset_import if o.domain in _STANDARD_DOMAINS}
+    if len(versions) != 1:
+        raise OpsetError("the model imports the standard domain at several opset versions")
+    return versions.pop()
+
+
+def _check_versions(model: onnx.ModelProto, opset: int) -> None:
+    if not IR_RANGE[0] <= model.ir_version <= IR_RANGE[1]:
+        raise OpsetError(
+            f"ONNX IR version {model.ir_version} is outside the supported range "
+            f"{IR_RANGE[0]}-{IR_RANGE[1]}; export with a torch release from 2023 on"
+        )
+    if not OPSET_RANGE[0] <= opset <= OPSET_RANGE[1]:
+        raise OpsetError(
+            f"opset {opset} is outside the supported range {OPSET_RANGE[0]}-{OPSET_RANGE[1]}; "
+            "export with torch.onnx.export(..., opset_version=17)"
+        )
+
+
+def _check_control_flow(model: onnx.ModelProto) -> None:
+    if model.training_info:
+        raise SubgraphError(
+            "the model carries training graphs (training_info); export an inference-only model"
+        )
+    for node in model.graph.node:
+        if node.op_type in _LOOP_OPS:
+            raise LoopError(
+                f"the model holds a {node.op_type} node; loops are not accepted: export a "
+                "feed-forward classifier"
+            )
+        if _node_subgraphs(node):
+            raise SubgraphError(
+                f"node {node.op_type!r:.40} holds a subgraph; control flow (If and the like) is "
+                "not accepted: export a feed-forward classifier"
+            )
+
+
+def _check_nodes(graph: onnx.GraphProto, limits: IntakeLimits) -> Counter[str]:
+    if len(graph.node) > limits.max_nodes:
+        raise ModelTooLarge(
+            f"the model has {len(graph.node):,} nodes; the limit is {limits.max_nodes:,}"
+        )
+    counts: Counter[str] = Counter()
+    for node in graph.node:
+        if node.op_type not in ALLOWED_OPS:
+            raise UnsupportedOperatorError(
+                f"operator {node.op_type!r:.40} is not supported; teachers may use "
+                f"{', '.join(sorted(ALLOWED_OPS))}"
+            )
+        if len(node.output) != 1:
+            raise UnsupportedOperatorError(
+                f"{node.op_type} node {node.name!r:.60} has {len(node.output)} outputs; only the "
+                "inference form with one output is supported: export with model.eval()"
+            )
+        for attr in node.attribute:
+            if attr.name in _SHAPE_ATTRIBUTES and any(
+                abs(v) > limits.max_shape_attribute for v in attr.ints
+            ):
+                raise TensorLimitError(
+                    f"{node.op_type} node {node.name!r:.60} declares {attr.name} "
+                    f"{list(attr.ints)[:8]}; values above {limits.max_shape_attribute} are refused"
+                )
+        counts[node.op_type] += 1
+    return counts
+
+
+def _carried_elements(tensor: TensorProto) -> int:
+    if tensor.HasField("raw_data"):
+        itemsize = 4 if tensor.data_type == TensorProto.FLOAT else 8
+        return len(tensor.raw_data) // itemsize
+    if tensor.data_type == TensorProto.FLOAT:
+        return len(tensor.float_data)
+    return len(tensor.int64_data)
+
+
+def _check_tensors(model: onnx.ModelProto, limits: IntakeLimits) -> int:
+    if model.graph.sparse_initializer:
+        raise UnsupportedOperatorError("the model has sparse initializers; export dense weights")
+    total = 0
+    for name, tensor in iter_tensors(model):
+        if any(d < 0 for d in tensor.dims):
+            raise InvalidModelError(
+                f"tensor {name!r:.80} has a negative dimension {list(tensor.dims)}"
+            )
+        elements = math.prod(tensor.dims)
+        if elements > limits.max_tensor_elements:
+            raise TensorLimitError(
+                f"tensor {name!r:.80} declares shape {list(tensor.dims)[:8]} ({elements:.3g} "
+                f"elements); the limit is {limits.max_tensor_elements:,} per tensor"
+            )
+        if tensor.data_type not in _TENSOR_DTYPES:
+            known = tensor.data_type in TensorProto.DataType.values()
+            dtype = TensorProto.DataType.Name(tensor.data_type) if known else tensor.data_type
+            raise UnsupportedOperatorError(
+                f"tensor {name!r:.80} has data type {dtype}; only float32 weights and int64 "
+                "shapes are supported: export in float32"
+            )
+        carried = _carried_elements(tensor)
+        if carried != elements:
+            raise TensorLimitError(
+                f"tensor {name!r:.80} declares {elements:,} elements of shape "
+                f"{list(tensor.dims)[:8]} but carries {carried:,}; the file is damaged or forged"
+            )
+        total += elements
+        if total > limits.max_parameters:
+            raise TensorLimitError(
+                f"the model holds more than {limits.max_parameters:,} weight values; "
+                "export a smaller model"
+            )
+        if tensor.data_type == TensorProto.FLOAT:
+            values = numpy_helper.to_array(tensor)
+            if not np.isfinite(values).all():
+                raise NonFiniteWeights(
+                    f"tensor {name!r:.80} contains NaN or Inf values; retrain or fix the weights "
+                    "before exporting"
+                )
+    return total
+
+
+def _value_dims(value: onnx.ValueInfoProto) -> tuple[int | str | None, ...] | None:
+    tensor_type = value.type.tensor_type
+    if not value.type.HasField("tensor_type") or not tensor_type.HasField("shape"):
+        return None
+    return tuple(
+        d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+        for d in tensor_type.shape.dim
+    )
+
+
+def _graph_io(
+    graph: onnx.GraphProto, limits: IntakeLimits
+) -> tuple[onnx.ValueInfoProto, onnx.ValueInfoProto]:
+    weights = {t.name for t in graph.initializer}
+    inputs = [v for v in graph.input if v.name not in weights]
+    if len(inputs) != 1:
+        raise InputShapeError(
+            f"the model has {len(inputs)} inputs; a teacher takes exactly one (a batch of images)"
+        )
+    if len(graph.output) != 1:
+        raise OutputShapeError(
+            f"the model has {len(graph.output)} outputs; a teacher returns exactly one "
+            "(the class logits)"
+        )
+    for value in (*graph.input, *graph.output, *graph.value_info):
+        dims = _value_dims(value)
+        if dims is None:
+            continue
+        if any(isinstance(d, int) and d > limits.max_activation_elements for d in dims):
+            raise TensorLimitError(
+                f"value {value.name!r:.80} declares shape {list(dims)[:8]}; no axis may exceed "
+                f"{limits.max_activation_elements:,}"
+            )
+    return inputs[0], graph.output[0]
+
+
+def _check_input(
+    value: onnx.ValueInfoProto, task: TaskMetadata, limits: IntakeLimits
+) -> tuple[int | str | None, ...]:
+    if value.type.tensor_type.elem_type != TensorProto.FLOAT:
+        raise InputShapeError(
+            f"input {value.name!r:.60} is not a float32 tensor; teachers take float32 images"
+        )
+    dims = _value_dims(value)
+    want = f"[batch, {', '.join(map(str, task.input_shape))}]"
+    if dims is None or len(dims) != 4:
+        raise InputShapeError(
+            f"input {value.name!r:.60} has shape {list(dims) if dims else 'unknown'}; "
+            f"a teacher takes images {want}"
+        )
+    image = dims[1:]
+    if not all(isinstance(d, int) and d > 0 for d in image):
+        raise InputShapeError(
+            f"input {value.name!r:.60} has shape {list(dims)}; channels, height and width must be "
+            f"fixed numbers, {want}"
+        )
+    if math.prod(d for d in image if isinstance(d, int)) > limits.max_input_elements:
+        raise TensorLimitError(
+            f"input {value.name!r:.60} declares images of shape {list(image)}; the limit is "
+            f"{limits.max_input_elements:,} values per image"
+        )
+    if tuple(image) != task.input_shape:
+        raise InputShapeError(
+            f"input {value.name!r:.60} has shape {list(dims)} but the task metadata says {want}; "
+            "export with the image size the model was trained on, or fix the metadata"
+        )
+    if isinstance(dims[0], int):
+        raise InputShapeError(
+            f"input {value.name!r:.60} has a fixed batch size {dims[0]}; export with a dynamic "
+            "batch axis (torch.onnx.export(..., dynamic_axes={'input': {0: 'batch'}}))"
+        )
+    return dims
+
+
+def _check_output(value: onnx.ValueInfoProto, task: TaskMetadata) -> tuple[int | str | None, ...]:
+    if value.type.tensor_type.elem_type != TensorProto.FLOAT:
+        raise OutputShapeError(f"output {value.name!r:.60} is not a float32 tensor of logits")
+    dims = _value_dims(value)
+    if dims is None:
+        return ()  # undeclared: the onnxruntime probe checks the real shape
+    if len(dims) != 2 or (isinstance(dims[1], int) and dims[1] != task.num_classes):
+        raise OutputShapeError(
+            f"output {value.name!r:.60} has shape {list(dims)}, but the task declares "
+            f"{task.num_classes} classes: a teacher returns logits [batch, {task.num_classes}]"
+        )
+    return dims
+
+
+def check_static(
+    data: bytes, *, task: TaskMetadata | None = None, limits: IntakeLimits | None = None
+) -> StaticReport:
+    """Run every static check on the bytes of an untrusted ONNX model.
+
+    Parameters
+    ----------
+    data
+        The whole file, held in memory.
+    task
+        Task metadata given by the owner outside the file (``submit`` flags); it
+        wins over the model's own ``metadata_props``.
+    limits
+        Caps; `IntakeLimits()` when omitted.
+
+    Returns
+    -------
+    StaticReport
+        What was found, for the model that passed.
+
+    Raises
+    ------
+    IntakeError
+        A subclass naming the first problem found, with what to do about it.
+    """
+    limits = limits or IntakeLimits()
+    model = parse_model(data, limits)
+    _check_external_data(model)
+    opset = _check_domains(model)
+    _check_versions(model, opset)
+    _check_control_flow(model)
+    op_counts = _check_nodes(model.graph, limits)
+    num_parameters = _check_tensors(model, limits)
+    input_value, output_value = _graph_io(model.graph, limits)
+    props_chars = sum(len(p.key) + len(p.value) for p in model.metadata_props)
+    if props_chars > limits.max_metadata_chars:
+        raise ModelTooLarge(
+            f"metadata_props hold {props_chars:,} characters; the limit is "
+            f"{limits.max_metadata_chars:,}"
+        )
+    own_task = read_metadata(model)
+    task = task or own_task
+    if task is None:
+        raise MetadataError(
+            "the model carries no FREE task metadata (free.* metadata_props); export it with "
+            "`free-client export`, or give --num-classes, --input-shape, --mean and --std on submit"
+        )
+    input_dims = _check_input(input_value, task, limits)
+    output_dims = _check_output(output_value, task)
+    warnings: list[str] = []
+    if op_counts["Conv"] and not op_counts["BatchNormalization"]:
+        warnings.append(
+            "the model has convolutions but no BatchNormalization nodes, so no batch-norm "
+            "statistics guide inversion; if it has batch norm, export with "
+            "do_constant_folding=False (torch.onnx.export, dynamo=False) to keep it"
+        )
+    return StaticReport(
+        model=model,
+        task=task,
+        input_name=input_value.name,
+        output_name=output_value.name,
+        input_dims=input_dims,
+        output_dims=output_dims,
+        ir_version=model.ir_version,
+        opset=opset,
+        producer=f"{model.producer_name} {model.producer_version}".strip(),
+        op_counts=dict(sorted(op_counts.items())),
+        num_parameters=num_parameters,
+        metadata_props={p.key: p.value for p in model.metadata_props},
+        warnings=tuple(warnings),
+    )

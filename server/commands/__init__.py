@@ -1,0 +1,1 @@
+"""The `free-server` subcommands, one small module each; `free_server.cli` wires them up."""

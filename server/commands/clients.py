@@ -1,0 +1,136 @@
+"""`free-server clients add|list|revoke`: the allow-list of data owners.
+
+These commands write the store directly, so they work while the server runs:
+the server reads the allow-list on every request.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from free_server.commands.options import HomeOption
+from free_server.home import ServerHome
+from free_server.records import ClientRow
+from rich.table import Table
+
+from free_common.console import out_console
+from free_common.errors import ConfigError, KeyFormatError
+from free_common.security._files import read_key_file
+from free_common.security.keys import key_id, load_public_key, public_key_pem
+from free_common.security.node_keys import NIST_CURVES
+
+__all__ = ["app"]
+
+app = typer.Typer(
+    help="The allow-list of data owners (works while the server runs).",
+    no_args_is_help=True,
+)
+
+_CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def _check_name(name: str) -> str:
+    if not _CLIENT_NAME.fullmatch(name):
+        raise ConfigError(
+            f"client name {name!r} is not allowed: use 1-64 letters, digits, '.', '_' or '-',"
+            " starting with a letter or digit"
+        )
+    return name
+
+
+def _node_public_key(path: Path) -> str:
+    """Read a SuperNode public key the way `flwr supernode register` will, as one line."""
+    data = read_key_file(path, "SuperNode public key")
+    try:
+        key = serialization.load_ssh_public_key(data.strip())
+    except (ValueError, UnsupportedAlgorithm):
+        raise KeyFormatError(
+            f"{path} is not an OpenSSH public key line: give the node.pub that"
+            " `free-client keygen` wrote"
+        ) from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in NIST_CURVES:
+        raise KeyFormatError(f"{path} is not an EC key on a NIST curve, as Flower requires")
+    line = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return line.decode("ascii")
+
+
+@app.command("add")
+def add(
+    name: Annotated[str, typer.Argument(help="A short name for the owner.", show_default=False)],
+    client_pub: Annotated[
+        Path, typer.Argument(help="The owner's client.pub (Ed25519 PEM).", show_default=False)
+    ],
+    home: HomeOption,
+    node_pub: Annotated[
+        Path | None,
+        typer.Option("--node-pub", help="The owner's node.pub, for owners who will `join`."),
+    ] = None,
+) -> None:
+    """Put a data owner's key on the allow-list."""
+    _check_name(name)
+    public_key = load_public_key(client_pub)
+    node_line = None if node_pub is None else _node_public_key(node_pub)
+    with ServerHome.open(home).open_store() as store:
+        row = store.add_client(
+            name,
+            key_id=key_id(public_key),
+            public_key_pem=public_key_pem(public_key).decode("ascii"),
+            node_public_key=node_line,
+        )
+    node = " with a node key" if row.node_public_key else ""
+    out_console.print(f"added client {row.name} (key id {row.key_id}){node}", highlight=False)
+
+
+@app.command("list")
+def list_(
+    home: HomeOption,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Show every registered owner, revoked ones included."""
+    with ServerHome.open(home).open_store() as store:
+        clients = store.list_clients()
+    if as_json:
+        typer.echo(json.dumps([_client_json(c) for c in clients], indent=2))
+        return
+    table = Table("name", "node key", "added", "state")
+    table.add_column("key id", overflow="fold")  # ids are copied by hand: never cut them
+    for client in clients:
+        state = "active" if client.active else f"revoked {client.revoked_at:%Y-%m-%d %H:%M}"
+        table.add_row(
+            client.name,
+            "yes" if client.node_public_key else "no",
+            f"{client.added_at:%Y-%m-%d %H:%M}",
+            state,
+            client.key_id,
+        )
+    out_console.print(table)
+
+
+@app.command("revoke")
+def revoke(
+    name: Annotated[str, typer.Argument(help="The owner's name.", show_default=False)],
+    home: HomeOption,
+) -> None:
+    """Refuse an owner's key from now on (its stored submissions stay)."""
+    with ServerHome.open(home).open_store() as store:
+        row = store.revoke_client(name)
+    out_console.print(f"revoked client {row.name} (key id {row.key_id})", highlight=False)
+
+
+def _client_json(client: ClientRow) -> dict[str, Any]:
+    return {
+        "name": client.name,
+        "key_id": client.key_id,
+        "public_key_pem": client.public_key_pem,
+        "node_public_key": client.node_public_key,
+        "added_at": client.added_at.isoformat(),
+        "revoked_at": None if client.revoked_at is None else client.revoked_at.isoformat(),
+        "active": client.active,
+    }

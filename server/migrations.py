@@ -1,0 +1,145 @@
+"""The store's SQL schema as an ordered list of migrations.
+
+The schema is versioned from the first release: `schema_version` holds one row
+per applied migration. Opening a store applies the migrations it lacks, in one
+write transaction, and refuses a store whose version is newer than this code
+knows, since an older free-server would misread or damage it. Never edit a
+released migration; append a new one.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import datetime, timezone
+
+from free_common.errors import StoreVersionError
+
+__all__ = ["MIGRATIONS", "SCHEMA_VERSION", "current_version", "migrate"]
+
+_V1 = (
+    """
+    CREATE TABLE clients (
+        id              INTEGER PRIMARY KEY,
+        name            TEXT NOT NULL UNIQUE,
+        key_id          TEXT NOT NULL UNIQUE,
+        public_key_pem  TEXT NOT NULL,
+        node_public_key TEXT,
+        added_at        TEXT NOT NULL,
+        revoked_at      TEXT
+    )
+    """,
+    """
+    CREATE TABLE submissions (
+        id            INTEGER PRIMARY KEY,
+        client_key_id TEXT NOT NULL REFERENCES clients (key_id),
+        sha256        TEXT NOT NULL,
+        size          INTEGER NOT NULL,
+        manifest      BLOB NOT NULL,
+        signature     BLOB NOT NULL,
+        nonce         BLOB NOT NULL,
+        task_metadata TEXT NOT NULL,
+        received_at   TEXT NOT NULL,
+        state         TEXT NOT NULL CHECK (state IN ('received', 'accepted', 'refused')),
+        reason        TEXT,
+        verdict_at    TEXT,
+        -- Order of verdicts, so a round can say exactly which ones it has seen.
+        verdict_seq   INTEGER UNIQUE,
+        UNIQUE (client_key_id, sha256)
+    )
+    """,
+    "CREATE INDEX submissions_by_state ON submissions (state, id)",
+    """
+    CREATE TABLE nonces (
+        client_key_id TEXT NOT NULL,
+        nonce         BLOB NOT NULL,
+        seen_at       TEXT NOT NULL,
+        PRIMARY KEY (client_key_id, nonce)
+    )
+    """,
+    """
+    CREATE TABLE rounds (
+        id                INTEGER PRIMARY KEY,
+        requested_at      TEXT NOT NULL,
+        started_at        TEXT,
+        finished_at       TEXT,
+        state             TEXT NOT NULL
+                          CHECK (state IN ('requested', 'running', 'finished', 'failed')),
+        preset            TEXT,
+        error             TEXT,
+        -- The highest submissions.verdict_seq when the round started.
+        verdict_watermark INTEGER
+    )
+    """,
+    """
+    CREATE TABLE releases (
+        version    INTEGER PRIMARY KEY,
+        round_id   INTEGER REFERENCES rounds (id),
+        sha256     TEXT NOT NULL,
+        size       INTEGER NOT NULL,
+        manifest   BLOB NOT NULL,
+        signature  BLOB NOT NULL,
+        created_at TEXT NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE evaluations (
+        id         INTEGER PRIMARY KEY,
+        round_id   INTEGER NOT NULL REFERENCES rounds (id),
+        node_id    TEXT NOT NULL,
+        metrics    TEXT NOT NULL,
+        created_at TEXT NOT NULL
+    )
+    """,
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
+"""Migration ``i`` (0-based) takes the schema from version ``i`` to ``i + 1``."""
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def current_version(conn: sqlite3.Connection) -> int:
+    """Return the schema version of an open database (0 for an empty one)."""
+    exists = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+    ).fetchone()
+    if exists is None:
+        return 0
+    row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+    return int(row[0] or 0)
+
+
+def migrate(conn: sqlite3.Connection, where: str) -> int:
+    """Bring the schema up to `SCHEMA_VERSION` inside the caller's write transaction.
+
+    Parameters
+    ----------
+    conn
+        A connection inside ``BEGIN IMMEDIATE``, so two processes opening a new
+        store at once do not both migrate it.
+    where
+        The store's path, for the error message.
+
+    Returns
+    -------
+    int
+        The schema version the store had before.
+    """
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_version ("
+        " version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
+    )
+    found = current_version(conn)
+    if found > SCHEMA_VERSION:
+        raise StoreVersionError(
+            f"the store at {where} has schema version {found}, but this free-server knows "
+            f"only up to {SCHEMA_VERSION}: upgrade free-server to open it"
+        )
+    now = datetime.now(timezone.utc).isoformat()
+    for version in range(found + 1, SCHEMA_VERSION + 1):
+        for statement in MIGRATIONS[version - 1]:
+            conn.execute(statement)
+        conn.execute(
+            "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (version, now)
+        )
+    return found

@@ -1,0 +1,144 @@
+"""Rows of the server store, as frozen dataclasses.
+
+These are the store's view of its tables; the signed wire records (manifests,
+receipts, releases) are in `free_common.types` and travel as the canonical
+bytes kept in `manifest` columns.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+__all__ = [
+    "ClientRow",
+    "EvaluationRow",
+    "RecoveryReport",
+    "ReleaseRow",
+    "RoundRow",
+    "RoundState",
+    "StoreSummary",
+    "SubmissionResult",
+    "SubmissionRow",
+    "SubmissionState",
+]
+
+SubmissionState = Literal["received", "accepted", "refused"]
+RoundState = Literal["requested", "running", "finished", "failed"]
+
+
+@dataclass(frozen=True)
+class ClientRow:
+    """One data owner on the allow-list."""
+
+    name: str
+    key_id: str
+    public_key_pem: str
+    node_public_key: str | None
+    added_at: datetime
+    revoked_at: datetime | None
+
+    @property
+    def active(self) -> bool:
+        """Whether the owner may submit (not revoked)."""
+        return self.revoked_at is None
+
+
+@dataclass(frozen=True)
+class SubmissionRow:
+    """One stored model submission and its intake state."""
+
+    id: int
+    client_key_id: str
+    sha256: str
+    size: int
+    manifest: bytes
+    signature: bytes
+    nonce: bytes
+    task_metadata_json: str
+    received_at: datetime
+    state: SubmissionState
+    reason: str | None
+    verdict_at: datetime | None
+
+    @property
+    def task_metadata(self) -> dict[str, Any]:
+        """The task metadata, parsed from its stored JSON."""
+        parsed: dict[str, Any] = json.loads(self.task_metadata_json)
+        return parsed
+
+
+@dataclass(frozen=True)
+class SubmissionResult:
+    """What `Store.record_submission` did.
+
+    Attributes
+    ----------
+    row
+        The stored submission; for a retry, the original one.
+    duplicate
+        True when these exact bytes were already stored for this client, so
+        the original receipt is answered again and nothing new was written.
+    """
+
+    row: SubmissionRow
+    duplicate: bool
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    """One meta round, from request to its end."""
+
+    id: int
+    requested_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    state: RoundState
+    preset: str | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class ReleaseRow:
+    """One published, server-signed release."""
+
+    version: int
+    round_id: int | None
+    sha256: str
+    size: int
+    manifest: bytes
+    signature: bytes
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class EvaluationRow:
+    """One node's federated evaluation reply for a round."""
+
+    round_id: int
+    node_id: str
+    metrics: dict[str, float]
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class StoreSummary:
+    """Everything `free-server status` shows, read in one consistent snapshot."""
+
+    schema_version: int
+    clients: list[ClientRow]
+    submission_counts: dict[SubmissionState, int]
+    submissions: list[SubmissionRow]
+    rounds: list[RoundRow]
+    releases: list[ReleaseRow]
+    evaluations: list[EvaluationRow]
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    """What `Store.recover` cleaned after a crash."""
+
+    temp_files: int = 0
+    orphan_blobs: list[str] = field(default_factory=list)

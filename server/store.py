@@ -1,0 +1,756 @@
+"""The aggregator's durable store: SQLite rows plus content-addressed blob files.
+
+Rows live in ``store.db`` (SQLite in WAL mode, ``synchronous=FULL``, so a
+committed row survives a power cut); payloads live in ``blobs/`` (see
+`free_server.blobs`). A row that names a blob is committed only after the blob
+is fsynced and renamed into place, inside the same write transaction, so every
+row's blob exists and a crash leaves at worst an unreferenced blob that
+`Store.recover` removes.
+
+Several processes share one store: the server, and the CLI commands that
+administer it while it runs (``clients add``, ``run``). Writes take SQLite's
+write lock at once (``BEGIN IMMEDIATE``) and wait up to a busy timeout for it;
+readers never block writers in WAL mode. Within one process a lock serialises
+the threads of the gRPC server on the single connection.
+"""
+
+# ruff: noqa: S608 -- queries are built only from this module's column constants;
+# every value goes through a ? placeholder.
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from types import TracebackType
+from typing import Any, cast
+
+from free_server.blobs import BlobStore, BlobWriter, StagedBlob
+from free_server.migrations import SCHEMA_VERSION, current_version, migrate
+from free_server.records import (
+    ClientRow,
+    EvaluationRow,
+    RecoveryReport,
+    ReleaseRow,
+    RoundRow,
+    RoundState,
+    StoreSummary,
+    SubmissionResult,
+    SubmissionRow,
+    SubmissionState,
+)
+
+from free_common.errors import (
+    DuplicateRecord,
+    RecordNotFound,
+    ReplayError,
+    RevokedClient,
+    StoreError,
+    UnknownClient,
+)
+
+__all__ = ["DB_NAME", "Store"]
+
+DB_NAME = "store.db"
+
+Clock = Callable[[], datetime]
+
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _ts(value: datetime) -> str:
+    if value.tzinfo is None:
+        raise ValueError("store timestamps must be timezone-aware")
+    return value.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+def _dt(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
+
+
+def _req_dt(value: str) -> datetime:
+    return datetime.fromisoformat(value)
+
+
+_CLIENT_COLS = "name, key_id, public_key_pem, node_public_key, added_at, revoked_at"
+_SUBMISSION_COLS = (
+    "id, client_key_id, sha256, size, manifest, signature, nonce, task_metadata,"
+    " received_at, state, reason, verdict_at"
+)
+_ROUND_COLS = "id, requested_at, started_at, finished_at, state, preset, error"
+_RELEASE_COLS = "version, round_id, sha256, size, manifest, signature, created_at"
+_EVALUATION_COLS = "round_id, node_id, metrics, created_at"
+
+
+def _client(row: sqlite3.Row) -> ClientRow:
+    return ClientRow(
+        name=row["name"],
+        key_id=row["key_id"],
+        public_key_pem=row["public_key_pem"],
+        node_public_key=row["node_public_key"],
+        added_at=_req_dt(row["added_at"]),
+        revoked_at=_dt(row["revoked_at"]),
+    )
+
+
+def _submission(row: sqlite3.Row) -> SubmissionRow:
+    return SubmissionRow(
+        id=row["id"],
+        client_key_id=row["client_key_id"],
+        sha256=row["sha256"],
+        size=row["size"],
+        manifest=bytes(row["manifest"]),
+        signature=bytes(row["signature"]),
+        nonce=bytes(row["nonce"]),
+        task_metadata_json=row["task_metadata"],
+        received_at=_req_dt(row["received_at"]),
+        state=cast(SubmissionState, row["state"]),
+        reason=row["reason"],
+        verdict_at=_dt(row["verdict_at"]),
+    )
+
+
+def _round(row: sqlite3.Row) -> RoundRow:
+    return RoundRow(
+        id=row["id"],
+        requested_at=_req_dt(row["requested_at"]),
+        started_at=_dt(row["started_at"]),
+        finished_at=_dt(row["finished_at"]),
+        state=cast(RoundState, row["state"]),
+        preset=row["preset"],
+        error=row["error"],
+    )
+
+
+def _release(row: sqlite3.Row) -> ReleaseRow:
+    return ReleaseRow(
+        version=row["version"],
+        round_id=row["round_id"],
+        sha256=row["sha256"],
+        size=row["size"],
+        manifest=bytes(row["manifest"]),
+        signature=bytes(row["signature"]),
+        created_at=_req_dt(row["created_at"]),
+    )
+
+
+def _evaluation(row: sqlite3.Row) -> EvaluationRow:
+    return EvaluationRow(
+        round_id=row["round_id"],
+        node_id=row["node_id"],
+        metrics={str(k): float(v) for k, v in json.loads(row["metrics"]).items()},
+        created_at=_req_dt(row["created_at"]),
+    )
+
+
+class Store:
+    """Typed access to one server store folder (``<home>/store``).
+
+    Parameters
+    ----------
+    root
+        The store folder: ``store.db`` and the blob folders live in it.
+    create
+        Make the folder and a new database when missing; otherwise a missing
+        store is a `StoreError`.
+    busy_timeout_s
+        How long a write waits for another process's write lock.
+    clock
+        Source of timezone-aware "now" (tests pass a fixed one).
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        create: bool = False,
+        busy_timeout_s: float = 10.0,
+        clock: Clock = _utc_now,
+    ) -> None:
+        self.root = root
+        self.db_path = root / DB_NAME
+        self._clock = clock
+        self._lock = threading.RLock()
+        if not self.db_path.is_file():
+            if not create:
+                raise StoreError(
+                    f"no store at {root}: point --home at a folder made by `free-server init`"
+                )
+            root.mkdir(parents=True, exist_ok=True)
+        try:
+            self._conn = sqlite3.connect(
+                self.db_path,
+                timeout=busy_timeout_s,
+                isolation_level=None,  # transactions are explicit: BEGIN IMMEDIATE / COMMIT
+                check_same_thread=False,  # guarded by self._lock
+            )
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open the store database {self.db_path}: {exc}") from exc
+        self._conn.row_factory = sqlite3.Row
+        try:
+            self._configure()
+            with self._read() as conn:
+                found = current_version(conn)
+            if found != SCHEMA_VERSION:
+                # Only a store that needs migrating (or refusing) takes the write lock,
+                # so opening never waits for a busy server.
+                with self._write() as conn:
+                    migrate(conn, str(root))
+        except BaseException:
+            self._conn.close()
+            raise
+        self.blobs = BlobStore(root)
+
+    def _configure(self) -> None:
+        with self._sql_errors():
+            mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreError(f"the store database {self.db_path} cannot use WAL mode")
+            # FULL: a commit (and so every receipt) survives a power cut, not only a crash.
+            self._conn.execute("PRAGMA synchronous = FULL")
+            self._conn.execute("PRAGMA foreign_keys = ON")
+
+    # -- plumbing -----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the database connection."""
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @contextmanager
+    def _sql_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            raise StoreError(
+                f"the store {self.db_path} is busy or unreadable ({exc}): retry, and check"
+                " that the disk is not full"
+            ) from exc
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, holding the database's write lock from its start."""
+        with self._lock, self._sql_errors():
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """One read transaction: all its queries see the same snapshot."""
+        with self._lock, self._sql_errors():
+            self._conn.execute("BEGIN")
+            try:
+                yield self._conn
+            finally:
+                self._conn.execute("COMMIT")
+
+    def _now(self) -> str:
+        return _ts(self._clock())
+
+    @property
+    def schema_version(self) -> int:
+        """Schema version of the open database."""
+        with self._read() as conn:
+            return current_version(conn)
+
+    # -- blobs --------------------------------------------------------------------
+
+    def blob_writer(self, max_bytes: int) -> BlobWriter:
+        """Start streaming a payload of at most `max_bytes` into a temporary file."""
+        return self.blobs.writer(max_bytes)
+
+    def blob_path(self, sha256: str) -> Path:
+        """Return the path of a stored blob; `RecordNotFound` when it is not in place."""
+        path = self.blobs.path_of(sha256)
+        if not path.is_file():
+            raise RecordNotFound(f"no stored blob with sha256 {sha256}")
+        return path
+
+    def recover(self) -> RecoveryReport:
+        """Remove what a crash can leave: abandoned temp files and unreferenced blobs.
+
+        Safe while other processes use the store: live uploads hold a lock on
+        their temp file, and blobs are placed only while holding the write
+        lock that this method takes too.
+        """
+        temp = self.blobs.remove_abandoned_temp_files()
+        with self._write() as conn:
+            referenced = {
+                row[0]
+                for row in conn.execute(
+                    "SELECT sha256 FROM submissions UNION SELECT sha256 FROM releases"
+                )
+            }
+            orphans = sorted(self.blobs.all_hashes() - referenced)
+            for sha256 in orphans:
+                self.blobs.remove(sha256)
+        return RecoveryReport(temp_files=len(temp), orphan_blobs=orphans)
+
+    # -- clients (the allow-list) -------------------------------------------------
+
+    def add_client(
+        self,
+        name: str,
+        *,
+        key_id: str,
+        public_key_pem: str,
+        node_public_key: str | None = None,
+    ) -> ClientRow:
+        """Put a data owner on the allow-list.
+
+        Raises
+        ------
+        DuplicateRecord
+            The name or the key is already registered (revoked ones included:
+            a revoked key never comes back, and names stay unambiguous in logs).
+        """
+        with self._write() as conn:
+            for column, value, what in (("name", name, "name"), ("key_id", key_id, "key")):
+                hit = conn.execute(
+                    f"SELECT name FROM clients WHERE {column} = ?",
+                    (value,),
+                ).fetchone()
+                if hit is not None:
+                    raise DuplicateRecord(
+                        f"a client with this {what} is already registered (as {hit[0]!r}):"
+                        " use another name, or a new key"
+                    )
+            conn.execute(
+                f"INSERT INTO clients ({_CLIENT_COLS}) VALUES (?, ?, ?, ?, ?, NULL)",
+                (name, key_id, public_key_pem, node_public_key, self._now()),
+            )
+            return self._client_by(conn, "name", name)
+
+    def revoke_client(self, name: str) -> ClientRow:
+        """Revoke an owner: its key is refused from now on; revoking twice is a no-op."""
+        with self._write() as conn:
+            conn.execute(
+                "UPDATE clients SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
+                (self._now(), name),
+            )
+            return self._client_by(conn, "name", name)
+
+    def list_clients(self) -> list[ClientRow]:
+        """Return every client, in the order they were added."""
+        with self._read() as conn:
+            rows = conn.execute(f"SELECT {_CLIENT_COLS} FROM clients ORDER BY id").fetchall()
+        return [_client(row) for row in rows]
+
+    def client_by_key_id(self, key_id: str) -> ClientRow | None:
+        """Return the client with this key fingerprint, revoked or not; None if unknown."""
+        with self._read() as conn:
+            row = conn.execute(
+                f"SELECT {_CLIENT_COLS} FROM clients WHERE key_id = ?", (key_id,)
+            ).fetchone()
+        return None if row is None else _client(row)
+
+    def active_client(self, key_id: str) -> ClientRow:
+        """Return the allowed client with this key, or raise `UnknownClient`/`RevokedClient`."""
+        client = self.client_by_key_id(key_id)
+        return self._check_active(client, key_id)
+
+    @staticmethod
+    def _check_active(client: ClientRow | None, key_id: str) -> ClientRow:
+        if client is None:
+            raise UnknownClient(
+                f"key {key_id} is not on this server's allow-list: ask the aggregator to run"
+                " `free-server clients add` with your client.pub"
+            )
+        if not client.active:
+            raise RevokedClient(
+                f"key {key_id} (client {client.name!r}) was revoked by the aggregator"
+            )
+        return client
+
+    def _client_by(self, conn: sqlite3.Connection, column: str, value: str) -> ClientRow:
+        row = conn.execute(
+            f"SELECT {_CLIENT_COLS} FROM clients WHERE {column} = ?",
+            (value,),
+        ).fetchone()
+        if row is None:
+            raise RecordNotFound(
+                f"no client with {column} {value!r}: `free-server clients list` shows them"
+            )
+        return _client(row)
+
+    # -- submissions --------------------------------------------------------------
+
+    def record_submission(
+        self,
+        staged: StagedBlob,
+        *,
+        client_key_id: str,
+        manifest: bytes,
+        signature: bytes,
+        nonce: bytes,
+        task_metadata: Mapping[str, Any],
+    ) -> SubmissionResult:
+        """Store a checked submission durably, or answer a retry with the original row.
+
+        The order is DESIGN.md section 3's: if this client already stored these
+        exact bytes, the original row is returned whatever the nonce (an
+        idempotent retry; the staged copy is dropped). Otherwise the nonce must
+        be new for this client; then the blob is placed (fsync, rename, fsync)
+        and the row and nonce are committed, all under one write lock.
+
+        Raises
+        ------
+        UnknownClient, RevokedClient
+            The key is not (or no longer) on the allow-list.
+        ReplayError
+            The nonce was already used by this client for other bytes.
+        """
+        metadata_json = json.dumps(dict(task_metadata), sort_keys=True, separators=(",", ":"))
+        with self._write() as conn:
+            client_row = conn.execute(
+                f"SELECT {_CLIENT_COLS} FROM clients WHERE key_id = ?", (client_key_id,)
+            ).fetchone()
+            self._check_active(None if client_row is None else _client(client_row), client_key_id)
+            original = conn.execute(
+                f"SELECT {_SUBMISSION_COLS} FROM submissions"
+                " WHERE client_key_id = ? AND sha256 = ?",
+                (client_key_id, staged.sha256),
+            ).fetchone()
+            if original is not None:
+                return SubmissionResult(_submission(original), duplicate=True)
+            used = conn.execute(
+                "SELECT 1 FROM nonces WHERE client_key_id = ? AND nonce = ?",
+                (client_key_id, nonce),
+            ).fetchone()
+            if used is not None:
+                raise ReplayError(
+                    "this manifest's nonce was already used for other bytes: sign a new"
+                    " manifest (submit does this for every new model)"
+                )
+            now = self._now()
+            self.blobs.place(staged)
+            conn.execute(
+                "INSERT INTO nonces (client_key_id, nonce, seen_at) VALUES (?, ?, ?)",
+                (client_key_id, nonce, now),
+            )
+            cursor = conn.execute(
+                "INSERT INTO submissions (client_key_id, sha256, size, manifest, signature,"
+                " nonce, task_metadata, received_at, state)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'received')",
+                (
+                    client_key_id,
+                    staged.sha256,
+                    staged.size,
+                    manifest,
+                    signature,
+                    nonce,
+                    metadata_json,
+                    now,
+                ),
+            )
+            row_id = cast(int, cursor.lastrowid)
+            return SubmissionResult(self._submission_by_id(conn, row_id), duplicate=False)
+
+    def submission(self, submission_id: int) -> SubmissionRow:
+        """Return one submission by id; `RecordNotFound` if there is none."""
+        with self._read() as conn:
+            return self._submission_by_id(conn, submission_id)
+
+    @staticmethod
+    def _submission_by_id(conn: sqlite3.Connection, submission_id: int) -> SubmissionRow:
+        row = conn.execute(
+            f"SELECT {_SUBMISSION_COLS} FROM submissions WHERE id = ?", (submission_id,)
+        ).fetchone()
+        if row is None:
+            raise RecordNotFound(f"no submission with id {submission_id}")
+        return _submission(row)
+
+    def set_verdict(
+        self, submission_id: int, *, accepted: bool, reason: str | None = None
+    ) -> SubmissionRow:
+        """Record the intake verdict of a received submission.
+
+        A verdict is final: a submission already accepted or refused keeps its
+        first verdict (an intake worker restarted mid-job may judge it twice),
+        and the stored row is returned unchanged.
+        """
+        if not accepted and not reason:
+            raise ValueError("a refusal needs a reason for the owner")
+        with self._write() as conn:
+            current = self._submission_by_id(conn, submission_id)
+            if current.state != "received":
+                return current
+            (last_seq,) = conn.execute(
+                "SELECT COALESCE(MAX(verdict_seq), 0) FROM submissions"
+            ).fetchone()
+            conn.execute(
+                "UPDATE submissions SET state = ?, reason = ?, verdict_at = ?, verdict_seq = ?"
+                " WHERE id = ?",
+                (
+                    "accepted" if accepted else "refused",
+                    reason,
+                    self._now(),
+                    last_seq + 1,
+                    submission_id,
+                ),
+            )
+            return self._submission_by_id(conn, submission_id)
+
+    def pending_intake(self) -> list[SubmissionRow]:
+        """Return submissions received but not yet judged, oldest first."""
+        with self._read() as conn:
+            rows = conn.execute(
+                f"SELECT {_SUBMISSION_COLS} FROM submissions WHERE state = 'received' ORDER BY id"
+            ).fetchall()
+        return [_submission(row) for row in rows]
+
+    def accepted_submissions(self, since_round: int | None = None) -> list[SubmissionRow]:
+        """Return accepted submissions in verdict order; with `since_round`, only newer ones.
+
+        "Newer" means judged after that round started, so a model accepted while
+        a round was gathering its inputs is counted by the next round, never lost
+        and never counted twice.
+        """
+        with self._read() as conn:
+            watermark = 0
+            if since_round is not None:
+                row = conn.execute(
+                    "SELECT verdict_watermark FROM rounds WHERE id = ?", (since_round,)
+                ).fetchone()
+                if row is None:
+                    raise RecordNotFound(f"no round with id {since_round}")
+                watermark = row[0] or 0
+            rows = conn.execute(
+                f"SELECT {_SUBMISSION_COLS} FROM submissions"
+                " WHERE state = 'accepted' AND verdict_seq > ? ORDER BY verdict_seq",
+                (watermark,),
+            ).fetchall()
+        return [_submission(row) for row in rows]
+
+    def prune_nonces(self, before: datetime) -> int:
+        """Forget nonces first seen before `before`; returns how many.
+
+        Only safe for nonces older than the manifest time window: a manifest
+        that old is refused on its timestamp before its nonce is looked at.
+        """
+        with self._write() as conn:
+            cursor = conn.execute("DELETE FROM nonces WHERE seen_at < ?", (_ts(before),))
+            return cursor.rowcount
+
+    # -- rounds -------------------------------------------------------------------
+
+    def request_round(self, preset: str | None = None) -> RoundRow:
+        """Queue a meta round request (from `free-server run` or the scheduler)."""
+        with self._write() as conn:
+            cursor = conn.execute(
+                "INSERT INTO rounds (requested_at, state, preset) VALUES (?, 'requested', ?)",
+                (self._now(), preset),
+            )
+            return self._round_by_id(conn, cast(int, cursor.lastrowid))
+
+    def next_round_request(self) -> RoundRow | None:
+        """Return the oldest round still waiting to start, if any."""
+        with self._read() as conn:
+            row = conn.execute(
+                f"SELECT {_ROUND_COLS} FROM rounds WHERE state = 'requested' ORDER BY id LIMIT 1"
+            ).fetchone()
+        return None if row is None else _round(row)
+
+    def start_round(self, round_id: int) -> RoundRow:
+        """Mark a requested round running, and fix which verdicts it has seen."""
+        with self._write() as conn:
+            current = self._round_by_id(conn, round_id)
+            if current.state != "requested":
+                raise StoreError(f"round {round_id} is {current.state}, not requested")
+            conn.execute(
+                "UPDATE rounds SET state = 'running', started_at = ?, verdict_watermark ="
+                " (SELECT COALESCE(MAX(verdict_seq), 0) FROM submissions) WHERE id = ?",
+                (self._now(), round_id),
+            )
+            return self._round_by_id(conn, round_id)
+
+    def finish_round(self, round_id: int, error: str | None = None) -> RoundRow:
+        """End a running round: finished, or failed with `error`."""
+        with self._write() as conn:
+            current = self._round_by_id(conn, round_id)
+            if current.state != "running":
+                raise StoreError(f"round {round_id} is {current.state}, not running")
+            conn.execute(
+                "UPDATE rounds SET state = ?, finished_at = ?, error = ? WHERE id = ?",
+                ("failed" if error else "finished", self._now(), error, round_id),
+            )
+            return self._round_by_id(conn, round_id)
+
+    def round(self, round_id: int) -> RoundRow:
+        """Return one round by id; `RecordNotFound` if there is none."""
+        with self._read() as conn:
+            return self._round_by_id(conn, round_id)
+
+    def latest_started_round(self) -> RoundRow | None:
+        """Return the round that started last (running, finished or failed), if any."""
+        with self._read() as conn:
+            row = conn.execute(
+                f"SELECT {_ROUND_COLS} FROM rounds WHERE started_at IS NOT NULL"
+                " ORDER BY id DESC LIMIT 1"
+            ).fetchone()
+        return None if row is None else _round(row)
+
+    def rounds(self, state: RoundState | None = None) -> list[RoundRow]:
+        """Return every round (or those in `state`), oldest first."""
+        query = f"SELECT {_ROUND_COLS} FROM rounds"
+        params: tuple[str, ...] = ()
+        if state is not None:
+            query += " WHERE state = ?"
+            params = (state,)
+        with self._read() as conn:
+            rows = conn.execute(query + " ORDER BY id", params).fetchall()
+        return [_round(row) for row in rows]
+
+    @staticmethod
+    def _round_by_id(conn: sqlite3.Connection, round_id: int) -> RoundRow:
+        row = conn.execute(f"SELECT {_ROUND_COLS} FROM rounds WHERE id = ?", (round_id,)).fetchone()
+        if row is None:
+            raise RecordNotFound(f"no round with id {round_id}")
+        return _round(row)
+
+    # -- releases -----------------------------------------------------------------
+
+    def next_release_version(self) -> int:
+        """Return the version number the next release gets (1 for the first)."""
+        with self._read() as conn:
+            (last,) = conn.execute("SELECT COALESCE(MAX(version), 0) FROM releases").fetchone()
+        return int(last) + 1
+
+    def record_release(
+        self,
+        staged: StagedBlob,
+        *,
+        version: int,
+        manifest: bytes,
+        signature: bytes,
+        round_id: int | None = None,
+    ) -> ReleaseRow:
+        """Place a release's weights blob and commit its signed manifest.
+
+        Raises
+        ------
+        DuplicateRecord
+            A release with this version exists (versions are signed, never reused).
+        """
+        with self._write() as conn:
+            taken = conn.execute("SELECT 1 FROM releases WHERE version = ?", (version,))
+            if taken.fetchone() is not None:
+                raise DuplicateRecord(f"release version {version} already exists")
+            self.blobs.place(staged)
+            conn.execute(
+                f"INSERT INTO releases ({_RELEASE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    version,
+                    round_id,
+                    staged.sha256,
+                    staged.size,
+                    manifest,
+                    signature,
+                    self._now(),
+                ),
+            )
+            return self._release_by_version(conn, version)
+
+    def latest_release(self) -> ReleaseRow | None:
+        """Return the newest release, if any was published."""
+        with self._read() as conn:
+            row = conn.execute(
+                f"SELECT {_RELEASE_COLS} FROM releases ORDER BY version DESC LIMIT 1"
+            ).fetchone()
+        return None if row is None else _release(row)
+
+    def release(self, version: int) -> ReleaseRow:
+        """Return one release by version; `RecordNotFound` if there is none."""
+        with self._read() as conn:
+            return self._release_by_version(conn, version)
+
+    @staticmethod
+    def _release_by_version(conn: sqlite3.Connection, version: int) -> ReleaseRow:
+        row = conn.execute(
+            f"SELECT {_RELEASE_COLS} FROM releases WHERE version = ?", (version,)
+        ).fetchone()
+        if row is None:
+            raise RecordNotFound(f"no release with version {version}")
+        return _release(row)
+
+    # -- federated evaluation -----------------------------------------------------
+
+    def record_evaluation(
+        self, round_id: int, node_id: str, metrics: Mapping[str, float]
+    ) -> EvaluationRow:
+        """Record one node's evaluation reply (e.g. fine-tuning accuracy) for a round."""
+        metrics_json = json.dumps(
+            {str(k): float(v) for k, v in metrics.items()}, sort_keys=True, allow_nan=False
+        )
+        with self._write() as conn:
+            self._round_by_id(conn, round_id)
+            now = self._now()
+            conn.execute(
+                f"INSERT INTO evaluations ({_EVALUATION_COLS}) VALUES (?, ?, ?, ?)",
+                (round_id, node_id, metrics_json, now),
+            )
+        return EvaluationRow(round_id, node_id, json.loads(metrics_json), _req_dt(now))
+
+    def evaluations(self, round_id: int | None = None) -> list[EvaluationRow]:
+        """Return evaluation replies, all or of one round, in arrival order."""
+        query = f"SELECT {_EVALUATION_COLS} FROM evaluations"
+        params: tuple[int, ...] = ()
+        if round_id is not None:
+            query += " WHERE round_id = ?"
+            params = (round_id,)
+        with self._read() as conn:
+            rows = conn.execute(query + " ORDER BY id", params).fetchall()
+        return [_evaluation(row) for row in rows]
+
+    # -- status -------------------------------------------------------------------
+
+    def summary(self, recent: int = 50) -> StoreSummary:
+        """Return everything status shows, from one snapshot; lists keep the `recent` newest."""
+        with self._read() as conn:
+            counts: dict[SubmissionState, int] = {"received": 0, "accepted": 0, "refused": 0}
+            for state, count in conn.execute(
+                "SELECT state, COUNT(*) FROM submissions GROUP BY state"
+            ):
+                counts[cast(SubmissionState, state)] = int(count)
+
+            def newest(cols: str, table: str, key: str) -> list[sqlite3.Row]:
+                return conn.execute(
+                    f"SELECT {cols} FROM (SELECT * FROM {table} ORDER BY {key} DESC LIMIT ?)"
+                    f" ORDER BY {key}",
+                    (recent,),
+                ).fetchall()
+
+            return StoreSummary(
+                schema_version=current_version(conn),
+                clients=[
+                    _client(r)
+                    for r in conn.execute(f"SELECT {_CLIENT_COLS} FROM clients ORDER BY id")
+                ],
+                submission_counts=counts,
+                submissions=[_submission(r) for r in newest(_SUBMISSION_COLS, "submissions", "id")],
+                rounds=[_round(r) for r in newest(_ROUND_COLS, "rounds", "id")],
+                releases=[_release(r) for r in newest(_RELEASE_COLS, "releases", "version")],
+                evaluations=[_evaluation(r) for r in newest(_EVALUATION_COLS, "evaluations", "id")],
+            )
