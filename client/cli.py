@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import NoReturn
 
 import typer
+from free_client.export import export
+from free_client.inspect import inspect
 from free_client.keygen import keygen
 
 from free_common import __version__
@@ -31,6 +33,8 @@ def version() -> None:
 
 
 app.command("keygen")(keygen)
+app.command("export")(export)
+app.command("inspect")(inspect)
 
 
 def main() -> NoReturn:

@@ -167,9 +167,7 @@ def _print_verdict(result: IntakeResult) -> None:
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="safetensors file of your model's weights")],
     out: Annotated[Path, typer.Option("--out", "-o", help="ONNX file to write")],
-    arch: Annotated[
-        str | None, typer.Option(help=f"architecture: {', '.join(BACKBONES)}")
-    ] = None,
+    arch: Annotated[str | None, typer.Option(help=f"architecture: {', '.join(BACKBONES)}")] = None,
     width: Annotated[int | None, typer.Option(help="backbone width if not the default")] = None,
     num_classes: Annotated[int | None, typer.Option(help="default: from the weights")] = None,
     channels: Annotated[int | None, typer.Option(help="1 (grey) or 3 (colour)")] = None,

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 
 from free_common.console import out_console
 from free_common.errors import ConfigError
-from free_common.security._files import write_key_file
+from free_common.security.files import write_key_file
 from free_common.security.keys import (
     generate_signing_key,
     key_id,

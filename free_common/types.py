@@ -179,6 +179,8 @@ def _check_json_object(name: str, value: object) -> None:
         parsed = json.loads(text, parse_constant=_no_constant)
     except ValueError as err:
         raise _fail(name, f"is not valid JSON ({err})") from None
+    except RecursionError:
+        raise _fail(name, "is nested too deeply to be read") from None
     if not isinstance(parsed, dict):
         raise _fail(name, f"must be a JSON object, got {type(parsed).__name__}")
 

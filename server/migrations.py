@@ -23,7 +23,7 @@ _V1 = (
         name            TEXT NOT NULL UNIQUE,
         key_id          TEXT NOT NULL UNIQUE,
         public_key_pem  TEXT NOT NULL,
-        node_public_key TEXT,
+        node_public_key TEXT UNIQUE,  -- Flower binds a node id to its key: never shared
         added_at        TEXT NOT NULL,
         revoked_at      TEXT
     )

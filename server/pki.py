@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from free_common.errors import ConfigError, SecurityError
-from free_common.security._files import read_key_file, write_key_file
+from free_common.security.files import read_key_file, write_key_file
 
 __all__ = [
     "LOOPBACK_NAMES",

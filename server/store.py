@@ -323,11 +323,15 @@ class Store:
         Raises
         ------
         DuplicateRecord
-            The name or the key is already registered (revoked ones included:
-            a revoked key never comes back, and names stay unambiguous in logs).
+            The name, the key or the node key is already registered (revoked
+            ones included: a revoked key never comes back, and names stay
+            unambiguous in logs).
         """
         with self._write() as conn:
-            for column, value, what in (("name", name, "name"), ("key_id", key_id, "key")):
+            checks = [("name", name, "name"), ("key_id", key_id, "key")]
+            if node_public_key is not None:
+                checks.append(("node_public_key", node_public_key, "node key"))
+            for column, value, what in checks:
                 hit = conn.execute(
                     f"SELECT name FROM clients WHERE {column} = ?",
                     (value,),

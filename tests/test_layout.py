@@ -25,8 +25,9 @@ PACKAGE_DIRS = {"free_common": ROOT / "free_common", "free_server": ROOT / "serv
                 "free_client": ROOT / "client"}
 
 # free_common's first-level modules or packages, by layer (DESIGN.md section 2).
+# `errors` is the root every layer raises from, so it sits above config and types.
 LAYERS = {
-    "config": 1, "errors": 1, "types": 1,
+    "errors": 0, "config": 1, "types": 1,
     "data": 2, "models": 2, "security": 2,
     "inversion": 3, "memory": 3, "meta": 3,
     "engine": 4, "wire": 4,

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
-
-from free_common.errors import ConfigError, SecurityError
 from free_server.pki import (
     create_ca,
     issue_client_certificate,
@@ -21,6 +20,10 @@ from free_server.pki import (
     load_ca,
     server_alt_names,
 )
+
+from free_common.errors import ConfigError, SecurityError
+
+CN = NameOID.COMMON_NAME
 
 
 @pytest.fixture(scope="module")
@@ -103,20 +106,20 @@ def _handshake(pki: Path, host: str, *, client_cert: bool, require: bool) -> str
 
         def serve() -> None:
             conn, _ = listener.accept()
-            try:
-                with server_ctx.wrap_socket(conn, server_side=True) as tls:
-                    peer = tls.getpeercert()
-                    seen.append(str(dict(x[0] for x in peer["subject"])["commonName"]) if peer else "")
-                    tls.sendall(b"ok")
-            except ssl.SSLError:
-                seen.append("refused")
+            with server_ctx.wrap_socket(conn, server_side=True) as tls:
+                der = tls.getpeercert(binary_form=True)
+                subject = x509.load_der_x509_certificate(der).subject if der else x509.Name([])
+                seen.append(",".join(str(a.value) for a in subject.get_attributes_for_oid(CN)))
+                tls.sendall(b"ok")
 
         thread = threading.Thread(target=serve)
         thread.start()
         try:
-            with socket.create_connection(listener.getsockname()[:2], timeout=10) as raw:
-                with client_ctx.wrap_socket(raw, server_hostname=host) as tls:
-                    assert tls.recv(2) == b"ok"
+            with (
+                socket.create_connection(listener.getsockname()[:2], timeout=10) as raw,
+                client_ctx.wrap_socket(raw, server_hostname=host) as tls,
+            ):
+                assert tls.recv(2) == b"ok"
         finally:
             thread.join(timeout=10)
     return seen[0]

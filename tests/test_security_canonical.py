@@ -105,7 +105,7 @@ def test_domain_tags_are_distinct_and_prefix_free() -> None:
 
 def test_one_kind_cannot_be_read_as_another() -> None:
     with pytest.raises(
-        CanonicalFormError, match="^expected a signed submission manifest, found a receipt$"
+        CanonicalFormError, match=r"^expected a signed submission manifest, found a receipt$"
     ):
         record_from_canonical(canonical_bytes(RECEIPT), SubmissionManifest)
     with pytest.raises(
@@ -155,6 +155,7 @@ def _edit(old: bytes, new: bytes) -> bytes:
         (_edit(b'"num_classes":3', b'"num_classes":true'), "num_classes must be an integer"),
         (_edit(b'"channel_order":"rgb"', b'"channel_order":"cmyk"'), "'cmyk' is not a valid"),
         (_edit(b'"task":{', b'"task":['), "not a valid submission manifest"),
+        (_edit(b'"task":{', b'"task":' + b"[" * 100_000), "nested too deeply"),
         (canonical_bytes(MANIFEST) + b" ", "not in canonical form"),
         (canonical_bytes(MANIFEST) + b"{}", "not a valid submission manifest"),
         (canonical_bytes(MANIFEST) + b"\n", "not in canonical form"),

@@ -7,16 +7,12 @@ import os
 import stat
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from cryptography import x509
-from hypothesis import given
-from hypothesis import strategies as st
-
-from free_common.errors import ConfigError, HomeError
-from free_common.security.keys import key_id, load_private_key, load_public_key
+from free_client.keygen import generate_keys
 from free_server.config import (
     LimitSettings,
     NetworkSettings,
@@ -26,15 +22,26 @@ from free_server.config import (
 )
 from free_server.home import ServerHome, create_home
 from free_server.migrations import SCHEMA_VERSION
-from free_server.toml_text import dumps
+from free_server.toml_text import TomlValue, dumps
+from hypothesis import given
+from hypothesis import strategies as st
+
+from free_common.errors import ConfigError, HomeError
+from free_common.security.keys import key_id, load_private_key, load_public_key
 
 BIN = Path(sys.executable).parent
 
 
 def _run(*args: str | Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "COLUMNS": "200", "NO_COLOR": "1"}
-    return subprocess.run([str(BIN / str(args[0])), *map(str, args[1:])], capture_output=True,
-                          text=True, env=env, timeout=120, check=False)
+    return subprocess.run(
+        [str(BIN / str(args[0])), *map(str, args[1:])],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
 
 
 def _one_line_error(result: subprocess.CompletedProcess[str]) -> str:
@@ -57,7 +64,7 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def owner_keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("owner") / "keys"
-    assert _run("free-client", "keygen", "--out", folder).returncode == 0
+    generate_keys(folder)
     return folder
 
 
@@ -102,8 +109,17 @@ def test_init_with_a_bad_host_is_one_line_and_leaves_no_folder(tmp_path: Path) -
 
 
 def test_clients_add_list_revoke(home: Path, owner_keys: Path) -> None:
-    added = _run("free-server", "clients", "add", "alice", owner_keys / "client.pub",
-                 "--node-pub", owner_keys / "node.pub", "--home", home)
+    added = _run(
+        "free-server",
+        "clients",
+        "add",
+        "alice",
+        owner_keys / "client.pub",
+        "--node-pub",
+        owner_keys / "node.pub",
+        "--home",
+        home,
+    )
     assert added.returncode == 0, added.stderr
     expected_id = key_id(load_public_key(owner_keys / "client.pub"))
     assert expected_id in added.stdout
@@ -114,8 +130,9 @@ def test_clients_add_list_revoke(home: Path, owner_keys: Path) -> None:
     table = _run("free-server", "clients", "list", "--home", home).stdout
     assert "alice" in table and expected_id in table
 
-    again = _run("free-server", "clients", "add", "alice2", owner_keys / "client.pub",
-                 "--home", home)
+    again = _run(
+        "free-server", "clients", "add", "alice2", owner_keys / "client.pub", "--home", home
+    )
     assert "already registered" in _one_line_error(again)
 
     assert _run("free-server", "clients", "revoke", "alice", "--home", home).returncode == 0
@@ -127,8 +144,11 @@ def test_clients_add_list_revoke(home: Path, owner_keys: Path) -> None:
     ("args", "code", "words"),
     [
         (("clients", "add", "bob", "{keys}/node.pub"), 4, "OpenSSH public key line"),
-        (("clients", "add", "bob", "{keys}/client.pub", "--node-pub", "{keys}/client.pub"), 4,
-         "not an OpenSSH public key"),
+        (
+            ("clients", "add", "bob", "{keys}/client.pub", "--node-pub", "{keys}/client.pub"),
+            4,
+            "not an OpenSSH public key",
+        ),
         (("clients", "add", "bad name", "{keys}/client.pub"), 2, "not allowed"),
         (("clients", "add", "bob", "{keys}/missing.pub"), 4, "does not exist"),
         (("clients", "revoke", "nobody"), 2, "no client"),
@@ -190,9 +210,17 @@ def test_missing_tables_fall_back_to_defaults(tmp_path: Path) -> None:
     assert config.rounds.min_models == 7 and config.limits == LimitSettings()
 
 
-@given(st.text(), st.lists(st.text(max_size=5), max_size=3), st.integers(-(2**63), 2**63 - 1),
-       st.booleans())
-def test_toml_writer_round_trips_any_string(text: str, items: list[str], number: int,
-                                            flag: bool) -> None:
-    tables = {"t": {"s": text, "list": items, "n": number, "b": flag}, "key with space": {"x": 1.5}}
+@given(
+    st.text(),
+    st.lists(st.text(max_size=5), max_size=3),
+    st.integers(-(2**63), 2**63 - 1),
+    st.booleans(),
+)
+def test_toml_writer_round_trips_any_string(
+    text: str, items: list[str], number: int, flag: bool
+) -> None:
+    tables: dict[str, dict[str, TomlValue]] = {
+        "t": {"s": text, "list": items, "n": number, "b": flag},
+        "key with space": {"x": 1.5},
+    }
     assert tomllib.loads(dumps(tables, header="line one\nline two")) == tables

@@ -21,9 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from free_client.keygen import generate_keys
+from free_server.store import Store
 
 from free_common.errors import StoreError
-from free_server.store import Store
 
 KEY = "a" * 32
 BIN = Path(sys.executable).parent
@@ -141,20 +142,33 @@ def test_cli_adds_a_client_while_another_process_holds_the_store(tmp_path: Path)
     home = tmp_path / "home"
     keys = tmp_path / "keys"
     env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200"}
-    for cmd in (
+    subprocess.run(
         [str(BIN / "free-server"), "init", "--home", str(home)],
-        [str(BIN / "free-client"), "keygen", "--out", str(keys)],
-    ):
-        subprocess.run(cmd, check=True, capture_output=True, env=env, timeout=60)
+        check=True,
+        capture_output=True,
+        env=env,
+        timeout=60,
+    )
+    generate_keys(keys)
     with Store(home / "store") as reader:
         assert reader.list_clients() == []
         # Hold the write lock for a moment: the CLI must wait for it, not fail.
         locker = sqlite3.connect(home / "store" / "store.db", isolation_level=None)
         locker.execute("BEGIN IMMEDIATE")
         adder = subprocess.Popen(
-            [str(BIN / "free-server"), "clients", "add", "alice", str(keys / "client.pub"),
-             "--home", str(home)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            [
+                str(BIN / "free-server"),
+                "clients",
+                "add",
+                "alice",
+                str(keys / "client.pub"),
+                "--home",
+                str(home),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
         )
         time.sleep(1.5)  # the CLI is up and waiting for the lock by now
         assert adder.poll() is None

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
-from datetime import datetime, timedelta, timezone
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
+from free_server.migrations import SCHEMA_VERSION
+from free_server.records import SubmissionResult
+from free_server.store import DB_NAME, Store
 
 from free_common.errors import (
     DuplicateRecord,
@@ -20,9 +23,6 @@ from free_common.errors import (
     StoreVersionError,
     UnknownClient,
 )
-from free_server.migrations import SCHEMA_VERSION
-from free_server.records import SubmissionResult
-from free_server.store import DB_NAME, Store
 
 KEY_A = "a" * 32
 KEY_B = "b" * 32
@@ -69,10 +69,15 @@ def test_clients_are_listed_in_order_and_found_by_key(store: Store) -> None:
     assert store.client_by_key_id("c" * 32) is None
 
 
-@pytest.mark.parametrize(("name", "key"), [("alice", "c" * 32), ("carol", KEY_A)])
-def test_duplicate_name_or_key_is_refused(store: Store, name: str, key: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "key", "node"),
+    [("alice", "c" * 32, None), ("carol", KEY_A, None), ("carol", "c" * 32, "ecdsa-x")],
+)
+def test_duplicate_name_key_or_node_key_is_refused(
+    store: Store, name: str, key: str, node: str | None
+) -> None:
     with pytest.raises(DuplicateRecord):
-        store.add_client(name, key_id=key, public_key_pem="PEM")
+        store.add_client(name, key_id=key, public_key_pem="PEM", node_public_key=node)
     assert len(store.list_clients()) == 2
 
 

@@ -280,7 +280,7 @@ def test_valid_base_messages_decode() -> None:
     ],
 )
 def test_bad_task_metadata_is_refused(task: pb.TaskMetadata, expected: str) -> None:
-    with pytest.raises(WireError, match="^TaskMetadata: ") as info:
+    with pytest.raises(WireError, match=r"^TaskMetadata: ") as info:
         wire.task_metadata_from_proto(task)
     assert expected in str(info.value)
     assert "\n" not in str(info.value)
@@ -303,7 +303,7 @@ def test_bad_task_metadata_is_refused(task: pb.TaskMetadata, expected: str) -> N
     ],
 )
 def test_bad_manifest_is_refused(manifest: pb.SubmissionManifest, expected: str) -> None:
-    with pytest.raises(WireError, match="^SubmissionManifest: ") as info:
+    with pytest.raises(WireError, match=r"^SubmissionManifest: ") as info:
         wire.submission_manifest_from_proto(manifest)
     assert expected in str(info.value)
 
@@ -311,7 +311,7 @@ def test_bad_manifest_is_refused(manifest: pb.SubmissionManifest, expected: str)
 def test_manifest_without_task_is_refused() -> None:
     manifest = _manifest_proto()
     manifest.ClearField("task")
-    with pytest.raises(WireError, match="^SubmissionManifest: task is missing$"):
+    with pytest.raises(WireError, match=r"^SubmissionManifest: task is missing$"):
         wire.submission_manifest_from_proto(manifest)
 
 
@@ -397,7 +397,7 @@ def test_signed_receipt_envelope_is_checked() -> None:
     ],
 )
 def test_bad_verdict_is_refused(verdict: pb.Verdict, expected: str) -> None:
-    with pytest.raises(WireError, match="^Verdict: ") as info:
+    with pytest.raises(WireError, match=r"^Verdict: ") as info:
         wire.verdict_from_proto(verdict)
     assert expected in str(info.value)
 
@@ -427,12 +427,13 @@ def _release_proto(**changes: Any) -> pb.ReleaseManifest:
         (_release_proto(config_json="[1]"), "config_json must be a JSON object, got list"),
         (_release_proto(config_json="{"), "config_json is not valid JSON"),
         (_release_proto(metrics_json='{"a": NaN}'), "metrics_json is not valid JSON"),
+        (_release_proto(metrics_json="[" * 60000), "metrics_json is nested too deeply"),
         (_release_proto(source_submission_ids=["s1", "s1"]), "lists a submission more than"),
         (_release_proto(source_submission_ids=["ok", "a/b"]), "source_submission_ids[1] must"),
     ],
 )
 def test_bad_release_is_refused(release: pb.ReleaseManifest, expected: str) -> None:
-    with pytest.raises(WireError, match="^ReleaseManifest: ") as info:
+    with pytest.raises(WireError, match=r"^ReleaseManifest: ") as info:
         wire.release_manifest_from_proto(release)
     assert expected in str(info.value)
 
@@ -443,7 +444,7 @@ def test_signed_release_envelope_is_checked() -> None:
     with pytest.raises(WireError, match="SignedRelease: signature is missing"):
         wire.signed_release_from_proto(pb.SignedRelease(manifest=_release_proto()))
     huge = _release_proto(config_json=json.dumps({"k": "v" * (2 * 1024 * 1024)}))
-    with pytest.raises(WireError, match="^SignedRelease is"):
+    with pytest.raises(WireError, match=r"^SignedRelease is"):
         wire.signed_release_from_proto(pb.SignedRelease(manifest=huge, signature=b"s"))
 
 
@@ -463,7 +464,7 @@ def test_signed_release_envelope_is_checked() -> None:
     ],
 )
 def test_bad_status_is_refused(status: pb.ServerStatus, expected: str) -> None:
-    with pytest.raises(WireError, match="^ServerStatus: ") as info:
+    with pytest.raises(WireError, match=r"^ServerStatus: ") as info:
         wire.server_status_from_proto(status)
     assert expected in str(info.value)
 
@@ -488,5 +489,5 @@ def test_records_refuse_wrong_python_types() -> None:
         lambda: dataclasses.replace(task, channel_order="gray"),
         lambda: dataclasses.replace(task, class_names="abc"),
     ):
-        with pytest.raises(RecordError, match="^(num_classes|mean|channel_order|class_names) "):
+        with pytest.raises(RecordError, match=r"^(num_classes|mean|channel_order|class_names) "):
             bad()

@@ -113,7 +113,7 @@ def test_submit_stream_must_start_with_manifest(
 )
 def test_submit_stream_refuses_bad_chunks(tail: list[pb.SubmitRequest], expected: str) -> None:
     _, chunks = wire.read_submit_stream([_manifest_message(), *tail])
-    with pytest.raises(WireError, match="^Submit stream") as info:
+    with pytest.raises(WireError, match=r"^Submit stream") as info:
         list(chunks)
     assert expected in str(info.value)
 
@@ -135,7 +135,7 @@ def test_senders_refuse_bad_chunks() -> None:
 class _Exchange(pb_grpc.ExchangeServicer):
     """Just enough of a servicer to carry both streams over real gRPC."""
 
-    def Submit(  # noqa: N802 - the generated interface names it
+    def Submit(
         self, request_iterator: Iterator[pb.SubmitRequest], context: grpc.ServicerContext
     ) -> pb.SignedReceipt:
         signed, chunks = wire.read_submit_stream(request_iterator)
@@ -148,7 +148,7 @@ class _Exchange(pb_grpc.ExchangeServicer):
         receipt = Receipt("sub-1", manifest.client_id, digest.hexdigest(), size, 5, SERVER_ID)
         return wire.signed_receipt_to_proto(sign(SERVER_KEY, receipt))
 
-    def FetchRelease(  # noqa: N802
+    def FetchRelease(
         self, request: pb.FetchReleaseRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.FetchReleaseResponse]:
         assert wire.release_request_from_proto(request) is None

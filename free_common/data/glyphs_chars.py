@@ -4,12 +4,13 @@ A class is one Unicode letter or decimal digit that stands on its own:
 
 - general category ``Lu``, ``Ll``, ``Lt``, ``Lo`` or ``Nd``; modifier letters (``Lm``)
   and combining marks are left out, they are not drawn alone;
-- its NFKC form is itself. Compatibility characters (fullwidth forms, ligatures such as
-  ``ﬁ``, mathematical alphanumerics, superscripts, the Kelvin and Ångström signs, CJK
-  compatibility ideographs, halfwidth kana) are styled copies of another class, so
-  they would be near-duplicate classes. Canonically composed letters (``À``, ``Ё``)
-  stay classes of their own; when one looks like a character of another split, the
-  render-based look-alike check removes it (``glyphs_lookalike``);
+- it has no decomposition (its NFKD form is itself). Compatibility characters
+  (fullwidth forms, ligatures such as ``ﬁ``, mathematical alphanumerics, superscripts,
+  the Kelvin sign, CJK compatibility ideographs, halfwidth kana) are styled copies of
+  another class. Letters with diacritics (``À``, ``Ё``, ``ἶ``, ``が``) are their base
+  letter plus marks: once cropped and scaled to fit 26 px, ``Ĩ Ï Ī Ĭ`` differ in a
+  handful of pixels, and ``Ë`` is ``Ё``, a look-alike across scripts. Both kinds are
+  left out; Hangul syllables, which decompose into jamo by algorithm, stay;
 - Hangul conjoining jamo are left out (they are parts of syllable blocks).
 
 The script comes from the character's Unicode name (``LATIN CAPITAL LETTER A`` ->
@@ -131,9 +132,10 @@ def is_class_character(char: str) -> bool:
     """Tell whether a character may be a glyph class (see the module docstring)."""
     if unicodedata.category(char) not in _CATEGORIES:
         return False
-    if unicodedata.normalize("NFKC", char) != char:
-        return False
     name = unicodedata.name(char, "")
+    # Hangul syllables decompose into jamo by algorithm, not by added marks.
+    if unicodedata.normalize("NFKD", char) != char and not name.startswith("HANGUL SYLLABLE"):
+        return False
     if _JAMO_WORDS.intersection(name.split()):
         return False
     return script_of(char) is not None

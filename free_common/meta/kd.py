@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -40,6 +41,6 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, form: KlFo
             reduction="batchmean",
             log_target=True,
         )
-    return F.kl_div(
-        F.softmax(student_logits, dim=1), F.softmax(teacher_logits, dim=1), reduction="mean"
-    )
+    # Written out: F.kl_div's reduction="mean" is deprecated and will change meaning.
+    p_student, p_teacher = F.softmax(student_logits, dim=1), F.softmax(teacher_logits, dim=1)
+    return (torch.special.xlogy(p_teacher, p_teacher) - p_teacher * p_student).mean()

@@ -65,7 +65,8 @@ class Backbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return logits ``[N, num_classes]`` for images ``[N, C, H, W]``."""
-        return self.head(self.features(x))
+        logits: torch.Tensor = self.head(self.features(x))
+        return logits
 
 
 class ConvBlock(nn.Sequential):
@@ -116,7 +117,8 @@ class BasicBlock(nn.Module):
         """Return ``relu(bn2(conv2(relu(bn1(conv1(x))))) + shortcut(x))``."""
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + self.shortcut(x))
+        result: torch.Tensor = self.relu(out + self.shortcut(x))
+        return result
 
 
 class ResNet(Backbone):

@@ -17,8 +17,9 @@ flow from the logits to the input image.
 from __future__ import annotations
 
 import math
+import operator
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,15 +122,27 @@ Converted = tuple[nn.Module, tuple[str, ...]]
 """A module and the names of the node inputs it takes at run time."""
 
 
-def _attrs(node: onnx.NodeProto) -> dict[str, object]:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+class _Attributes:
+    """Typed access to a node's attributes, with the ONNX defaults given by the caller."""
 
+    def __init__(self, node: onnx.NodeProto) -> None:
+        self._by_name = {a.name: a for a in node.attribute}
 
-def _ints(value: object, default: Sequence[int]) -> tuple[int, ...]:
-    if value is None:
-        return tuple(default)
-    assert isinstance(value, list)
-    return tuple(int(v) for v in value)
+    def get_int(self, name: str, default: int) -> int:
+        attr = self._by_name.get(name)
+        return default if attr is None else int(attr.i)
+
+    def get_float(self, name: str, default: float) -> float:
+        attr = self._by_name.get(name)
+        return default if attr is None else float(attr.f)
+
+    def get_ints(self, name: str) -> tuple[int, ...] | None:
+        attr = self._by_name.get(name)
+        return None if attr is None else tuple(int(v) for v in attr.ints)
+
+    def get_text(self, name: str, default: str) -> str:
+        attr = self._by_name.get(name)
+        return default if attr is None else bytes(attr.s).decode(errors="replace")
 
 
 def _unsupported(node: onnx.NodeProto, problem: str) -> UnsupportedOperatorError:
@@ -140,23 +153,41 @@ def _param(array: np.ndarray) -> nn.Parameter:
     return nn.Parameter(torch.tensor(array, dtype=torch.float32))
 
 
-def _window(node: onnx.NodeProto, spatial: int) -> dict[str, tuple[int, ...]]:
+@dataclass(frozen=True)
+class _Window:
     """Kernel, stride, symmetric padding and dilation of a 2-D Conv or pool node."""
-    attrs = _attrs(node)
-    auto_pad = attrs.get("auto_pad", b"NOTSET")
-    if auto_pad not in (b"NOTSET", b"VALID"):
-        raise _unsupported(node, f"auto_pad={auto_pad!r} is not supported; export explicit pads")
-    pads = _ints(attrs.get("pads"), [0] * 2 * spatial)
-    if auto_pad == b"VALID":
-        pads = (0,) * 2 * spatial
-    if pads[:spatial] != pads[spatial:]:
-        raise _unsupported(node, f"asymmetric pads {list(pads)} are not supported")
-    return {
-        "kernel": _ints(attrs.get("kernel_shape"), []),
-        "stride": _ints(attrs.get("strides"), [1] * spatial),
-        "padding": pads[:spatial],
-        "dilation": _ints(attrs.get("dilations"), [1] * spatial),
-    }
+
+    kernel: tuple[int, int] | None
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+
+
+def _pair(node: onnx.NodeProto, values: tuple[int, ...], name: str) -> tuple[int, int]:
+    if len(values) != 2:
+        raise _unsupported(node, f"{name} {list(values)[:6]} is not 2-D; only 2-D is supported")
+    return values[0], values[1]
+
+
+def _window(node: onnx.NodeProto) -> _Window:
+    attrs = _Attributes(node)
+    auto_pad = attrs.get_text("auto_pad", "NOTSET")
+    if auto_pad not in ("NOTSET", "VALID"):
+        raise _unsupported(
+            node, f"auto_pad={auto_pad!r:.20} is not supported; export explicit pads"
+        )
+    pads = attrs.get_ints("pads") or (0, 0, 0, 0)
+    if auto_pad == "VALID":
+        pads = (0, 0, 0, 0)
+    if len(pads) != 4 or pads[:2] != pads[2:]:
+        raise _unsupported(node, f"pads {list(pads)[:8]} are not symmetric 2-D padding")
+    kernel = attrs.get_ints("kernel_shape")
+    return _Window(
+        kernel=None if kernel is None else _pair(node, kernel, "kernel_shape"),
+        stride=_pair(node, attrs.get_ints("strides") or (1, 1), "strides"),
+        padding=(pads[0], pads[1]),
+        dilation=_pair(node, attrs.get_ints("dilations") or (1, 1), "dilations"),
+    )
 
 
 def _conv(node: onnx.NodeProto, ctx: _Context) -> Converted:
@@ -164,17 +195,18 @@ def _conv(node: onnx.NodeProto, ctx: _Context) -> Converted:
     bias = ctx.optional_constant(node, 2)
     if weight.ndim != 4:
         raise _unsupported(node, f"only 2-D convolutions are supported (weight {weight.shape})")
-    groups = int(_attrs(node).get("group", 1))  # type: ignore[call-overload]
-    win = _window(node, 2)
-    if win["kernel"] and win["kernel"] != weight.shape[2:]:
+    groups = _Attributes(node).get_int("group", 1)
+    win = _window(node)
+    kernel = (int(weight.shape[2]), int(weight.shape[3]))
+    if win.kernel is not None and win.kernel != kernel:
         raise InvalidModelError(f"Conv node {node.name!r:.60}: kernel_shape differs from weight")
     conv = nn.Conv2d(
         weight.shape[1] * groups,
         weight.shape[0],
-        weight.shape[2:],
-        stride=win["stride"],
-        padding=win["padding"],
-        dilation=win["dilation"],
+        kernel,
+        stride=win.stride,
+        padding=win.padding,
+        dilation=win.dilation,
         groups=groups,
         bias=bias is not None,
     )
@@ -185,8 +217,8 @@ def _conv(node: onnx.NodeProto, ctx: _Context) -> Converted:
 
 
 def _batch_norm(node: onnx.NodeProto, ctx: _Context) -> Converted:
-    attrs = _attrs(node)
-    if attrs.get("training_mode", 0):
+    attrs = _Attributes(node)
+    if attrs.get_int("training_mode", 0):
         raise _unsupported(node, "training-mode batch norm; export with model.eval()")
     scale, shift, mean, var = (
         ctx.constant(node, i, w)
@@ -200,40 +232,41 @@ def _batch_norm(node: onnx.NodeProto, ctx: _Context) -> Converted:
         bn_class = nn.BatchNorm1d
     else:
         raise _unsupported(node, f"batch norm over a rank-{rank} tensor is not supported")
-    eps = float(attrs.get("epsilon", 1e-5))  # type: ignore[arg-type]
-    bn = bn_class(scale.shape[0], eps=eps)
+    bn = bn_class(scale.shape[0], eps=attrs.get_float("epsilon", 1e-5))
     bn.weight = _param(scale)
     bn.bias = _param(shift)
-    bn.running_mean.copy_(torch.tensor(mean, dtype=torch.float32))
-    bn.running_var.copy_(torch.tensor(var, dtype=torch.float32))
+    bn.running_mean = torch.tensor(mean, dtype=torch.float32)
+    bn.running_var = torch.tensor(var, dtype=torch.float32)
     return bn, (node.input[0],)
 
 
 def _pool(node: onnx.NodeProto, ctx: _Context) -> Converted:
-    attrs = _attrs(node)
+    attrs = _Attributes(node)
     if ctx.rank(node.input[0]) != 4:
         raise _unsupported(node, "only 2-D pooling is supported")
-    win = _window(node, 2)
-    if len(win["kernel"]) != 2:
-        raise _unsupported(node, "kernel_shape must have 2 values")
-    if any(p > k // 2 for p, k in zip(win["padding"], win["kernel"], strict=True)):
+    win = _window(node)
+    if win.kernel is None:
+        raise _unsupported(node, "kernel_shape is missing")
+    if any(p > k // 2 for p, k in zip(win.padding, win.kernel, strict=True)):
         raise _unsupported(node, "padding larger than half the kernel is not supported")
-    ceil_mode = bool(attrs.get("ceil_mode", 0))
+    ceil_mode = bool(attrs.get_int("ceil_mode", 0))
     if node.op_type == "MaxPool":
-        if attrs.get("storage_order", 0):
+        if attrs.get_int("storage_order", 0):
             raise _unsupported(node, "storage_order=1 is not supported")
-        return nn.MaxPool2d(
-            win["kernel"], win["stride"], win["padding"], win["dilation"], ceil_mode=ceil_mode
-        ), (node.input[0],)
-    if win["dilation"] != (1, 1):
+        pool: nn.Module = nn.MaxPool2d(
+            win.kernel, win.stride, win.padding, win.dilation, ceil_mode=ceil_mode
+        )
+        return pool, (node.input[0],)
+    if win.dilation != (1, 1):
         raise _unsupported(node, "dilated average pooling is not supported")
-    return nn.AvgPool2d(
-        win["kernel"],
-        win["stride"],
-        win["padding"],
+    pool = nn.AvgPool2d(
+        win.kernel,
+        win.stride,
+        win.padding,
         ceil_mode=ceil_mode,
-        count_include_pad=bool(attrs.get("count_include_pad", 0)),
-    ), (node.input[0],)
+        count_include_pad=bool(attrs.get_int("count_include_pad", 0)),
+    )
+    return pool, (node.input[0],)
 
 
 def _global_pool(node: onnx.NodeProto, ctx: _Context) -> Converted:
@@ -273,20 +306,19 @@ class _Reshape(nn.Module):
 
 
 def _flatten(node: onnx.NodeProto, ctx: _Context) -> Converted:
-    return _Flatten(int(_attrs(node).get("axis", 1))), (node.input[0],)  # type: ignore[call-overload]
+    return _Flatten(_Attributes(node).get_int("axis", 1)), (node.input[0],)
 
 
 def _reshape(node: onnx.NodeProto, ctx: _Context) -> Converted:
     shape = ctx.constant(node, 1, "target shape")
-    allowzero = bool(_attrs(node).get("allowzero", 0))
+    allowzero = bool(_Attributes(node).get_int("allowzero", 0))
     return _Reshape(tuple(int(s) for s in shape.reshape(-1)), allowzero), (node.input[0],)
 
 
 def _gemm(node: onnx.NodeProto, ctx: _Context) -> Converted:
-    attrs = _attrs(node)
-    alpha = float(attrs.get("alpha", 1.0))  # type: ignore[arg-type]
-    beta = float(attrs.get("beta", 1.0))  # type: ignore[arg-type]
-    trans_a, trans_b = bool(attrs.get("transA", 0)), bool(attrs.get("transB", 0))
+    attrs = _Attributes(node)
+    alpha, beta = attrs.get_float("alpha", 1.0), attrs.get_float("beta", 1.0)
+    trans_a, trans_b = bool(attrs.get_int("transA", 0)), bool(attrs.get_int("transB", 0))
     weight = ctx.optional_constant(node, 1)
     bias = ctx.optional_constant(node, 2)
     has_c = len(node.input) > 2 and node.input[2] != ""
@@ -317,7 +349,7 @@ class _Gemm(nn.Module):
 def _matmul(node: onnx.NodeProto, ctx: _Context) -> Converted:
     weight = ctx.optional_constant(node, 1)
     if weight is None or weight.ndim != 2:
-        return _Function(torch.matmul), tuple(node.input)
+        return _Function(operator.matmul), tuple(node.input)
     linear = nn.Linear(weight.shape[0], weight.shape[1], bias=False)
     linear.weight = _param(weight.T)
     return linear, (node.input[0],)
@@ -337,7 +369,7 @@ class _Function(nn.Module):
         return getattr(self.function, "__name__", "")
 
 
-_BINARY = {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.div}
+_BINARY = {"Add": operator.add, "Sub": operator.sub, "Mul": operator.mul, "Div": operator.truediv}
 
 
 def _binary(node: onnx.NodeProto, ctx: _Context) -> Converted:
@@ -346,7 +378,7 @@ def _binary(node: onnx.NodeProto, ctx: _Context) -> Converted:
 
 def _activation(node: onnx.NodeProto, ctx: _Context) -> Converted:
     if node.op_type == "LeakyRelu":
-        return nn.LeakyReLU(float(_attrs(node).get("alpha", 0.01))), (node.input[0],)  # type: ignore[arg-type]
+        return nn.LeakyReLU(_Attributes(node).get_float("alpha", 0.01)), (node.input[0],)
     modules: dict[str, Callable[[], nn.Module]] = {
         "Relu": nn.ReLU,
         "Sigmoid": nn.Sigmoid,
@@ -365,9 +397,9 @@ def _identity(node: onnx.NodeProto, ctx: _Context) -> Converted:
 
 def _axes(node: onnx.NodeProto, ctx: _Context, index: int) -> tuple[int, ...] | None:
     """Axes from the attribute (older opsets) or a constant input (newer ones)."""
-    attr = _attrs(node).get("axes")
+    attr = _Attributes(node).get_ints("axes")
     if attr is not None:
-        return _ints(attr, [])
+        return attr
     axes = ctx.optional_constant(node, index)
     if len(node.input) > index and node.input[index] and axes is None:
         raise _unsupported(node, "axes must be a constant")
@@ -385,11 +417,11 @@ class _ReduceMean(nn.Module):
 
 
 def _reduce_mean(node: onnx.NodeProto, ctx: _Context) -> Converted:
-    attrs = _attrs(node)
+    attrs = _Attributes(node)
     axes = _axes(node, ctx, 1)
-    if not axes and attrs.get("noop_with_empty_axes", 0):
+    if not axes and attrs.get_int("noop_with_empty_axes", 0):
         return nn.Identity(), (node.input[0],)
-    return _ReduceMean(axes or None, bool(attrs.get("keepdims", 1))), (node.input[0],)
+    return _ReduceMean(axes or None, bool(attrs.get_int("keepdims", 1))), (node.input[0],)
 
 
 class _Squeeze(nn.Module):
@@ -434,7 +466,7 @@ class _Concat(nn.Module):
 
 
 def _concat(node: onnx.NodeProto, ctx: _Context) -> Converted:
-    return _Concat(int(_attrs(node)["axis"])), tuple(node.input)  # type: ignore[call-overload]
+    return _Concat(_Attributes(node).get_int("axis", 0)), tuple(node.input)
 
 
 CONVERTERS: dict[str, Callable[[onnx.NodeProto, _Context], Converted]] = {
@@ -471,7 +503,7 @@ def _decode(tensor: TensorProto) -> np.ndarray:
         raise ExternalDataError(
             f"tensor {tensor.name!r:.60} refers to external data; give one self-contained file"
         )
-    return numpy_helper.to_array(tensor)
+    return np.asarray(numpy_helper.to_array(tensor))
 
 
 def _constant_value(node: onnx.NodeProto) -> np.ndarray:

@@ -11,8 +11,9 @@ initializers. The batch axis is dynamic and the task metadata goes into
 
 from __future__ import annotations
 
-import io
+import tempfile
 import warnings
+from pathlib import Path
 
 import onnx
 import torch
@@ -68,14 +69,14 @@ def to_onnx(model: nn.Module, task: TaskMetadata) -> bytes:
                 f"the model gives outputs of shape {list(logits.shape[1:])} per image but the task "
                 f"declares {task.num_classes} classes"
             )
-        buffer = io.BytesIO()
-        with warnings.catch_warnings():
+        with tempfile.TemporaryDirectory(prefix="free-export-") as tmp, warnings.catch_warnings():
             # The legacy exporter is deprecated in favour of dynamo, which folds BatchNorm.
             warnings.simplefilter("ignore", DeprecationWarning)
+            path = Path(tmp) / "model.onnx"
             torch.onnx.export(
                 model,
                 (example,),
-                buffer,
+                path,
                 dynamo=False,
                 opset_version=EXPORT_OPSET,
                 do_constant_folding=False,
@@ -83,9 +84,10 @@ def to_onnx(model: nn.Module, task: TaskMetadata) -> bytes:
                 output_names=[OUTPUT_NAME],
                 dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
             )
+            exported = path.read_bytes()
     finally:
         model.train(was_training)
     proto = onnx.ModelProto()
-    proto.ParseFromString(buffer.getvalue())
+    proto.ParseFromString(exported)
     write_metadata(proto, task)
-    return proto.SerializeToString()
+    return bytes(proto.SerializeToString())

@@ -32,7 +32,7 @@ from free_common.errors import (
     RuntimeProbeError,
 )
 from free_common.models.convert import OnnxModule, convert
-from free_common.models.intake_worker import header_for
+from free_common.models.intake_worker import header_for, out_of_memory_reason
 from free_common.models.metadata import task_from_dict, task_to_dict
 from free_common.models.onnx_static import IntakeLimits, check_static
 from free_common.types import TaskMetadata
@@ -249,11 +249,9 @@ def _run_worker(data: bytes, task: TaskMetadata | None, limits: IntakeLimits) ->
         return _parse_reply(lines[-1])
     stderr = done.stderr.decode(errors="replace")
     if "bad_alloc" in stderr or "MemoryError" in stderr or done.returncode == -signal.SIGKILL:
+        detail = "the worker was killed" if done.returncode < 0 else "allocation failed"
         return IntakeResult.refused(
-            IntakeResourceError(
-                f"the model needs more than the intake worker's {limits.memory_bytes:,} bytes of "
-                "memory; export a smaller model"
-            )
+            IntakeResourceError(out_of_memory_reason(limits.memory_bytes, detail))
         )
     last = (stderr.strip().splitlines() or ["no output"])[-1][:200]
     return IntakeResult.refused(

@@ -43,7 +43,7 @@ from free_common.models.metadata import task_from_dict, task_to_dict
 from free_common.models.onnx_static import IntakeLimits, StaticReport, check_static
 from free_common.types import TaskMetadata
 
-__all__ = ["examine", "main"]
+__all__ = ["examine", "header_for", "main", "out_of_memory_reason"]
 
 _ALLOCATION_MARKERS = ("alloc", "out of memory", "cannot allocate memory")
 
@@ -74,7 +74,9 @@ def _check_activations(model: onnx.ModelProto, limits: IntakeLimits) -> onnx.Mod
     return inferred
 
 
-def _onnxruntime_logits(data: bytes, report: StaticReport, images: np.ndarray) -> np.ndarray:
+def _onnxruntime_logits(
+    data: bytes, report: StaticReport, images: np.ndarray, limits: IntakeLimits
+) -> np.ndarray:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
@@ -86,7 +88,7 @@ def _onnxruntime_logits(data: bytes, report: StaticReport, images: np.ndarray) -
         message = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
         if _is_allocation_failure(message):
             raise IntakeResourceError(
-                f"onnxruntime ran out of memory on the model ({message}); export a smaller model"
+                _out_of_memory(limits, "onnxruntime could not allocate")
             ) from None
         raise RuntimeProbeError(f"onnxruntime cannot run the model: {message}") from None
     return np.asarray(logits)
@@ -112,8 +114,8 @@ def _torch_parity(
             f"{limits.atol:g} + {limits.rtol:g}*|logit|); the model relies on an operator "
             "form the converter does not reproduce"
         )
-    torch.log_softmax(logits, dim=1).sum().backward()
-    if x.grad is None or not torch.isfinite(x.grad).all():
+    (grad,) = torch.autograd.grad(torch.log_softmax(logits, dim=1).sum(), x)
+    if not torch.isfinite(grad).all():
         raise ParityError("the gradient of the logits with respect to the input is not finite")
     return worst, len(module.batch_norms)
 
@@ -150,7 +152,7 @@ def examine(data: bytes, task: TaskMetadata | None, limits: IntakeLimits) -> dic
     _check_activations(report.model, limits)
     rng = np.random.default_rng(0)
     images = rng.standard_normal((limits.probe_batch, *report.task.input_shape), dtype=np.float32)
-    logits = _onnxruntime_logits(data, report, images)
+    logits = _onnxruntime_logits(data, report, images, limits)
     want = (limits.probe_batch, report.task.num_classes)
     if logits.shape != want:
         raise OutputShapeError(
@@ -176,6 +178,22 @@ def examine(data: bytes, task: TaskMetadata | None, limits: IntakeLimits) -> dic
     }
 
 
+def out_of_memory_reason(memory_bytes: int, detail: str) -> str:
+    """Say why a model that exhausted the worker's memory is refused."""
+    return (
+        f"the model needs more than the intake worker's {memory_bytes:,} bytes of memory "
+        f"({detail}); export a smaller model"
+    )
+
+
+def _out_of_memory(limits: IntakeLimits, detail: str) -> str:
+    return out_of_memory_reason(limits.memory_bytes, detail)
+
+
+def _refusal(error: IntakeError) -> dict[str, Any]:
+    return {"ok": False, "refusal": type(error).__name__, "reason": error.message}
+
+
 def _limit_self(limits: IntakeLimits) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
     cpu = math.ceil(limits.timeout_s) + 1  # a backstop should the parent die
@@ -197,23 +215,13 @@ def main() -> None:
         task = None if header["task"] is None else task_from_dict(header["task"])
         reply: dict[str, Any] = {"ok": True, "summary": examine(data, task, limits)}
     except IntakeError as exc:
-        reply = {"ok": False, "refusal": type(exc).__name__, "reason": exc.message}
+        reply = _refusal(exc)
     except MemoryError:
-        reply = {
-            "ok": False,
-            "refusal": IntakeResourceError.__name__,
-            "reason": f"the model needs more than the intake worker's {limits.memory_bytes:,} "
-            "bytes of memory; export a smaller model",
-        }
+        reply = _refusal(IntakeResourceError(_out_of_memory(limits, "Python could not allocate")))
     except RuntimeError as exc:  # torch reports failed allocations as RuntimeError
         if not _is_allocation_failure(str(exc)):
             raise
-        reply = {
-            "ok": False,
-            "refusal": IntakeResourceError.__name__,
-            "reason": f"the model needs more than the intake worker's {limits.memory_bytes:,} "
-            "bytes of memory; export a smaller model",
-        }
+        reply = _refusal(IntakeResourceError(_out_of_memory(limits, "torch could not allocate")))
     sys.stdout.write(json.dumps(reply) + "\n")
     sys.stdout.flush()
     # Skip interpreter teardown: nothing is left to flush, and it costs time.

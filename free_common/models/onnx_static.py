@@ -22,6 +22,7 @@ import math
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -56,6 +57,7 @@ __all__ = [
     "check_static",
     "iter_tensors",
     "parse_model",
+    "peek",
 ]
 
 IR_RANGE = (7, 11)
@@ -300,7 +302,7 @@ def _check_domains(model: onnx.ModelProto) -> int:
                     f"node {node.op_type!r:.40} uses operator domain {node.domain!r:.60}; only the "
                     "standard ONNX domain is accepted: export with standard operators only"
                 )
-    versions = {o.version for o in model.opset_import if o.domain in _STANDARD_DOMAINS}
+    versions = {int(o.version) for o in model.opset_import if o.domain in _STANDARD_DOMAINS}
     if len(versions) != 1:
         raise OpsetError("the model imports the standard domain at several opset versions")
     return versions.pop()
@@ -578,3 +580,29 @@ def check_static(
         metadata_props={p.key: p.value for p in model.metadata_props},
         warnings=tuple(warnings),
     )
+
+
+def peek(data: bytes, limits: IntakeLimits | None = None) -> dict[str, Any] | None:
+    """Describe what a model declares, without judging it: for showing refused models.
+
+    Reads only declared fields (input and output names and shapes, metadata_props,
+    IR version and opsets); no tensor is decoded. None when the bytes do not parse.
+    """
+    try:
+        model = parse_model(data, limits or IntakeLimits())
+    except (NotOnnxError, ModelTooLarge):
+        return None
+    weights = {t.name for t in model.graph.initializer}
+
+    def values(items: Iterator[onnx.ValueInfoProto]) -> list[dict[str, Any]]:
+        return [
+            {"name": v.name[:100], "shape": list(_value_dims(v) or ())[:8]} for v in list(items)[:4]
+        ]
+
+    return {
+        "inputs": values(v for v in model.graph.input if v.name not in weights),
+        "outputs": values(iter(model.graph.output)),
+        "metadata_props": {p.key[:100]: p.value[:200] for p in model.metadata_props[:32]},
+        "ir_version": model.ir_version,
+        "opsets": {o.domain[:60] or "ai.onnx": o.version for o in model.opset_import[:8]},
+    }

@@ -276,6 +276,8 @@ def record_from_canonical(data: bytes, kind: type[SignedRecord]) -> SignedRecord
         record = cast(SignedRecord, _DECODERS[kind](obj))
     except (ValueError, TypeError, RecordError) as err:
         raise CanonicalFormError(f"{name} bytes are not a valid {name}: {err}") from None
+    except RecursionError:
+        raise CanonicalFormError(f"{name} bytes are nested too deeply to be a {name}") from None
     if canonical_bytes(record) != data:
         raise CanonicalFormError(
             f"{name} bytes are not in canonical form (whitespace, key order or number "

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, rsa, x448,
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from free_common.errors import KeyFormatError
-from free_common.security._files import read_key_file, write_key_file
+from free_common.security.files import read_key_file, write_key_file
 from free_common.types import KEY_ID_HEX_CHARS
 
 __all__ = [

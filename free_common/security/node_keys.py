@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from free_common.errors import ConfigError, KeyFormatError
-from free_common.security._files import read_key_file, write_key_file
+from free_common.security.files import read_key_file, write_key_file
 from free_common.security.keys import describe_key
 
 __all__ = [

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from free_common.console import out_console
 from free_common.errors import ConfigError, KeyFormatError
-from free_common.security._files import read_key_file
+from free_common.security.files import read_key_file
 from free_common.security.keys import key_id, load_public_key, public_key_pem
 from free_common.security.node_keys import NIST_CURVES
 

@@ -1,0 +1,102 @@
+"""`free-client inspect`: the server's intake verdict on a model, run locally.
+
+The same `run_intake` the server runs after an upload (static checks, then the
+bounded worker with the onnxruntime probe and the torch conversion), so what it
+prints is what the server will see. Exit status 0 when the model would be
+accepted, 2 when refused; ``--json`` prints
+``{"verdict": "accept"|"refuse", "reason": ..., ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from free_common.console import out_console
+from free_common.models.intake import IntakeResult, run_intake
+from free_common.models.onnx_static import IntakeLimits, peek
+
+__all__ = ["inspect", "inspect_file"]
+
+
+def inspect_file(
+    path: Path, limits: IntakeLimits | None = None
+) -> tuple[IntakeResult, dict[str, Any]]:
+    """Run intake on the model file at `path`.
+
+    Returns
+    -------
+    tuple
+        The verdict, and a JSON-able report: the verdict's fields plus, for a
+        refused model that parses, what it declares (inputs, outputs, metadata).
+    """
+    limits = limits or IntakeLimits()
+    with path.open("rb") as handle:
+        # One byte over the cap is enough for intake to refuse the size.
+        data = handle.read(limits.max_bytes + 1)
+    result = run_intake(data, limits=limits)
+    report = result.to_dict()
+    if not result.accepted:
+        declared = peek(data, limits)
+        if declared is not None:
+            report["declared"] = declared
+    return result, report
+
+
+def _shape(dims: list[Any]) -> str:
+    return "[" + ", ".join("batch" if d is None else str(d) for d in dims) + "]"
+
+
+def _print_report(path: Path, result: IntakeResult, report: dict[str, Any]) -> None:
+    show = out_console.print
+    if result.accepted and result.summary is not None:
+        s = result.summary
+        task = s.task
+        show(f"{path}: [bold green]accept[/]", highlight=False)
+        show(f"  input    {s.input_name} {_shape(list(s.input_shape))} float32", highlight=False)
+        show(f"  output   {s.output_name} {_shape(list(s.output_shape))}", highlight=False)
+        names = f" ({', '.join(task.class_names)})" if task.class_names else ""
+        show(f"  classes  {task.num_classes}{names}", highlight=False)
+        show(
+            f"  task     {task.channel_order.value}, mean {list(task.mean)}, std {list(task.std)}",
+            highlight=False,
+        )
+        ops = ", ".join(f"{op} x{n}" for op, n in s.op_counts.items())
+        show(
+            f"  graph    IR {s.ir_version}, opset {s.opset}, {s.producer or 'unknown producer'}; "
+            f"{s.num_parameters:,} parameters; {s.num_batch_norms} batch-norm layers",
+            highlight=False,
+        )
+        show(f"  nodes    {ops}", highlight=False)
+        show(f"  parity   max |torch - onnxruntime| = {s.max_abs_diff:.2g}", highlight=False)
+        for key, value in s.metadata_props.items():
+            show(f"  metadata {key} = {value}", highlight=False)
+    else:
+        show(f"{path}: [bold red]refuse[/] ({result.refusal})", highlight=False)
+        show(f"  reason   {result.reason}", highlight=False)
+        declared = report.get("declared")
+        if declared:
+            for value in declared["inputs"]:
+                show(f"  input    {value['name']} {_shape(value['shape'])}", highlight=False)
+            for value in declared["outputs"]:
+                show(f"  output   {value['name']} {_shape(value['shape'])}", highlight=False)
+            for key, value in declared["metadata_props"].items():
+                show(f"  metadata {key} = {value}", highlight=False)
+    for warning in result.warnings:
+        show(f"  [yellow]warning[/]  {warning}", highlight=False)
+
+
+def inspect(
+    model: Annotated[Path, typer.Argument(help="the .onnx file to check")],
+    as_json: Annotated[bool, typer.Option("--json", help="print the verdict as JSON")] = False,
+) -> None:
+    """Show what the server's intake will see in MODEL and whether it accepts it."""
+    result, report = inspect_file(model)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        _print_report(model, result, report)
+    raise typer.Exit(0 if result.accepted else 2)

@@ -1,0 +1,137 @@
+"""iGA against its second-order expansion, and FREE without iGA as the summed-gradient step.
+
+With plain SGD inner steps of size a, the iGA displacement is
+    Delta = -a sum_i g_i + a^2 sum_{i<j} H_j g_i + O(a^3)
+(g_i, H_i: gradient and Hessian of teacher i's loss at theta). An SGD outer step with
+eta * s = 1 lands on theta + Delta, and the summed-gradient step with lr a lands on
+theta - a sum_i g_i, so their difference minus the a^2 term must shrink like a^3.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor, nn
+
+from free_common.meta.config import IgaConfig, KlForm
+from free_common.meta.functional import Params, batch_stat_mode, call
+from free_common.meta.iga import KdBatch, iga_displacement, iga_step, summed_gradient_step
+from free_common.meta.kd import distillation_loss
+
+SCALE = 67.0
+
+
+def _model() -> nn.Module:
+    # Smooth activations: the expansion needs derivatives that exist everywhere.
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(3 * 4 * 4, 4),
+    ).double()
+
+
+def _batches(count: int = 3) -> list[KdBatch]:
+    rng = torch.Generator().manual_seed(1)
+    return [
+        KdBatch(
+            torch.rand(6, 1, 4, 4, generator=rng, dtype=torch.float64),
+            3 * torch.randn(6, 4, generator=rng, dtype=torch.float64),
+        )
+        for _ in range(count)
+    ]
+
+
+def _flat(params: dict[str, Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in params.values()])
+
+
+def _alignment_term(model: nn.Module, batches: list[KdBatch], form: KlForm) -> Tensor:
+    """sum_{i<j} H_j g_i at theta, by Hessian-vector products."""
+    params: Params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+
+    def loss(i: int) -> Tensor:
+        with batch_stat_mode(model):
+            logits = call(model, params, batches[i].inputs)
+        return distillation_loss(logits, batches[i].teacher_logits, form)
+
+    grads = [torch.autograd.grad(loss(i), list(params.values())) for i in range(len(batches))]
+    total = torch.zeros(sum(p.numel() for p in params.values()), dtype=torch.float64)
+    for j in range(len(batches)):
+        g_j = torch.autograd.grad(loss(j), list(params.values()), create_graph=True)
+        for i in range(j):
+            dot = sum((a * b.detach()).sum() for a, b in zip(g_j, grads[i], strict=True))
+            hvp = torch.autograd.grad(dot, list(params.values()), retain_graph=True)
+            total += torch.cat([h.reshape(-1) for h in hvp])
+    return total
+
+
+def _after(model: nn.Module, step: str, a: float, batches: list[KdBatch], form: KlForm) -> Tensor:
+    net = copy.deepcopy(model)
+    if step == "iga":
+        outer = torch.optim.SGD(net.parameters(), lr=1.0 / SCALE)  # eta * s = 1
+        iga_step(net, outer, batches, IgaConfig(a, "sgd", SCALE, form))
+    else:
+        summed_gradient_step(net, torch.optim.SGD(net.parameters(), lr=a), batches, form)
+    return _flat(dict(net.named_parameters())).detach()
+
+
+def test_iga_minus_summed_step_is_the_alignment_term_up_to_a_cubed() -> None:
+    for form in ("log", "prob"):
+        model, batches = _model(), _batches()
+        term = _alignment_term(model, batches, form)
+        residuals = []
+        for a in (0.1, 0.05, 0.025, 0.0125):
+            difference = _after(model, "iga", a, batches, form) - _after(
+                model, "sum", a, batches, form
+            )
+            predicted = a**2 * term
+            residual = float((difference - predicted).norm())
+            residuals.append(residual)
+            # The a^2 term is the difference, to within the a^3 remainder.
+            assert residual < 0.5 * float(predicted.norm()), (form, a)
+        ratios = [r0 / r1 for r0, r1 in zip(residuals, residuals[1:], strict=False)]
+        assert all(6.0 < r < 10.0 for r in ratios), (form, ratios)
+
+
+def test_summed_gradient_step_is_one_step_on_the_sum_of_gradients() -> None:
+    model, batches = _model(), _batches()
+    params = dict(model.named_parameters())
+    with batch_stat_mode(model):
+        total = sum(
+            distillation_loss(call(model, params, b.inputs), b.teacher_logits, "log")
+            for b in batches
+        )
+    grads = torch.autograd.grad(total, list(params.values()))
+    expected = _flat(params).detach() - 0.3 * torch.cat([g.reshape(-1) for g in grads])
+    assert torch.allclose(_after(model, "sum", 0.3, batches, "log"), expected, atol=1e-12)
+
+
+def test_iga_with_one_teacher_is_a_plain_step() -> None:
+    model, batches = _model(), _batches(1)
+    iga = _after(model, "iga", 0.2, batches, "log")
+    assert torch.allclose(iga, _after(model, "sum", 0.2, batches, "log"), atol=1e-12)
+
+
+def test_iga_pseudo_gradient_sign_and_scale() -> None:
+    model, batches = _model(), _batches()
+    config = IgaConfig(inner_lr=0.05, inner_optimizer="adam")
+    delta, stats = iga_displacement(model, batches, config)
+    net = copy.deepcopy(model)
+    outer = torch.optim.SGD(net.parameters(), lr=0.001)
+    iga_step(net, outer, batches, config)
+    moved = _flat(dict(net.named_parameters())).detach() - _flat(dict(model.named_parameters()))
+    assert torch.allclose(moved, 0.001 * config.pseudo_grad_scale * _flat(delta), atol=1e-12)
+    assert len(stats.losses) == 3 and all(0.0 <= s <= 1.0 for s in stats.agreement)
+
+
+def test_iga_leaves_theta_alone_until_the_outer_step_and_is_deterministic() -> None:
+    model, batches = _model(), _batches()
+    before = _flat(dict(model.named_parameters())).detach().clone()
+    first, _ = iga_displacement(model, batches, IgaConfig())
+    second, _ = iga_displacement(model, batches, IgaConfig())
+    assert torch.equal(_flat(dict(model.named_parameters())).detach(), before)
+    assert torch.equal(_flat(first), _flat(second))
