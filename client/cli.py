@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import NoReturn
 
 import typer
+
 from free_client.export import export
 from free_client.inspect import inspect
 from free_client.keygen import keygen
-
 from free_common import __version__
 from free_common.console import out_console, run_app
 

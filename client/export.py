@@ -155,13 +155,17 @@ def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
         raise ConfigError(f"{flag} takes comma-separated numbers, e.g. 0.5,0.5,0.5") from None
 
 
+def _show(text: str) -> None:
+    out_console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
 def _print_verdict(result: IntakeResult) -> None:
     if result.accepted:
-        out_console.print("intake check: [green]accept[/]")
+        _show("intake check: accept")
     else:
-        out_console.print(f"intake check: [red]refuse[/] ({result.refusal}): {result.reason}")
+        _show(f"intake check: refuse ({result.refusal}): {result.reason}")
     for warning in result.warnings:
-        out_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        _show(f"warning: {warning}")
 
 
 def export(
@@ -193,10 +197,9 @@ def export(
         class_names=None if class_names is None else tuple(class_names.split(",")),
     )
     task = export_checkpoint(checkpoint, out, options)
-    out_console.print(
+    _show(
         f"wrote {out}: {task.num_classes} classes, input {list(task.input_shape)} "
-        f"{task.channel_order.value}, mean {list(task.mean)}, std {list(task.std)}",
-        highlight=False,
+        f"{task.channel_order.value}, mean {list(task.mean)}, std {list(task.std)}"
     )
     if check:
         result = run_intake(out.read_bytes())

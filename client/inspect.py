@@ -50,43 +50,45 @@ def _shape(dims: list[Any]) -> str:
     return "[" + ", ".join("batch" if d is None else str(d) for d in dims) + "]"
 
 
+def _show(text: str) -> None:
+    # Plain text: "[batch, 1, 28, 28]" is not rich markup, and long reasons stay on one line.
+    out_console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
 def _print_report(path: Path, result: IntakeResult, report: dict[str, Any]) -> None:
-    show = out_console.print
     if result.accepted and result.summary is not None:
         s = result.summary
         task = s.task
-        show(f"{path}: [bold green]accept[/]", highlight=False)
-        show(f"  input    {s.input_name} {_shape(list(s.input_shape))} float32", highlight=False)
-        show(f"  output   {s.output_name} {_shape(list(s.output_shape))}", highlight=False)
+        _show(f"{path}: accept")
+        _show(f"  input    {s.input_name} {_shape(list(s.input_shape))} float32")
+        _show(f"  output   {s.output_name} {_shape(list(s.output_shape))}")
         names = f" ({', '.join(task.class_names)})" if task.class_names else ""
-        show(f"  classes  {task.num_classes}{names}", highlight=False)
-        show(
-            f"  task     {task.channel_order.value}, mean {list(task.mean)}, std {list(task.std)}",
-            highlight=False,
+        _show(f"  classes  {task.num_classes}{names}")
+        _show(
+            f"  task     {task.channel_order.value}, mean {list(task.mean)}, std {list(task.std)}"
         )
         ops = ", ".join(f"{op} x{n}" for op, n in s.op_counts.items())
-        show(
+        _show(
             f"  graph    IR {s.ir_version}, opset {s.opset}, {s.producer or 'unknown producer'}; "
-            f"{s.num_parameters:,} parameters; {s.num_batch_norms} batch-norm layers",
-            highlight=False,
+            f"{s.num_parameters:,} parameters; {s.num_batch_norms} batch-norm layers"
         )
-        show(f"  nodes    {ops}", highlight=False)
-        show(f"  parity   max |torch - onnxruntime| = {s.max_abs_diff:.2g}", highlight=False)
+        _show(f"  nodes    {ops}")
+        _show(f"  parity   max |torch - onnxruntime| = {s.max_abs_diff:.2g}")
         for key, value in s.metadata_props.items():
-            show(f"  metadata {key} = {value}", highlight=False)
+            _show(f"  metadata {key} = {value}")
     else:
-        show(f"{path}: [bold red]refuse[/] ({result.refusal})", highlight=False)
-        show(f"  reason   {result.reason}", highlight=False)
+        _show(f"{path}: refuse ({result.refusal})")
+        _show(f"  reason   {result.reason}")
         declared = report.get("declared")
         if declared:
             for value in declared["inputs"]:
-                show(f"  input    {value['name']} {_shape(value['shape'])}", highlight=False)
+                _show(f"  input    {value['name']} {_shape(value['shape'])}")
             for value in declared["outputs"]:
-                show(f"  output   {value['name']} {_shape(value['shape'])}", highlight=False)
+                _show(f"  output   {value['name']} {_shape(value['shape'])}")
             for key, value in declared["metadata_props"].items():
-                show(f"  metadata {key} = {value}", highlight=False)
+                _show(f"  metadata {key} = {value}")
     for warning in result.warnings:
-        show(f"  [yellow]warning[/]  {warning}", highlight=False)
+        _show(f"  warning  {warning}")
 
 
 def inspect(

@@ -11,8 +11,8 @@ import torch
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-# Two cores are shared by pytest and the processes it starts: keep torch from oversubscribing.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tiny test tensors lose to thread contention on a shared 2-core machine: one thread is faster.
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -87,8 +87,8 @@ def tiny_model(
     return make(nodes, initializers, output_shape=["batch", classes], task=task)
 
 
-def tiny_bytes(**kwargs: object) -> bytes:
-    return tiny_model(**kwargs).SerializeToString()  # type: ignore[arg-type]
+def tiny_bytes(task: TaskMetadata | None = TINY_TASK) -> bytes:
+    return bytes(tiny_model(task=task).SerializeToString())
 
 
 def copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -138,3 +138,15 @@ def test_disk_bank_refuses_to_overwrite_or_read_garbage(tmp_path: Path) -> None:
     (tmp_path / INDEX_FILE).write_text("{not json")
     with pytest.raises(MemoryBankError, match="cannot read"):
         MemoryBank.open(tmp_path)
+
+
+def test_disk_bank_index_cannot_point_outside_its_folder(tmp_path: Path) -> None:
+    root = tmp_path / "bank"
+    bank = MemoryBank(SHAPE, root=root)
+    images, labels = _batch(1, 2, start=0)
+    bank.add("t", images, labels)
+    index = json.loads((root / INDEX_FILE).read_text())
+    index["classes"][0]["file"] = "../class-000000.npy"
+    (root / INDEX_FILE).write_text(json.dumps(index))
+    with pytest.raises(MemoryBankError, match="bad class file name"):
+        MemoryBank.open(root)

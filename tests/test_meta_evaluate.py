@@ -72,20 +72,27 @@ def test_evaluate_scores_configured_episodes_and_leaves_the_model_alone() -> Non
 
 def test_more_fine_tuning_steps_help_a_random_init() -> None:
     model, episodes = _learner(), list(itertools.islice(_episodes(2), 10))
-    none = evaluate(model, episodes, EvalConfig(episodes=10, steps=1, lr=1e-9), "meta-val")
-    tuned = evaluate(model, episodes, EvalConfig(episodes=10, steps=10, lr=0.1), "meta-val")
+    untuned = EvalConfig(shots=5, episodes=10, steps=1, lr=1e-9)
+    none = evaluate(model, episodes, untuned, "meta-val")
+    tuned = evaluate(model, episodes, EvalConfig(shots=5, episodes=10, lr=0.1), "meta-val")
     assert tuned.mean > none.mean + 0.2
 
 
 def test_batch_norm_runs_on_batch_statistics() -> None:
     model, episodes = _learner(), list(itertools.islice(_episodes(3), 6))
-    config = EvalConfig(episodes=6, lr=0.1)
+    config = EvalConfig(shots=5, episodes=6, lr=0.1)
     clean = evaluate(model, episodes, config, "meta-val")
     for module in model.modules():  # absurd running statistics: unused if batch stats are
         if isinstance(module, nn.BatchNorm1d):
+            assert module.running_mean is not None and module.running_var is not None
             module.running_mean.fill_(1e3)
             module.running_var.fill_(1e-6)
     assert evaluate(model, episodes, config, "meta-val") == clean
+
+
+def test_episodes_of_another_shape_are_refused() -> None:
+    with pytest.raises(EngineError, match="5-way 1-shot"):
+        evaluate(_learner(), _episodes(5, shots=5), EvalConfig(shots=1, episodes=2), "meta-val")
 
 
 def test_batch_stat_mode_trains_only_batch_norm_and_restores_modes() -> None:
@@ -121,7 +128,7 @@ def test_uint8_episodes_read_as_unit_range() -> None:
         episode.query_y,
         episode.classes,
     )
-    config = EvalConfig(episodes=1)
+    config = EvalConfig(shots=5, episodes=1)
     assert evaluate(model, [as_bytes], config, "x") == evaluate(model, [rounded], config, "x")
 
 

@@ -10,6 +10,7 @@ theta - a sum_i g_i, so their difference minus the a^2 term must shrink like a^3
 from __future__ import annotations
 
 import copy
+import itertools
 
 import torch
 from torch import Tensor, nn
@@ -93,7 +94,7 @@ def test_iga_minus_summed_step_is_the_alignment_term_up_to_a_cubed() -> None:
             residuals.append(residual)
             # The a^2 term is the difference, to within the a^3 remainder.
             assert residual < 0.5 * float(predicted.norm()), (form, a)
-        ratios = [r0 / r1 for r0, r1 in zip(residuals, residuals[1:], strict=False)]
+        ratios = [r0 / r1 for r0, r1 in itertools.pairwise(residuals)]
         assert all(6.0 < r < 10.0 for r in ratios), (form, ratios)
 
 

@@ -45,11 +45,7 @@ def test_maml_gradient_is_second_order() -> None:
     model = _learner(dtype=torch.float64)
     task = _Templates(10, seed=1).task()
     task = Episode(
-        *(
-            t.double() if t.is_floating_point() else t
-            for t in (task.support_x, task.support_y, task.query_x, task.query_y)
-        ),
-        task.classes,
+        task.support_x.double(), task.support_y, task.query_x.double(), task.query_y, task.classes
     )
     config = MamlConfig(inner_steps=2, inner_lr=0.5)
     params = list(model.parameters())

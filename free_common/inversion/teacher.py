@@ -9,16 +9,19 @@ generator through it.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from typing_extensions import Self
 
 from free_common.inversion.augment import augment
 from free_common.inversion.config import AugmentConfig
 from free_common.types import ChannelOrder, TaskMetadata
 
 __all__ = ["AdaptedTeacher", "distillation_targets", "teacher_accuracy"]
+
+_T = TypeVar("_T", bound="AdaptedTeacher")
 
 # ITU-R BT.601 luma, the weights of PIL's convert("L").
 _LUMA = (0.299, 0.587, 0.114)
@@ -55,8 +58,9 @@ class AdaptedTeacher(nn.Module):
         """Number of the teacher's classes (K)."""
         return self.task.num_classes
 
-    def train(self, mode: bool = True) -> Self:
+    def train(self: _T, mode: bool = True) -> _T:
         """Keep the teacher in eval mode whatever the caller asks: it is never trained."""
+        del mode
         super().train(False)
         return self
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from free_common.errors import MemoryBankError
+from free_common.errors import ConfigError, MemoryBankError
 from free_common.memory.config import MemoryConfig
 from free_common.memory.episode import Episode
 from free_common.memory.ring import Ring
@@ -35,6 +36,7 @@ __all__ = ["INDEX_FILE", "MemoryBank", "PseudoClass", "pseudo_class_key"]
 INDEX_FILE = "index.json"
 _FORMAT = "free-memory-bank"
 _VERSION = 1
+_FILE_RE = re.compile(r"class-[0-9]{6,}\.npy")
 
 
 def pseudo_class_key(teacher_id: str, class_index: int, class_name: str | None) -> str:
@@ -122,14 +124,18 @@ class MemoryBank:
             bank.root = root
             for entry in index["classes"]:
                 key, file = str(entry["key"]), str(entry["file"])
+                if _FILE_RE.fullmatch(file) is None:  # a plain name in root, nothing else
+                    raise ValueError(f"bad class file name {file!r:.40}")
                 ring = Ring.open_file(root / file, int(entry["size"]), int(entry["head"]))
                 if ring.array.shape != (config.capacity_per_class, *shape):
                     raise ValueError(f"{file} has shape {ring.array.shape}")
+                if ring.array.dtype != np.dtype(config.dtype):
+                    raise ValueError(f"{file} holds {ring.array.dtype}, not {config.dtype}")
                 sources = [(str(t), int(c)) for t, c in entry["sources"]]
                 bank._classes[key] = PseudoClass(key, sources)
                 bank._rings[key] = ring
                 bank._files[key] = file
-        except (OSError, ValueError, KeyError, TypeError) as err:
+        except (OSError, ValueError, KeyError, TypeError, ConfigError) as err:
             raise MemoryBankError(
                 f"cannot read the memory bank in {root} ({err}); start a fresh one"
             ) from None
@@ -262,7 +268,7 @@ class MemoryBank:
             ring = Ring.in_memory(cfg.capacity_per_class, self.image_shape, cfg.dtype)
         else:
             # Numbered files: keys hold owner-chosen names, which are no file names.
-            file = f"class-{len(self._files):06d}.npy"
+            file = f"class-{len(self._files):06d}.npy"  # matches _FILE_RE
             ring = Ring.create_file(
                 self.root / file, cfg.capacity_per_class, self.image_shape, cfg.dtype
             )

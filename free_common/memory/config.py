@@ -24,6 +24,8 @@ class MemoryConfig:
     merge_by_class_name: bool = True
 
     def __post_init__(self) -> None:
+        if self.dtype not in ("float16", "float32"):
+            raise ConfigError(f"dtype must be float16 or float32, got {self.dtype!r:.20}")
         if self.capacity_per_class < 1:
             raise ConfigError(
                 f"capacity_per_class must be at least 1, got {self.capacity_per_class}"

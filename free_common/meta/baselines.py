@@ -3,6 +3,12 @@
 - Random: a freshly initialized meta-learner, fine-tuned at test time like any other.
 - Average: element-wise mean of the teachers' weights (FedAvg without data), for
   teachers that share one architecture, loaded into a model of that architecture.
+
+Teachers arrive as converted ONNX graphs whose tensor names are not the backbone's
+(``layers.n4_features_features_1_conv_Conv.weight`` for ``features.1.conv.weight``),
+but they list their weights in graph order, which for the built-in backbones is the
+order of the backbone's own state dict; so weights are matched by name when the
+names agree and otherwise by position, shape by shape.
 """
 
 from __future__ import annotations
@@ -67,6 +73,9 @@ def average_state_dicts(states: Sequence[Mapping[str, Tensor]]) -> dict[str, Ten
 def weight_average(models: Sequence[nn.Module], into: M) -> M:
     """Load the mean of `models`' weights into `into` (same architecture) and return it.
 
+    Names are matched when `into` uses the models' names; otherwise the floating-point
+    tensors are matched in order (integer buffers of `into` are then left as they are).
+
     Raises
     ------
     ArchitectureMismatch
@@ -74,12 +83,19 @@ def weight_average(models: Sequence[nn.Module], into: M) -> M:
     """
     averaged = average_state_dicts([m.state_dict() for m in models])
     target = into.state_dict()
-    if target.keys() != averaged.keys() or any(
-        target[k].shape != v.shape for k, v in averaged.items()
+    if target.keys() == averaged.keys() and all(
+        target[k].shape == v.shape for k, v in averaged.items()
+    ):
+        into.load_state_dict(averaged)
+        return into
+    sources = [v for v in averaged.values() if v.is_floating_point()]
+    slots = [k for k, v in target.items() if v.is_floating_point()]
+    if len(sources) != len(slots) or any(
+        target[k].shape != v.shape for k, v in zip(slots, sources, strict=True)
     ):
         raise ArchitectureMismatch(
             "the averaged teachers and the meta-learner differ in architecture; weight "
             "averaging needs the meta-learner's architecture for every teacher"
         )
-    into.load_state_dict(averaged)
+    into.load_state_dict(dict(zip(slots, sources, strict=True)), strict=False)
     return into

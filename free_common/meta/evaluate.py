@@ -95,13 +95,28 @@ def evaluate(
     episodes
         Tasks to score, e.g. the data package's episode sampler over one split.
     config
-        Episode count, fine-tuning steps and learning rate.
+        Episode shape (checked), episode count, fine-tuning steps and learning rate.
     split
         Name of the split the episodes come from (recorded in the result).
+
+    Raises
+    ------
+    EngineError
+        No episodes, or an episode of another shape than `config` describes.
     """
-    accuracies = [
-        finetune_accuracy(model, episode, config)
-        for episode in itertools.islice(episodes, config.episodes)
-    ]
+    accuracies = []
+    for episode in itertools.islice(episodes, config.episodes):
+        _check_shape(episode, config)
+        accuracies.append(finetune_accuracy(model, episode, config))
     mean, ci95 = confidence_interval(accuracies)
     return EvalResult(split, mean, ci95, len(accuracies))
+
+
+def _check_shape(episode: EpisodeLike, config: EvalConfig) -> None:
+    support, query = len(episode.support_y), len(episode.query_y)
+    if (support, query) != (config.ways * config.shots, config.ways * config.queries):
+        raise EngineError(
+            f"an episode has {support} support and {query} query images, but the evaluation "
+            f"is {config.ways}-way {config.shots}-shot with {config.queries} queries: build "
+            "the episode sampler from the same settings"
+        )

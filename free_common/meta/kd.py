@@ -43,4 +43,5 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, form: KlFo
         )
     # Written out: F.kl_div's reduction="mean" is deprecated and will change meaning.
     p_student, p_teacher = F.softmax(student_logits, dim=1), F.softmax(teacher_logits, dim=1)
-    return (torch.special.xlogy(p_teacher, p_teacher) - p_teacher * p_student).mean()
+    loss: Tensor = (torch.special.xlogy(p_teacher, p_teacher) - p_teacher * p_student).mean()
+    return loss
