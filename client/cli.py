@@ -7,8 +7,10 @@ from typing import NoReturn
 import typer
 
 from free_client.export import export
+from free_client.fetch import fetch
 from free_client.inspect import inspect
 from free_client.keygen import keygen
+from free_client.submit import submit
 from free_common import __version__
 from free_common.console import out_console, run_app
 
@@ -35,6 +37,8 @@ def version() -> None:
 app.command("keygen")(keygen)
 app.command("export")(export)
 app.command("inspect")(inspect)
+app.command("submit")(submit)
+app.command("fetch")(fetch)
 
 
 def main() -> NoReturn:

@@ -19,7 +19,9 @@ answers with, so the CLIs and the servicer never invent their own mapping::
     │   ├── CanonicalFormError bytes that are not the canonical form of a signed record
     │   ├── UnknownClient      a key that is not on the allow-list
     │   ├── RevokedClient      a key whose owner was revoked
-    │   └── ReplayError        a nonce already used, with other bytes
+    │   ├── ReplayError        a nonce already used, with other bytes
+    │   ├── StaleRequest       a manifest or call signed outside the server's time window
+    │   └── TlsError           a TLS handshake that failed (certificate not trusted)
     ├── WireError              a protobuf message that does not make a valid record
     ├── RecordError            a manifest, receipt, verdict or release field out of its rules
     ├── UploadError            streamed bytes that cannot be accepted
@@ -28,7 +30,8 @@ answers with, so the CLIs and the servicer never invent their own mapping::
     ├── StoreError             the server's store cannot be read or written
     │   ├── StoreVersionError  a store made by a newer free-server
     │   ├── RecordNotFound     no client, submission or release by that name
-    │   └── DuplicateRecord    a client name or key that is already registered
+    │   ├── DuplicateRecord    a client name or key that is already registered
+    │   └── DamagedRecord      a stored release or blob that no longer matches its signature
     ├── IntakeError            an untrusted model refused by `models` intake
     │   ├── NotOnnxError       not a parseable ONNX model (other bytes, truncated, other proto)
     │   ├── ModelTooLarge      file, node count or metadata over the caps
@@ -48,9 +51,16 @@ answers with, so the CLIs and the servicer never invent their own mapping::
     │   ├── ParityError        torch conversion and onnxruntime disagree
     │   ├── IntakeResourceError  the intake worker ran out of memory
     │   └── IntakeTimeout      the intake worker ran past its time limit
-    └── EngineError            a meta round that cannot go on
-        ├── MemoryBankError    a task the memory cannot form, or a folder it cannot read
-        └── ArchitectureMismatch  models that must share one architecture do not
+    ├── EngineError            a meta round that cannot go on
+    │   ├── MemoryBankError    a task the memory cannot form, or a folder it cannot read
+    │   ├── ArchitectureMismatch  models that must share one architecture do not
+    │   ├── TooFewTeachers     a round with fewer usable teachers than its minimum
+    │   ├── NonFiniteLoss      a NaN or infinite loss stopped the round (last good checkpoint kept)
+    │   └── CheckpointError    an engine checkpoint that is damaged or belongs to another round
+    └── ExchangeError          the client's view of the exchange service
+        ├── ServerUnavailable  no connection or no answer in time (worth retrying)
+        ├── ServerRefused      the server answered with an error status
+        └── VerdictTimeout     no verdict arrived within the wait
 
 `grpc_status` holds the *name* of a `grpc.StatusCode` member, so this module (and
 every algorithm layer that raises these errors) stays free of grpc; the server
@@ -64,12 +74,15 @@ from typing import ClassVar
 __all__ = [
     "ArchitectureMismatch",
     "CanonicalFormError",
+    "CheckpointError",
     "ConfigError",
     "CustomOperatorError",
+    "DamagedRecord",
     "DataError",
     "DatasetLayoutError",
     "DuplicateRecord",
     "EngineError",
+    "ExchangeError",
     "ExternalDataError",
     "FontPackageMissing",
     "FontUnreadable",
@@ -86,6 +99,7 @@ __all__ = [
     "MemoryBankError",
     "MetadataError",
     "ModelTooLarge",
+    "NonFiniteLoss",
     "NonFiniteWeights",
     "NotOnnxError",
     "OpsetError",
@@ -99,15 +113,21 @@ __all__ = [
     "RevokedClient",
     "RuntimeProbeError",
     "SecurityError",
+    "ServerRefused",
+    "ServerUnavailable",
     "SignatureError",
     "SplitError",
+    "StaleRequest",
     "StoreError",
     "StoreVersionError",
     "SubgraphError",
     "TensorLimitError",
+    "TlsError",
+    "TooFewTeachers",
     "UnknownClient",
     "UnsupportedOperatorError",
     "UploadError",
+    "VerdictTimeout",
     "WireError",
 ]
 
@@ -352,3 +372,64 @@ class MemoryBankError(EngineError):
 
 class ArchitectureMismatch(EngineError):
     """Models that must share one architecture (weight averaging) do not."""
+
+
+class TooFewTeachers(EngineError):
+    """A meta round has fewer usable accepted teachers than its configured minimum."""
+
+
+class NonFiniteLoss(EngineError):
+    """A loss or weight became NaN or infinite; the round stopped at its last good checkpoint."""
+
+    grpc_status = "ABORTED"
+
+
+class CheckpointError(EngineError):
+    """An engine checkpoint is damaged, or was written by another round or configuration."""
+
+    grpc_status = "DATA_LOSS"
+
+
+class StaleRequest(SecurityError):
+    """A manifest or call was signed too long ago, or in the future, for the server's window."""
+
+
+class TlsError(SecurityError):
+    """A TLS handshake failed: the peer's certificate is not trusted, or ours was refused."""
+
+
+class DamagedRecord(StoreError):
+    """A stored release or blob no longer matches its signed manifest."""
+
+    grpc_status = "DATA_LOSS"
+
+
+class ExchangeError(FreeError):
+    """The exchange service, seen from the client: unreachable, refusing, or not done in time."""
+
+    exit_code = 7
+    grpc_status = "UNAVAILABLE"
+
+
+class ServerUnavailable(ExchangeError):
+    """The server cannot be reached or did not answer in time; retrying may help."""
+
+
+class ServerRefused(ExchangeError):
+    """The server answered a request with an error status; `status` names it.
+
+    Parameters
+    ----------
+    message
+        The one line to show (the server's reason, with context).
+    status
+        Name of the `grpc.StatusCode` the server answered with.
+    """
+
+    def __init__(self, message: str, status: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class VerdictTimeout(ExchangeError):
+    """No intake verdict arrived within the time the client was asked to wait."""

@@ -5,11 +5,13 @@ from __future__ import annotations
 from typing import NoReturn
 
 import typer
-from free_server.commands import clients
-from free_server.commands.init import init
 
 from free_common import __version__
 from free_common.console import out_console, run_app
+from free_server.commands import clients
+from free_server.commands.init import init
+from free_server.commands.start import start
+from free_server.commands.status import status
 
 app = typer.Typer(
     name="free-server",
@@ -32,6 +34,8 @@ def version() -> None:
 
 
 app.command("init")(init)
+app.command("start")(start)
+app.command("status")(status)
 app.add_typer(clients.app, name="clients")
 
 

@@ -4,6 +4,7 @@ Examples::
 
     free-bench data build --size small --out data-cache/small
     free-bench data show data-cache/small --split meta-train --ways 5 --shots 1
+    free-bench zoo --data data-cache/small --models 8 --arch mix --out data-cache/zoo
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import NoReturn
 import typer
 
 from free_common.bench.data_cmd import data_app
+from free_common.bench.zoo_cmd import zoo
 from free_common.console import run_app
 
 app = typer.Typer(
@@ -23,6 +25,7 @@ app = typer.Typer(
     add_completion=False,
 )
 app.add_typer(data_app, name="data")
+app.command("zoo")(zoo)
 
 
 def main() -> NoReturn:

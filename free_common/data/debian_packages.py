@@ -40,6 +40,7 @@ __all__ = [
     "main",
     "missing_packages",
     "package_licence",
+    "package_versions",
     "require_installed",
 ]
 
@@ -201,28 +202,34 @@ def missing_packages(names: Iterable[str]) -> tuple[str, ...]:
     DataError
         When ``dpkg-query`` is not there (not a Debian-based system).
     """
-    wanted = sorted(set(names))
-    if not wanted:
-        return ()
-    dpkg_query = shutil.which("dpkg-query")
-    if dpkg_query is None:
+    if shutil.which("dpkg-query") is None:
         raise DataError(
             "dpkg-query not found: the glyph benchmark and Fashion-MNIST come from Debian "
             "packages; run on Debian or Ubuntu (or in the project's Docker image)"
         )
-    # Unknown names make dpkg-query exit 1 with a note on stderr; they are simply missing.
+    installed = package_versions(names)
+    return tuple(n for n in sorted(set(names)) if n not in installed)
+
+
+def package_versions(names: Iterable[str]) -> dict[str, str]:
+    """Return the installed version of each package in `names` (absent ones left out)."""
+    wanted = sorted(set(names))
+    dpkg_query = shutil.which("dpkg-query")
+    if not wanted or dpkg_query is None:
+        return {}
     listed = subprocess.run(
-        [dpkg_query, "-W", "-f=${Package}\t${db:Status-Status}\n", *wanted],
+        [dpkg_query, "-W", "-f=${Package}\t${db:Status-Status}\t${Version}\n", *wanted],
         capture_output=True,
         text=True,
         check=False,
-    ).stdout
-    installed = {
-        name
-        for name, _, status in (line.partition("\t") for line in listed.splitlines())
-        if status == "installed"
-    }
-    return tuple(n for n in wanted if n not in installed)
+    ).stdout  # unknown names make dpkg-query exit 1: they are simply not installed
+    versions = {}
+    for line in listed.splitlines():
+        name, _, rest = line.partition("\t")
+        status, _, version = rest.partition("\t")
+        if status == "installed":
+            versions[name] = version
+    return versions
 
 
 def install_hint(missing: Sequence[str], size: str | None = None) -> str:

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import unicodedata
 
-__all__ = ["UNICODE_VERSION", "is_class_character", "script_of"]
+__all__ = ["UNICODE_VERSION", "class_label", "is_class_character", "script_of"]
 
 UNICODE_VERSION = unicodedata.unidata_version
 
@@ -139,3 +139,8 @@ def is_class_character(char: str) -> bool:
     if _JAMO_WORDS.intersection(name.split()):
         return False
     return script_of(char) is not None
+
+
+def class_label(codepoint: int) -> str:
+    """Return the name of a glyph class: ``"U+0416 Ж"`` (unique, readable)."""
+    return f"U+{codepoint:04X} {chr(codepoint)}"

@@ -71,6 +71,7 @@ _FC_FORMAT = "%{file}\\t%{index}\\t%{family[0]}\\t%{style[0]}\\t%{outline}\\t%{s
 _EXCLUDED = frozenset(EXCLUDED_NAME_WORDS)
 _WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+")
 _SCAN_BATCH = 200
+_LAST_CODEPOINT = 0x10FFFF
 _NAMED_INSTANCE_SHIFT = 16
 
 
@@ -157,7 +158,9 @@ def _parse_charset(text: str) -> tuple[tuple[int, int], ...]:
     ranges = []
     for token in text.split():
         lo, _, hi = token.partition("-")
-        ranges.append((int(lo, 16), int(hi or lo, 16)))
+        start, stop = int(lo, 16), min(int(hi or lo, 16), _LAST_CODEPOINT)
+        if start <= stop:  # some fonts map codes beyond Unicode
+            ranges.append((start, stop))
     return tuple(sorted(ranges))
 
 

@@ -247,6 +247,13 @@ def _run_worker(data: bytes, task: TaskMetadata | None, limits: IntakeLimits) ->
     lines = done.stdout.decode(errors="replace").strip().splitlines()
     if done.returncode == 0 and lines:
         return _parse_reply(lines[-1])
+    if done.returncode == -signal.SIGXCPU:
+        return IntakeResult.refused(
+            IntakeTimeout(
+                f"full intake used more than {limits.timeout_s:g} s of CPU time; export a "
+                "smaller model"
+            )
+        )
     stderr = done.stderr.decode(errors="replace")
     if "bad_alloc" in stderr or "MemoryError" in stderr or done.returncode == -signal.SIGKILL:
         detail = "the worker was killed" if done.returncode < 0 else "allocation failed"

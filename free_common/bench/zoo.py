@@ -1,0 +1,303 @@
+"""Teacher zoo: simulated data owners, one classifier per random class subset.
+
+Each teacher draws its own `ways` classes from the meta-train split (seeded by
+the zoo seed and the teacher's index, so label spaces of different teachers
+overlap, as in the paper), trains on the first 80 % of each class's images,
+keeps the weights with the best accuracy on the held-out 20 %, and is exported
+the way an owner would export it: ``<name>.onnx`` (BatchNorm kept, task metadata
+in metadata_props) and ``<name>.json`` (classes, input shape, normalization,
+held-out accuracy) side by side at the top of the output folder, with the
+safetensors weights under ``checkpoints/``.
+
+``--arch mix`` cycles Conv4, ResNet-10 and the MLP with different input sizes,
+so one zoo holds heterogeneous teachers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from free_common.data.episodes import to_tensor
+from free_common.data.imageset import ImageSet
+from free_common.errors import ConfigError, SplitError
+from free_common.models.backbones import BACKBONES, Backbone, build_backbone
+from free_common.models.checkpoint import save_checkpoint
+from free_common.models.export import to_onnx
+from free_common.models.metadata import task_to_dict
+from free_common.types import ChannelOrder, TaskMetadata
+
+__all__ = ["ZOO_ARCHS", "TeacherRecord", "ZooConfig", "teacher_plan", "train_teacher", "train_zoo"]
+
+ZOO_ARCHS = ("conv4", "resnet", "mlp", "mix")
+_SINGLE = {"conv4": "conv4", "resnet": "resnet10", "mlp": "mlp"}
+_MIX = ("conv4", "resnet10", "mlp")
+# Input side of each architecture in a mixed zoo, relative to the data's own side.
+_MIX_SCALE = {"conv4": 1.0, "resnet10": 1.25, "mlp": 0.75}
+
+
+@dataclass(frozen=True)
+class ZooConfig:
+    """How to build a zoo.
+
+    Attributes
+    ----------
+    models
+        Number of teachers.
+    arch
+        ``conv4``, ``resnet`` (ResNet-10), ``mlp`` or ``mix``.
+    ways
+        Classes per teacher.
+    epochs
+        Training epochs per teacher (the best held-out epoch is kept).
+    batch_size
+        Training batch size.
+    lr
+        Learning rate; None picks the architecture's recipe (Adam 0.01 for Conv4 as
+        in the FREE code, SGD 0.01 with momentum for ResNets, Adam 1e-3 for the MLP).
+    holdout
+        Fraction of each class's images held out for checkpoint selection.
+    seed
+        Seeds class draws, splits, initialization and training order.
+    class_names
+        Declare class names in the metadata (owners who share names share classes).
+    """
+
+    models: int
+    arch: str = "conv4"
+    ways: int = 5
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float | None = None
+    holdout: float = 0.2
+    seed: int = 0
+    class_names: bool = True
+
+    def __post_init__(self) -> None:
+        if self.arch not in ZOO_ARCHS:
+            raise ConfigError(f"unknown zoo architecture {self.arch!r}; use {', '.join(ZOO_ARCHS)}")
+        if self.models < 1 or self.ways < 2 or self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError("models, epochs and batch size must be positive and ways at least 2")
+        if not 0.0 < self.holdout < 1.0:
+            raise ConfigError(f"holdout must be between 0 and 1; got {self.holdout}")
+
+
+@dataclass(frozen=True)
+class TeacherRecord:
+    """What ``<name>.json`` says about one teacher."""
+
+    name: str
+    arch: str
+    width: int
+    classes: tuple[int, ...]
+    """Meta-train labels of the teacher's classes, in logit order."""
+    class_names: tuple[str, ...]
+    task: dict[str, Any]
+    heldout_accuracy: float
+    best_epoch: int
+    train_images: int
+    heldout_images: int
+    seed: int
+    train_seconds: float
+
+
+def teacher_plan(config: ZooConfig, index: int, image_side: int) -> tuple[str, int]:
+    """Architecture and input side of teacher `index` in a zoo."""
+    if config.arch != "mix":
+        return _SINGLE[config.arch], image_side
+    arch = _MIX[index % len(_MIX)]
+    return arch, max(16, round(image_side * _MIX_SCALE[arch]))
+
+
+def _split_indices(
+    data: ImageSet, classes: np.ndarray, holdout: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Train and held-out indices into `data`, with labels 0..ways-1 in `classes` order."""
+    train_idx, train_y, held_idx, held_y = [], [], [], []
+    for position, label in enumerate(classes):
+        members = rng.permutation(np.flatnonzero(data.labels == label))
+        held = max(1, round(len(members) * holdout))
+        if len(members) - held < 1:
+            raise SplitError(
+                f"class {data.class_names[label]!r} has {len(members)} image(s); a teacher needs "
+                "at least 2 per class (one to train, one to hold out)"
+            )
+        cut = len(members) - held
+        train_idx.append(members[:cut])
+        held_idx.append(members[cut:])
+        train_y.append(np.full(cut, position))
+        held_y.append(np.full(held, position))
+    return (
+        np.concatenate(train_idx),
+        np.concatenate(train_y),
+        np.concatenate(held_idx),
+        np.concatenate(held_y),
+    )
+
+
+def _images(data: ImageSet, indices: np.ndarray, side: int) -> torch.Tensor:
+    """Float ``[N, C, side, side]`` images in [0, 1], resized when `side` differs."""
+    images = to_tensor(data.images[indices])
+    if images.shape[-1] != side or images.shape[-2] != side:
+        images = F.interpolate(images, size=(side, side), mode="bilinear", antialias=True)
+        images = images.clamp_(0.0, 1.0)
+    return images
+
+
+def _optimizer(arch: str, model: nn.Module, lr: float | None) -> torch.optim.Optimizer:
+    if arch.startswith("resnet"):
+        return torch.optim.SGD(model.parameters(), lr=lr or 0.01, momentum=0.9, weight_decay=5e-4)
+    return torch.optim.Adam(model.parameters(), lr=lr or (0.01 if arch == "conv4" else 1e-3))
+
+
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    model.eval()
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+def train_teacher(
+    arch: str,
+    train: tuple[torch.Tensor, torch.Tensor],
+    heldout: tuple[torch.Tensor, torch.Tensor],
+    config: ZooConfig,
+    seed: int,
+) -> tuple[Backbone, float, int]:
+    """Train one classifier on normalized images; keep the best held-out epoch.
+
+    Returns
+    -------
+    tuple
+        The model (eval mode, best weights), its held-out accuracy and the best epoch.
+    """
+    x, y = train
+    torch.manual_seed(seed)
+    model = build_backbone(arch, config.ways, x.shape[1], x.shape[-1])
+    optimizer = _optimizer(arch, model, config.lr)
+    order = torch.Generator().manual_seed(seed)
+    best = (-1.0, 0, {k: v.clone() for k, v in model.state_dict().items()})
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        permutation = torch.randperm(len(x), generator=order)
+        for start in range(0, len(x), config.batch_size):
+            batch = permutation[start : start + config.batch_size]
+            if len(batch) < 2:  # BatchNorm needs two samples to estimate a variance
+                continue
+            optimizer.zero_grad()
+            torch.autograd.backward(F.cross_entropy(model(x[batch]), y[batch]))
+            nn.utils.clip_grad_norm_(model.parameters(), 50.0)
+            optimizer.step()
+        accuracy = _accuracy(model, *heldout)
+        if accuracy > best[0]:
+            best = (accuracy, epoch, {k: v.clone() for k, v in model.state_dict().items()})
+    model.load_state_dict(best[2])
+    return model.eval(), best[0], best[1]
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    os.replace(partial, path)
+
+
+def train_zoo(
+    data: ImageSet,
+    out: Path,
+    config: ZooConfig,
+    on_teacher: Callable[[TeacherRecord], None] | None = None,
+) -> list[TeacherRecord]:
+    """Train and export `config.models` teachers on the meta-train images `data`.
+
+    Parameters
+    ----------
+    data
+        The meta-train split.
+    out
+        Output folder (created); ``<name>.onnx`` and ``<name>.json`` go to its top.
+    config
+        Zoo settings.
+    on_teacher
+        Called after each teacher is written (progress).
+
+    Returns
+    -------
+    list of TeacherRecord
+        One per teacher, in order.
+
+    Raises
+    ------
+    SplitError
+        Fewer classes than `config.ways`, or a class with fewer than 2 images.
+    """
+    if data.num_classes < config.ways:
+        raise SplitError(
+            f"the split has {data.num_classes} classes; a {config.ways}-way teacher needs "
+            f"at least {config.ways}"
+        )
+    side = data.image_size[0]
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    records = []
+    for index in range(config.models):
+        seed = config.seed * 100_003 + index
+        rng = np.random.default_rng([config.seed, index])
+        arch, teacher_side = teacher_plan(config, index, side)
+        classes = rng.choice(data.num_classes, config.ways, replace=False)
+        train_idx, train_y, held_idx, held_y = _split_indices(data, classes, config.holdout, rng)
+        raw_train = _images(data, train_idx, teacher_side)
+        # Each owner normalizes with the statistics of its own training images.
+        mean = tuple(round(float(v), 4) for v in raw_train.mean(dim=(0, 2, 3)))
+        std = tuple(max(round(float(v), 4), 1e-3) for v in raw_train.std(dim=(0, 2, 3)))
+        shift = torch.tensor(mean).view(1, -1, 1, 1)
+        scale = torch.tensor(std).view(1, -1, 1, 1)
+        names = tuple(data.class_names[c] for c in classes)
+        task = TaskMetadata(
+            num_classes=config.ways,
+            input_shape=(data.channels, teacher_side, teacher_side),
+            channel_order=ChannelOrder.GRAY if data.channels == 1 else ChannelOrder.RGB,
+            mean=mean,
+            std=std,
+            class_names=names if config.class_names else (),
+        )
+        started = time.perf_counter()
+        model, accuracy, best_epoch = train_teacher(
+            arch,
+            ((raw_train - shift) / scale, torch.from_numpy(train_y)),
+            ((_images(data, held_idx, teacher_side) - shift) / scale, torch.from_numpy(held_y)),
+            config,
+            seed,
+        )
+        name = f"teacher-{index:03d}-{arch}"
+        width = BACKBONES[arch].default_width
+        _write_atomic(out / f"{name}.onnx", to_onnx(model, task))
+        save_checkpoint(out / "checkpoints" / f"{name}.safetensors", model, arch=arch,
+                        width=width, task=task)  # fmt: skip
+        record = TeacherRecord(
+            name=name,
+            arch=arch,
+            width=width,
+            classes=tuple(int(c) for c in classes),
+            class_names=names,
+            task=task_to_dict(task),
+            heldout_accuracy=accuracy,
+            best_epoch=best_epoch,
+            train_images=len(train_idx),
+            heldout_images=len(held_idx),
+            seed=seed,
+            train_seconds=round(time.perf_counter() - started, 3),
+        )
+        text = json.dumps(asdict(record), indent=2, ensure_ascii=False) + "\n"
+        _write_atomic(out / f"{name}.json", text.encode())
+        records.append(record)
+        if on_teacher is not None:
+            on_teacher(record)
+    return records

@@ -1,0 +1,60 @@
+"""`free-bench zoo`: train and export a zoo of simulated owners' teachers.
+
+Example::
+
+    free-bench data build --size small --out data-cache/small
+    free-bench zoo --data data-cache/small --models 8 --arch mix --out data-cache/zoo
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from free_common.bench.zoo import ZOO_ARCHS, ZooConfig, train_zoo
+from free_common.console import out_console, progress
+from free_common.data.glyphs_store import load_glyph_split
+
+__all__ = ["zoo"]
+
+
+def zoo(
+    data: Annotated[Path, typer.Option(help="glyph set folder (free-bench data build)")],
+    models: Annotated[int, typer.Option(help="number of teachers")],
+    out: Annotated[Path, typer.Option(help="folder for <name>.onnx and <name>.json")],
+    arch: Annotated[str, typer.Option(help=f"one of {', '.join(ZOO_ARCHS)}")] = "conv4",
+    ways: Annotated[int, typer.Option(help="classes per teacher")] = 5,
+    epochs: Annotated[int, typer.Option(help="training epochs per teacher")] = 20,
+    batch_size: Annotated[int, typer.Option(help="training batch size")] = 32,
+    lr: Annotated[float | None, typer.Option(help="learning rate (default: per arch)")] = None,
+    seed: Annotated[int, typer.Option(help="seeds class draws and training")] = 0,
+    class_names: Annotated[
+        bool, typer.Option(help="declare class names in the models' metadata")
+    ] = True,
+) -> None:
+    """Train one classifier per random class subset of meta-train and export each to ONNX."""
+    config = ZooConfig(
+        models=models,
+        arch=arch,
+        ways=ways,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        class_names=class_names,
+    )
+    split = load_glyph_split(data, "meta-train")
+    with progress("training teachers", models) as advance:
+        records = train_zoo(split, out, config, on_teacher=lambda _record: advance(1))
+    for record in records:
+        side = record.task["input_shape"][1]
+        out_console.print(
+            f"{record.name}: {record.arch} {side}x{side}, held-out accuracy "
+            f"{record.heldout_accuracy:.1%} (epoch {record.best_epoch}), "
+            f"{record.train_seconds:.1f} s",
+            markup=False,
+            highlight=False,
+        )
+    out_console.print(f"wrote {len(records)} teachers to {out}", markup=False, highlight=False)

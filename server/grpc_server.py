@@ -1,0 +1,172 @@
+"""The gRPC server process part: exchange servicer, health checking, auth, TLS, caps.
+
+TLS is the default, from the home's certificate and key; with
+``network.mutual_tls`` owners must also present a client certificate signed by
+the home's CA; plaintext only when asked for (``--insecure``). Message sizes are
+capped on purpose (`free_common.wire.GRPC_MESSAGE_OPTIONS`), and so is the number
+of calls served at once. Health checking (``grpc.health.v1``) reports the
+exchange as serving while it is, and as not serving once shutdown begins.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from free_common.errors import ConfigError
+from free_common.wire import GRPC_MESSAGE_OPTIONS
+from free_server.auth import CallAuthInterceptor
+from free_server.exchange import ExchangeService
+from free_server.home import ServerHome
+from free_server.servicer import add_to_server, full_service_name
+
+__all__ = ["MAX_CONCURRENT_CALLS", "ExchangeServer", "Listen", "server_credentials"]
+
+log = logging.getLogger("free_server.grpc")
+
+MAX_CONCURRENT_CALLS = 64
+"""Calls beyond this are refused with RESOURCE_EXHAUSTED instead of piling up."""
+_THREADS = 16
+
+
+@dataclass(frozen=True)
+class Listen:
+    """Where and how the exchange listens.
+
+    Attributes
+    ----------
+    host
+        Address to bind.
+    port
+        TCP port; 0 lets the system pick a free one (see `ExchangeServer.port`).
+    insecure
+        Plaintext instead of TLS (tests and local experiments only).
+    mutual_tls
+        Require a client certificate signed by the home's CA.
+    """
+
+    host: str
+    port: int
+    insecure: bool = False
+    mutual_tls: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port {self.port} is not a TCP port (0-65535, 0 picks a free one)")
+        if self.insecure and self.mutual_tls:
+            raise ConfigError("mutual TLS needs TLS: drop --insecure or set network.mutual_tls off")
+
+    @property
+    def security(self) -> str:
+        """How connections are protected, in words."""
+        if self.insecure:
+            return "PLAINTEXT (--insecure)"
+        return "mutual TLS" if self.mutual_tls else "TLS"
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
+
+
+def server_credentials(home: ServerHome, mutual_tls: bool) -> grpc.ServerCredentials:
+    """TLS credentials from the home's certificate (and its CA for client certificates)."""
+    key = _read(home.tls_key, "TLS key")
+    chain = _read(home.tls_cert, "TLS certificate")
+    if not mutual_tls:
+        return grpc.ssl_server_credentials([(key, chain)])
+    return grpc.ssl_server_credentials(
+        [(key, chain)],
+        root_certificates=_read(home.ca_cert, "CA certificate"),
+        require_client_auth=True,
+    )
+
+
+def _host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class ExchangeServer:
+    """The exchange gRPC server, as a component of the running server.
+
+    Parameters
+    ----------
+    service
+        What the calls do.
+    home
+        The server home (TLS material).
+    listen
+        Address, port and transport security.
+    time_window_s
+        Allowed clock distance of a call's signed timestamp.
+    """
+
+    name = "exchange service"
+
+    def __init__(
+        self, service: ExchangeService, home: ServerHome, listen: Listen, time_window_s: float
+    ) -> None:
+        self._service = service
+        self._home = home
+        self.listen = listen
+        self._window_s = time_window_s
+        self._server: grpc.Server | None = None
+        self._health = health.HealthServicer()
+        self.port = listen.port
+
+    @property
+    def address(self) -> str:
+        """``host:port`` it listens on (the real port once started)."""
+        return _host_port(self.listen.host, self.port)
+
+    def start(self) -> None:
+        """Bind the port and start serving.
+
+        Raises
+        ------
+        ConfigError
+            The port cannot be bound, or the TLS material cannot be read.
+        """
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="exchange"),
+            interceptors=[CallAuthInterceptor(self._service.store, self._window_s)],
+            options=GRPC_MESSAGE_OPTIONS,
+            maximum_concurrent_rpcs=MAX_CONCURRENT_CALLS,
+        )
+        add_to_server(self._service, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        target = _host_port(self.listen.host, self.listen.port)
+        try:
+            if self.listen.insecure:
+                port = server.add_insecure_port(target)
+            else:
+                creds = server_credentials(self._home, self.listen.mutual_tls)
+                port = server.add_secure_port(target, creds)
+        except RuntimeError as exc:
+            port = 0
+            log.debug("binding %s failed: %s", target, exc)
+        if port == 0:
+            raise ConfigError(
+                f"cannot listen on {target}: the port is in use or the address is not this"
+                " machine's; choose another --port"
+            )
+        self.port = port
+        server.start()
+        self._server = server
+        for name in ("", full_service_name()):
+            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace_s: float) -> None:
+        """Refuse new calls, give calls in flight `grace_s` seconds, then cancel them."""
+        if self._server is None:
+            return
+        self._health.enter_graceful_shutdown()
+        self._server.stop(grace_s).wait()
+        self._server = None

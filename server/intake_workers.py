@@ -1,0 +1,196 @@
+"""Full intake of received submissions, a bounded number at a time.
+
+Each of ``workers`` threads takes a received submission, reads its blob and runs
+`free_common.models.intake.run_intake`, which examines the untrusted bytes in a
+separate process under memory and time limits, and records the verdict with its
+reason. A worker process that crashes or is killed is a refusal with a reason
+(intake reports it as one), never a dead server.
+
+Nothing acknowledged is lost: the pool works from the store, not from memory.
+On start it cleans what a crash left (`Store.recover`) and queues every
+submission still "received"; a rescan every few seconds picks up anything a
+failed attempt left behind. A failure of the pool itself (an unreadable blob, a
+worker that cannot start) is retried a few times before the submission is
+refused with a reason that points at the aggregator.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+
+from free_common.models.intake import IntakeResult, run_intake
+from free_common.models.metadata import task_from_dict
+from free_common.models.onnx_static import IntakeLimits
+from free_common.types import TaskMetadata
+from free_server.exchange import one_line_reason
+from free_server.store import Store
+
+__all__ = ["MAX_ATTEMPTS", "IntakePool", "Judge", "default_judge"]
+
+log = logging.getLogger("free_server.intake")
+
+MAX_ATTEMPTS = 3
+"""Tries of one submission before a failure of the pool itself becomes a refusal."""
+
+Judge = Callable[[bytes, TaskMetadata, IntakeLimits], IntakeResult]
+"""Gives the verdict on a model's bytes; model faults are results, never exceptions."""
+
+
+def default_judge(data: bytes, task: TaskMetadata, limits: IntakeLimits) -> IntakeResult:
+    """Run full intake in its bounded worker process."""
+    return run_intake(data, task=task, limits=limits)
+
+
+class IntakePool:
+    """Worker threads that give received submissions their verdict.
+
+    Parameters
+    ----------
+    store
+        The server's store (shared with the exchange service; it is thread-safe).
+    limits
+        Caps and the worker process's memory and time limits.
+    workers
+        How many models are examined at once.
+    rescan_s
+        How often the store is scanned for submissions nobody queued.
+    judge
+        The verdict function (`default_judge`).
+    """
+
+    name = "intake workers"
+
+    def __init__(
+        self,
+        store: Store,
+        limits: IntakeLimits,
+        workers: int,
+        *,
+        rescan_s: float = 5.0,
+        judge: Judge = default_judge,
+    ) -> None:
+        if workers < 1:
+            raise ValueError("an intake pool needs at least one worker")
+        self._store = store
+        self._limits = limits
+        self._workers = workers
+        self._rescan_s = rescan_s
+        self._judge = judge
+        self._queue: queue.Queue[int] = queue.Queue()
+        self._lock = threading.Lock()
+        self._known: set[int] = set()  # queued or being judged
+        self._failures: dict[int, int] = {}
+        self._stopping = threading.Event()
+        self._idle = threading.Condition(self._lock)
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        """Clean up after a crash, queue every unjudged submission, start the workers."""
+        report = self._store.recover()
+        if report.temp_files or report.orphan_blobs:
+            log.info(
+                "recovered the store: removed %d temporary files and %d unreferenced blobs",
+                report.temp_files,
+                len(report.orphan_blobs),
+            )
+        queued = self.rescan()
+        if queued:
+            log.info("queued %d received submissions for intake", queued)
+        for index in range(self._workers):
+            self._spawn(self._work, f"intake-{index}")
+        self._spawn(self._rescan_loop, "intake-rescan")
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        # Daemon threads: a worker waiting on a model must not hold the process at exit;
+        # its submission stays "received" and is judged after the next start.
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def enqueue(self, submission_id: int) -> None:
+        """Queue a submission for intake (a no-op when it is queued or being judged)."""
+        with self._lock:
+            if submission_id in self._known or self._stopping.is_set():
+                return
+            self._known.add(submission_id)
+        self._queue.put(submission_id)
+
+    def rescan(self) -> int:
+        """Queue every submission the store still holds as received; return how many."""
+        rows = self._store.pending_intake()
+        for row in rows:
+            self.enqueue(row.id)
+        return len(rows)
+
+    def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until nothing is queued or being judged; False on timeout."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._known, timeout_s)
+
+    def stop(self, grace_s: float) -> None:
+        """Stop taking work; wait up to `grace_s` for models being judged."""
+        self._stopping.set()
+        for thread in self._threads:
+            thread.join(grace_s)
+        busy = [t.name for t in self._threads if t.is_alive()]
+        if busy:
+            log.info("left %s running: their submissions are judged after restart", busy)
+
+    def _rescan_loop(self) -> None:
+        while not self._stopping.wait(self._rescan_s):
+            try:
+                self.rescan()
+            except Exception:
+                log.exception("scanning the store for received submissions failed")
+
+    def _work(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                submission_id = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            try:
+                self._judge_one(submission_id)
+            except Exception:
+                # The store itself failed: the row stays "received" and the rescan retries.
+                log.exception("recording the verdict of submission %d failed", submission_id)
+            finally:
+                with self._idle:
+                    self._known.discard(submission_id)
+                    self._idle.notify_all()
+
+    def _judge_one(self, submission_id: int) -> None:
+        row = self._store.submission(submission_id)
+        if row.state != "received":
+            return
+        try:
+            data = self._store.blob_path(row.sha256).read_bytes()
+            task = task_from_dict(row.task_metadata)
+            result = self._judge(data, task, self._limits)
+        except Exception:
+            log.exception("intake of submission %d could not run", submission_id)
+            self._failed(submission_id)
+            return
+        reason = None if result.accepted else one_line_reason(result.reason)
+        self._store.set_verdict(submission_id, accepted=result.accepted, reason=reason)
+        self._failures.pop(submission_id, None)
+        verdict = "accepted" if result.accepted else f"refused ({result.refusal}): {reason}"
+        log.info("submission %d %s", submission_id, verdict)
+
+    def _failed(self, submission_id: int) -> None:
+        attempts = self._failures.get(submission_id, 0) + 1
+        self._failures[submission_id] = attempts
+        if attempts < MAX_ATTEMPTS:
+            return  # still "received": the next rescan queues it again
+        self._failures.pop(submission_id, None)
+        self._store.set_verdict(
+            submission_id,
+            accepted=False,
+            reason=(
+                f"the server could not run intake on this model ({attempts} attempts failed);"
+                " ask the aggregator to check the server log"
+            ),
+        )

@@ -1,0 +1,67 @@
+"""The one place where errors become gRPC statuses (Flower's ``rpc_error_translator``).
+
+A `FreeError` ends as the status its class names (`free_common.errors`) with its
+one-line message, which says what to fix. Errors whose status is ``INTERNAL``
+(store failures) and unexpected exceptions are logged with their detail and
+answered with a generic line, so no path or stack reaches a remote peer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import grpc
+
+from free_common.errors import FreeError
+
+__all__ = ["internal_message", "public_message", "rpc_error_translator", "status_code"]
+
+log = logging.getLogger("free_server.rpc")
+
+
+def status_code(error: FreeError) -> grpc.StatusCode:
+    """Return the gRPC status an error class names."""
+    code: grpc.StatusCode = getattr(grpc.StatusCode, error.grpc_status)
+    return code
+
+
+def internal_message(rpc_name: str) -> str:
+    """Return the line a peer gets for a failure that is the server's, not the caller's."""
+    return f"{rpc_name} failed inside the server; the aggregator's log has the details"
+
+
+def public_message(error: FreeError, rpc_name: str) -> tuple[grpc.StatusCode, str]:
+    """Return the status and the line a peer may see for `error`, logging it."""
+    code = status_code(error)
+    if code is grpc.StatusCode.INTERNAL:
+        log.error("%s failed: %s", rpc_name, error.message)
+        return code, internal_message(rpc_name)
+    log.info("%s refused with %s: %s", rpc_name, code.name, error.message)
+    return code, error.message
+
+
+@contextmanager
+def rpc_error_translator(context: grpc.ServicerContext, rpc_name: str) -> Iterator[None]:
+    """Run an RPC body; abort the call with the right status if it raises.
+
+    Parameters
+    ----------
+    context
+        The call's servicer context.
+    rpc_name
+        The method name, for the log and the generic message.
+    """
+    try:
+        yield
+    except FreeError as error:
+        context.abort(*public_message(error, rpc_name))
+    except grpc.RpcError:
+        # Reading the request stream raises this when the client cancelled or vanished;
+        # nobody is listening for a status any more.
+        log.info("%s: the client cancelled the call or went away", rpc_name)
+        context.abort(grpc.StatusCode.CANCELLED, f"{rpc_name} was cancelled by the client")
+    except Exception:
+        log.exception("%s failed unexpectedly", rpc_name)
+        context.abort(grpc.StatusCode.INTERNAL, internal_message(rpc_name))

@@ -1,0 +1,134 @@
+"""Teacher zoo: seeded class draws, best held-out checkpoint, export that intake accepts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from free_common.bench.zoo import TeacherRecord, ZooConfig, teacher_plan, train_zoo
+from free_common.data.glyphs_store import MANIFEST, split_file, write_json, write_split_arrays
+from free_common.data.imageset import ImageSet
+from free_common.errors import ConfigError, SplitError
+from free_common.models.backbones import build_backbone
+from free_common.models.checkpoint import read_checkpoint
+from free_common.models.intake import load_teacher
+from free_common.models.metadata import task_from_dict
+from free_common.models.onnx_static import check_static
+
+
+def _easy_set(classes: int = 8, per_class: int = 12, side: int = 16) -> ImageSet:
+    """Each class is a fixed random pattern plus noise: learnable in a few epochs."""
+    rng = np.random.default_rng(0)
+    patterns = rng.integers(0, 256, (classes, side, side))
+    images = patterns.repeat(per_class, axis=0) + rng.normal(
+        0, 40, (classes * per_class, side, side)
+    )
+    labels = np.arange(classes, dtype=np.int64).repeat(per_class)
+    names = tuple(f"U+{0x41 + c:04X}" for c in range(classes))
+    return ImageSet(np.clip(images, 0, 255).astype(np.uint8), labels, names, "meta-train")
+
+
+@pytest.fixture(scope="module")
+def mixed_zoo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[TeacherRecord]]:
+    out = tmp_path_factory.mktemp("zoo")
+    return out, train_zoo(_easy_set(), out, ZooConfig(models=3, arch="mix", epochs=4, seed=7))
+
+
+def test_zoo_writes_onnx_and_json_side_by_side(
+    mixed_zoo: tuple[Path, list[TeacherRecord]],
+) -> None:
+    out, records = mixed_zoo
+    tops = sorted(p.name for p in out.iterdir() if p.is_file())
+    names = [r.name for r in records]
+    assert tops == sorted([f"{n}.json" for n in names] + [f"{n}.onnx" for n in names])
+    for record in records:
+        stored = json.loads((out / f"{record.name}.json").read_text())
+        assert stored["classes"] == list(record.classes)
+        assert 0.0 <= stored["heldout_accuracy"] <= 1.0
+        task = task_from_dict(stored["task"])
+        report = check_static((out / f"{record.name}.onnx").read_bytes())
+        assert report.task == task
+        assert task.class_names == tuple(f"U+{0x41 + c:04X}" for c in record.classes)
+
+
+def test_mix_mixes_architectures_and_input_sizes(
+    mixed_zoo: tuple[Path, list[TeacherRecord]],
+) -> None:
+    _, records = mixed_zoo
+    assert [r.arch for r in records] == ["conv4", "resnet10", "mlp"]
+    sides = [r.task["input_shape"][1] for r in records]
+    assert sides == [16, 20, 16]  # the data's 16, x1.25, x0.75 floored at 16
+    assert teacher_plan(ZooConfig(models=1, arch="mix"), 2, 28) == ("mlp", 21)
+
+
+def test_class_draws_are_seeded_and_overlap(
+    mixed_zoo: tuple[Path, list[TeacherRecord]], tmp_path: Path
+) -> None:
+    _, records = mixed_zoo
+    draws = [set(r.classes) for r in records]
+    assert all(len(d) == 5 for d in draws)
+    # 5 of 8 classes each: label spaces of teachers must overlap.
+    assert draws[0] & draws[1]
+    again = train_zoo(_easy_set(), tmp_path, ZooConfig(models=3, arch="mix", epochs=1, seed=7))
+    assert [r.classes for r in again] == [r.classes for r in records]
+
+
+def test_teacher_learns_and_its_checkpoint_is_the_exported_model(
+    mixed_zoo: tuple[Path, list[TeacherRecord]],
+) -> None:
+    out, records = mixed_zoo
+    conv4 = records[0]
+    assert conv4.heldout_accuracy > 0.6  # chance is 0.2
+    checkpoint = read_checkpoint(out / "checkpoints" / f"{conv4.name}.safetensors")
+    assert checkpoint.arch == "conv4" and checkpoint.task is not None
+    original = build_backbone("conv4", 5, 1, 16)
+    original.load_state_dict(checkpoint.state)
+    teacher = load_teacher((out / f"{conv4.name}.onnx").read_bytes(), already_accepted=True)
+    x = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(teacher.module(x), original.eval()(x), atol=1e-5)
+
+
+def test_too_few_classes_or_images_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(SplitError, match="5-way"):
+        train_zoo(_easy_set(classes=4), tmp_path, ZooConfig(models=1))
+    with pytest.raises(SplitError, match="at least 2 per class"):
+        train_zoo(_easy_set(per_class=1), tmp_path, ZooConfig(models=1, epochs=1))
+
+
+@pytest.mark.parametrize("kwargs", [{"arch": "vgg"}, {"models": 0}, {"ways": 1}, {"holdout": 1.0}])
+def test_bad_config_is_refused(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ConfigError):
+        ZooConfig(**{"models": 1, **kwargs})  # type: ignore[arg-type]
+
+
+def test_zoo_command_trains_from_a_glyph_folder(tmp_path: Path) -> None:
+    from free_common.bench.cli import app
+
+    glyphs = tmp_path / "glyphs"
+    glyphs.mkdir()
+    data = _easy_set(side=32)
+    arrays = {
+        "images": data.images,
+        "labels": data.labels,
+        "faces": np.zeros(len(data), np.int32),
+        "codepoints": np.arange(0x41, 0x41 + data.num_classes, dtype=np.int64),
+    }
+    write_split_arrays(split_file(glyphs, "meta-train"), arrays)
+    write_json(glyphs / MANIFEST, {"splits": {"meta-train": {}}})
+    out = tmp_path / "zoo"
+    args = ["zoo", "--data", str(glyphs), "--models", "2", "--epochs", "2", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.glob("*.onnx")) == [
+        "teacher-000-conv4.onnx",
+        "teacher-001-conv4.onnx",
+    ]
+    assert "held-out accuracy" in result.output
+    stored = json.loads((out / "teacher-000-conv4.json").read_text())
+    assert stored["class_names"][0].startswith("U+00")
