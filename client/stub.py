@@ -4,8 +4,8 @@
 every call with the owner's key (`free_common.security.call_auth`), sets the
 message caps on purpose, and turns every gRPC failure into one `FreeError`:
 
-- a TLS handshake that fails (wrong ``--ca``, or a client certificate the server
-  wants and did not get) is a `TlsError`; retrying cannot help;
+- a TLS handshake that fails (wrong ``--ca``, or a server that requires a client
+  certificate and got none) is a `TlsError`; retrying cannot help;
 - no connection, or no answer in time, is `ServerUnavailable` (worth a retry);
 - any status the server answers with is `ServerRefused`, carrying the server's
   one-line reason and the status name.
@@ -47,6 +47,14 @@ __all__ = ["Connection", "ExchangeClient", "channel_credentials"]
 _T = TypeVar("_T")
 _SERVICE = pb.DESCRIPTOR.services_by_name["Exchange"].full_name
 _TLS_MARKERS = ("handshake", "certificate", "ssl", "tsi_", "tls")
+# After a failed connection a channel refuses calls until its own reconnect backoff
+# ends (up to 120 s by default); keep it shorter than the uploader's retry delays,
+# so a retry after a server restart reaches the server.
+_RECONNECT_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
 
 
 @dataclass(frozen=True)
@@ -131,7 +139,7 @@ class ExchangeClient:
         self.connection = connection
         self._key = signing_key
         self._timeout_s = timeout_s
-        options = list(wire.GRPC_MESSAGE_OPTIONS)
+        options = [*wire.GRPC_MESSAGE_OPTIONS, *_RECONNECT_OPTIONS]
         if connection.insecure:
             self._channel = grpc.insecure_channel(connection.server, options=options)
         else:
@@ -165,6 +173,16 @@ class ExchangeClient:
                     f"the TLS handshake with {where} failed: the server's certificate does not"
                     f" verify against --ca {self.connection.ca} (or the server wants a client"
                     " certificate); check that you were given this server's ca.pem"
+                )
+            if (
+                not self.connection.insecure
+                and self.connection.tls_cert is None
+                and "socket closed" in details.lower()
+            ):
+                # What a client without a certificate sees when the server requires one.
+                return TlsError(
+                    f"{where} closed the TLS handshake: it probably requires mutual TLS; give"
+                    " --tls-cert and --tls-key issued by the aggregator"
                 )
             return ServerUnavailable(
                 f"cannot reach the exchange service at {where} ({details or 'unavailable'}):"

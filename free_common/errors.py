@@ -21,7 +21,9 @@ answers with, so the CLIs and the servicer never invent their own mapping::
     │   ├── RevokedClient      a key whose owner was revoked
     │   ├── ReplayError        a nonce already used, with other bytes
     │   ├── StaleRequest       a manifest or call signed outside the server's time window
-    │   └── TlsError           a TLS handshake that failed (certificate not trusted)
+    │   ├── TlsError           a TLS handshake that failed (certificate not trusted)
+    │   ├── AppBundleRefused   a Flower run that ships another app than the installed round app
+    │   └── NodeNotAdmitted    a SuperNode whose node key the SuperLink does not accept
     ├── WireError              a protobuf message that does not make a valid record
     ├── RecordError            a manifest, receipt, verdict or release field out of its rules
     ├── UploadError            streamed bytes that cannot be accepted
@@ -57,10 +59,11 @@ answers with, so the CLIs and the servicer never invent their own mapping::
     │   ├── TooFewTeachers     a round with fewer usable teachers than its minimum
     │   ├── NonFiniteLoss      a NaN or infinite loss stopped the round (last good checkpoint kept)
     │   └── CheckpointError    an engine checkpoint that is damaged or belongs to another round
-    └── ExchangeError          the client's view of the exchange service
-        ├── ServerUnavailable  no connection or no answer in time (worth retrying)
-        ├── ServerRefused      the server answered with an error status
-        └── VerdictTimeout     no verdict arrived within the wait
+    ├── ExchangeError          the client's view of the exchange service
+    │   ├── ServerUnavailable  no connection or no answer in time (worth retrying)
+    │   ├── ServerRefused      the server answered with an error status
+    │   └── VerdictTimeout     no verdict arrived within the wait
+    └── FlowerError            the Flower control plane: a SuperLink, SuperNode or run failed
 
 `grpc_status` holds the *name* of a `grpc.StatusCode` member, so this module (and
 every algorithm layer that raises these errors) stays free of grpc; the server
@@ -72,6 +75,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 __all__ = [
+    "AppBundleRefused",
     "ArchitectureMismatch",
     "CanonicalFormError",
     "CheckpointError",
@@ -85,6 +89,7 @@ __all__ = [
     "ExchangeError",
     "ExternalDataError",
     "FontPackageMissing",
+    "FlowerError",
     "FontUnreadable",
     "FreeError",
     "HomeError",
@@ -100,6 +105,7 @@ __all__ = [
     "MetadataError",
     "ModelTooLarge",
     "NonFiniteLoss",
+    "NodeNotAdmitted",
     "NonFiniteWeights",
     "NotOnnxError",
     "OpsetError",
@@ -433,3 +439,22 @@ class ServerRefused(ExchangeError):
 
 class VerdictTimeout(ExchangeError):
     """No intake verdict arrived within the time the client was asked to wait."""
+
+
+class AppBundleRefused(SecurityError):
+    """A Flower run ships another app bundle than the installed FREE-Fed round app."""
+
+    grpc_status = "PERMISSION_DENIED"
+
+
+class NodeNotAdmitted(SecurityError):
+    """The SuperLink does not accept this SuperNode's node key (not registered, or revoked)."""
+
+    grpc_status = "PERMISSION_DENIED"
+
+
+class FlowerError(FreeError):
+    """The Flower control plane failed: a SuperLink or SuperNode process, or a run."""
+
+    exit_code = 7
+    grpc_status = "UNAVAILABLE"

@@ -215,13 +215,12 @@ def publish_release(
         server_key_id=key_id(key.public_key()),
     )
     signed = sign(key, manifest)
-    with home.open_store() as store:
-        with store.blob_writer(1 << 20) as writer:
-            writer.write(weights)
-            staged = writer.finish()
-            store.record_release(
-                staged, version=version, manifest=canonical_bytes(manifest), signature=signed.signature
-            )
+    with home.open_store() as store, store.blob_writer(1 << 20) as writer:
+        writer.write(weights)
+        staged = writer.finish()
+        store.record_release(
+            staged, version=version, manifest=canonical_bytes(manifest), signature=signed.signature
+        )
     return signed
 
 
@@ -240,9 +239,9 @@ class ServerProcess:
     def address(self) -> str:
         return f"localhost:{self.port}"
 
-    def stop(self, timeout_s: float = 30.0) -> tuple[int, str, str]:
-        """SIGTERM, then wait; returns exit code, rest of stdout, and stderr."""
-        if self.process.poll() is None:
+    def stop(self, timeout_s: float = 30.0, *, signal_it: bool = True) -> tuple[int, str, str]:
+        """SIGTERM (unless already sent), then wait; returns exit code, stdout rest, stderr."""
+        if signal_it and self.process.poll() is None:
             self.process.terminate()
         out, err = self.process.communicate(timeout=timeout_s)
         return self.process.returncode, out, err

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import secrets
-from collections.abc import Iterator
+import socket
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -41,7 +44,6 @@ from free_common.errors import (
     ServerUnavailable,
     SignatureError,
     TlsError,
-    VerdictTimeout,
 )
 from free_common.security.call_auth import now_ms
 from free_common.security.keys import generate_signing_key, load_public_key
@@ -49,7 +51,7 @@ from free_common.security.signing import sign
 from free_common.types import Signed, SubmissionManifest, VerdictState
 from free_server.config import LimitSettings
 from free_server.home import ServerHome
-from free_server.runtime import ServerRuntime
+from free_server.runtime import ServerRuntime, StartOptions
 
 MAX_UPLOAD = 4096
 
@@ -79,10 +81,14 @@ def honest(world: tuple[ServerRuntime, Path]) -> Owner:
     return enroll(runtime.home, make_owner(root, "honest"))
 
 
+_OWNERS = itertools.count()
+
+
 @pytest.fixture
-def owner(world: tuple[ServerRuntime, Path], request: pytest.FixtureRequest) -> Owner:
+def owner(world: tuple[ServerRuntime, Path]) -> Owner:
+    """A fresh enrolled owner per test, so revoking or replaying cannot leak between tests."""
     runtime, root = world
-    return enroll(runtime.home, make_owner(root, request.node.name[:40].replace("[", "_")))
+    return enroll(runtime.home, make_owner(root, f"owner{next(_OWNERS)}"))
 
 
 def _refused(call: object, code: grpc.StatusCode, text: str) -> ServerRefused:
@@ -103,10 +109,15 @@ def _still_serving(server: ServerRuntime, honest: Owner) -> None:
     assert signed.record.client_id == honest.key_id
 
 
-def _submit(server: ServerRuntime, owner: Owner, signed: Signed[SubmissionManifest], data: bytes):  # type: ignore[no-untyped-def]
+def _submit(
+    server: ServerRuntime, owner: Owner, signed: Signed[SubmissionManifest], data: bytes
+) -> Callable[[], object]:
+    """A call that streams `data` under `signed` in 300-byte chunks."""
+
     def call() -> object:
+        chunks = [data[i : i + 300] for i in range(0, len(data), 300)]
         with client(server, owner) as c:
-            return c.submit(signed, [data[i : i + 300] for i in range(0, len(data), 300)], timeout_s=30)
+            return c.submit(signed, chunks, timeout_s=30)
 
     return call
 
@@ -184,7 +195,9 @@ def test_bad_manifest_signature_is_refused(
     signed = sign_manifest(owner.key, data, TASK)
     forged = Signed(signed.record, bytes([signed.signature[0] ^ 1]) + signed.signature[1:])
     before = stored(server.home)
-    _refused(_submit(server, owner, forged, data), grpc.StatusCode.UNAUTHENTICATED, "does not verify")
+    _refused(
+        _submit(server, owner, forged, data), grpc.StatusCode.UNAUTHENTICATED, "does not verify"
+    )
     # A manifest signed by another key, in this owner's name, is refused the same way.
     other = sign_manifest(generate_signing_key(), data, TASK)
     moved = dataclasses.replace(other.record, client_id=owner.key_id)
@@ -334,16 +347,17 @@ def test_oversize_upload_is_refused_before_streaming(
     _still_serving(server, honest)
 
 
-def test_receipt_signed_by_another_key_is_refused_by_the_client(
+def test_receipt_that_does_not_check_out_is_refused_by_the_client(
     server: ServerRuntime, honest: Owner
 ) -> None:
     with client(server, honest) as c, pytest.raises(SignatureError, match="trusted key"):
         upload(c, honest.key, good_model(), TASK, server_pub=generate_signing_key().public_key())
     data = good_model()
-    manifest = sign_manifest(honest.key, data, TASK).record
+    signed = sign_manifest(honest.key, data, TASK)
     with client(server, honest) as c:
-        receipt = c.submit(sign_manifest(honest.key, data, TASK), [data], timeout_s=30)
-    other = dataclasses.replace(manifest, payload_size=manifest.payload_size + 1)
+        receipt = c.submit(signed, [data], timeout_s=30)
+    check_receipt(receipt, signed.record, load_public_key(server.home.signing_pub))
+    other = dataclasses.replace(signed.record, payload_size=len(data) + 1)
     with pytest.raises(SignatureError, match="other bytes"):
         check_receipt(receipt, other, None)
 
@@ -360,7 +374,10 @@ def test_unreachable_server_is_retried_then_reported(honest: Owner, tmp_path: Pa
     waits: list[float] = []
     notices: list[str] = []
     connection = Connection("localhost:1", ca=home.ca_cert)
-    with ExchangeClient(connection, honest.key) as c, pytest.raises(ServerUnavailable, match="reach"):
+    with (
+        ExchangeClient(connection, honest.key) as c,
+        pytest.raises(ServerUnavailable, match="reach"),
+    ):
         upload(
             c,
             honest.key,
@@ -375,24 +392,36 @@ def test_unreachable_server_is_retried_then_reported(honest: Owner, tmp_path: Pa
     assert "retrying" in notices[0]
 
 
-def test_waiting_for_a_verdict_times_out_with_one_line(
-    server: ServerRuntime, honest: Owner
-) -> None:
-    with client(server, honest) as c:
-        receipt = upload(c, honest.key, good_model(), TASK).record
+def test_upload_retries_until_the_server_is_up(tmp_path: Path) -> None:
+    home = new_home(tmp_path / "late")
+    alice = enroll(home, make_owner(tmp_path, "alice"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    runtime = ServerRuntime(home, StartOptions(port=port, grace_s=1.0))
+    notices: list[str] = []
 
-        class Frozen:  # a clock that never lets the verdict arrive in time
-            now = 0.0
+    def start_then_wait(delay_s: float) -> None:
+        if runtime.exchange is None:
+            runtime.start()  # the server comes up during the first backoff
+        time.sleep(delay_s)
 
-            def __call__(self) -> float:
-                self.now += 10.0
-                return self.now
-
-        with server.home.open_store() as store:
-            state = store.submission(int(receipt.submission_id)).state
-        if state == "received":
-            with pytest.raises(VerdictTimeout, match="stored"):
-                wait_for_verdict(c, receipt.submission_id, timeout_s=5, clock=Frozen())
+    try:
+        with ExchangeClient(Connection(f"localhost:{port}", ca=home.ca_cert), alice.key) as c:
+            signed = upload(
+                c,
+                alice.key,
+                good_model(),
+                TASK,
+                retry=RetryPolicy(attempts=6, base_delay_s=0.3, max_delay_s=1.0),
+                sleep=start_then_wait,
+                notify=notices.append,
+                server_pub=load_public_key(home.signing_pub),
+            )
+    finally:
+        runtime.stop()
+    assert signed.record.client_id == alice.key_id
+    assert notices and "cannot reach" in notices[0]
 
 
 def test_health_check_reports_serving(server: ServerRuntime) -> None:

@@ -26,8 +26,7 @@ from free_common.errors import DatasetLayoutError
 __all__ = ["CUB_LAYOUT", "cub_class_split", "load_cub"]
 
 CUB_LAYOUT = (
-    "ROOT/CUB_200_2011/{images/<id>.<class>/*.jpg, images.txt, classes.txt, "
-    "image_class_labels.txt}"
+    "ROOT/CUB_200_2011/{images/<id>.<class>/*.jpg, images.txt, classes.txt, image_class_labels.txt}"
 )
 _FILES = ("images.txt", "classes.txt", "image_class_labels.txt")
 

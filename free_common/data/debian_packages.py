@@ -4,14 +4,14 @@ Two sizes:
 
 ``small``
     A handful of small font packages (Latin, Greek, Cyrillic, Hebrew, Armenian,
-    Georgian, Arabic and a few Indic scripts through FreeFont and DejaVu), about
-    12 MB, plus ``dataset-fashion-mnist``. Builds in seconds; the tests and the
-    demo use it.
+    Georgian, Lao, Coptic through DejaVu and FreeFont), about 12 MB, plus the data
+    packages: ``dataset-fashion-mnist`` and ``python3-confusable-homoglyphs``
+    (Unicode's confusables). Builds in seconds; the tests and the demo use it.
 ``benchmark``
     "Tier A" of ``docs``/datasets.md: every ``fonts-*`` package of Debian bookworm
     whose download is at most 5 MB, plus ``fonts-noto-core`` (about 260 MB in all),
     without the two metapackages that would pull larger packages in
-    (``fonts-recommended``, ``fonts-yozvox-yozfont``), plus ``dataset-fashion-mnist``.
+    (``fonts-recommended``, ``fonts-yozvox-yozfont``), plus the two data packages.
 
 Run ``python -m free_common.data.debian_packages --missing small|benchmark`` to print
 the space-separated names not installed yet (nothing when all are); the Makefile
@@ -32,7 +32,9 @@ from free_common.errors import DataError, FontPackageMissing
 
 __all__ = [
     "BENCHMARK_PACKAGES",
+    "CONFUSABLES_PACKAGE",
     "DATASET_PACKAGES",
+    "FASHION_MNIST_PACKAGE",
     "PACKAGE_SETS",
     "SMALL_PACKAGES",
     "font_packages",
@@ -45,7 +47,9 @@ __all__ = [
 ]
 
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
-DATASET_PACKAGES: tuple[str, ...] = (FASHION_MNIST_PACKAGE,)
+# Unicode's confusables.txt as JSON; the glyph builder reads that data file only.
+CONFUSABLES_PACKAGE = "python3-confusable-homoglyphs"
+DATASET_PACKAGES: tuple[str, ...] = (CONFUSABLES_PACKAGE, FASHION_MNIST_PACKAGE)
 
 SMALL_PACKAGES: tuple[str, ...] = (
     "fonts-cantarell",
@@ -59,7 +63,7 @@ SMALL_PACKAGES: tuple[str, ...] = (
     "fonts-linuxlibertine",
     "fonts-open-sans",
     "fonts-paratype",
-    FASHION_MNIST_PACKAGE,
+    *DATASET_PACKAGES,
 )
 
 # Generated from the bookworm package index (download size <= 5,000,000 bytes) and
@@ -165,7 +169,7 @@ fonts-uniol fonts-uralic fonts-vlgothic fonts-vollkorn fonts-wine fonts-wqy-micr
 fonts-yanone-kaffeesatz fonts-yrsa-rasa
 """
 
-BENCHMARK_PACKAGES: tuple[str, ...] = (*_TIER_A_FONTS.split(), FASHION_MNIST_PACKAGE)
+BENCHMARK_PACKAGES: tuple[str, ...] = (*_TIER_A_FONTS.split(), *DATASET_PACKAGES)
 
 PACKAGE_SETS: dict[str, tuple[str, ...]] = {
     "small": SMALL_PACKAGES,

@@ -71,9 +71,7 @@ class EpisodeSampler:
         out of range.
     """
 
-    def __init__(
-        self, data: ImageSet, ways: int, shots: int, queries: int, seed: int = 0
-    ) -> None:
+    def __init__(self, data: ImageSet, ways: int, shots: int, queries: int, seed: int = 0) -> None:
         if ways < 1 or shots < 1 or queries < 0:
             raise SplitError(
                 f"an episode needs ways >= 1, shots >= 1 and queries >= 0 "
@@ -119,8 +117,6 @@ class EpisodeSampler:
             yield self.episode(index)
 
 
-def sample_episode(
-    data: ImageSet, ways: int, shots: int, queries: int, seed: int = 0
-) -> Episode:
+def sample_episode(data: ImageSet, ways: int, shots: int, queries: int, seed: int = 0) -> Episode:
     """Return one episode: ``EpisodeSampler(data, ways, shots, queries, seed).episode(0)``."""
     return EpisodeSampler(data, ways, shots, queries, seed).episode(0)

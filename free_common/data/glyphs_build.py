@@ -2,8 +2,11 @@
 
 1. Font faces of the configured Debian packages (or of a folder): `glyphs_fonts`.
 2. Candidate characters and their distinct instances, rendered in a process pool:
-   `glyphs_select`, `glyphs_instances`, `glyphs_render`.
-3. Look-alike classes removed across and within splits: `glyphs_lookalike`.
+   `glyphs_select`, `glyphs_instances`, `glyphs_render`. Packages that draw other
+   glyphs at a script's codepoints are then dropped for that script and the
+   affected classes picked again (`glyphs_audit`).
+3. Look-alike classes removed across and within splits (`glyphs_lookalike`), and
+   Unicode confusables across splits (`glyphs_confusables`).
 4. Classes assigned to splits by script (`glyphs_split`) and written with a
    manifest (`glyphs_store`, `glyphs_manifest`).
 
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +31,16 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from free_common.data.debian_packages import package_licence, package_versions, require_installed
+from free_common.data.debian_packages import (
+    CONFUSABLES_PACKAGE,
+    package_licence,
+    package_versions,
+    require_installed,
+)
+from free_common.data.glyphs_audit import WrongGlyphs, find_wrong_glyph_sources
 from free_common.data.glyphs_chars import script_of
 from free_common.data.glyphs_config import GlyphBuildConfig
+from free_common.data.glyphs_confusables import confusable_groups, cross_split_confusables
 from free_common.data.glyphs_fonts import (
     FONT_SUFFIXES,
     FontSource,
@@ -54,6 +64,7 @@ from free_common.data.glyphs_select import (
     Selection,
     class_listing,
     select_classes,
+    visit_orders,
 )
 from free_common.data.glyphs_split import split_of_script
 from free_common.data.glyphs_store import (
@@ -98,7 +109,9 @@ def _quiet(description: str, total: int) -> Iterator[Advance]:
     yield lambda n: None
 
 
-def _folder_sources(font_dir: Path) -> tuple[list[FontSource], dict[str, dict[str, str]], dict[str, str]]:
+def _folder_sources(
+    font_dir: Path,
+) -> tuple[list[FontSource], dict[str, dict[str, str]], dict[str, str]]:
     if not font_dir.is_dir():
         raise ConfigError(f"font folder {font_dir} does not exist")
     files = tuple(
@@ -106,8 +119,10 @@ def _folder_sources(font_dir: Path) -> tuple[list[FontSource], dict[str, dict[st
     )
     if not files:
         raise DataError(f"no font files ({' '.join(sorted(FONT_SUFFIXES))}) in {font_dir}")
+    require_installed((CONFUSABLES_PACKAGE,))
     name = f"folder:{font_dir.resolve()}"
     origin = {path: file_sha256(Path(path)) for path in files}
+    origin.update(package_versions((CONFUSABLES_PACKAGE,)))
     info = {name: {"version": "", "licence": "unknown (fonts from a folder)"}}
     return [FontSource(name, files)], info, origin
 
@@ -115,8 +130,9 @@ def _folder_sources(font_dir: Path) -> tuple[list[FontSource], dict[str, dict[st
 def _package_sources(
     config: GlyphBuildConfig,
 ) -> tuple[list[FontSource], dict[str, dict[str, str]], dict[str, str]]:
-    require_installed(config.packages, config.size if config.size in ("small", "benchmark") else None)
-    versions = package_versions(config.packages)
+    needed = (*config.packages, CONFUSABLES_PACKAGE)
+    require_installed(needed, config.size if config.size in ("small", "benchmark") else None)
+    versions = package_versions(needed)
     info = {p: {"version": versions[p], "licence": package_licence(p)} for p in config.packages}
     return [package_font_files(p) for p in config.packages], info, versions
 
@@ -159,6 +175,45 @@ class _MaskCache:
         return self.cache[key]
 
 
+def _select(
+    scan: ScanResult,
+    listing: dict[int, npt.NDArray[np.int64]],
+    pool: InstancePool,
+    config: GlyphBuildConfig,
+    show: ProgressFactory,
+) -> tuple[Selection, list[WrongGlyphs], dict[int, npt.NDArray[np.int64]]]:
+    """Pick classes; drop packages that draw other glyphs and pick again if there are any."""
+    orders = visit_orders(listing, config.seed)
+
+    def select(orders: dict[int, tuple[int, ...]], reuse: dict[int, ClassInstances]) -> Selection:
+        return select_classes(
+            orders,
+            pool,
+            min_instances=config.min_instances,
+            max_classes_per_script=config.max_classes_per_script,
+            progress=show,
+            reuse=reuse,
+        )
+
+    first = select(orders, {})
+    face_source = [face.source for face in scan.faces]
+    wrong = find_wrong_glyph_sources(first.classes, face_source, config.audit)
+    if not wrong:
+        return first, wrong, listing
+    dropped = {(w.source, w.script) for w in wrong}
+
+    def kept(cp: int, faces: Sequence[int]) -> list[int]:
+        script = script_of(chr(cp))
+        return [f for f in faces if (face_source[f], script) not in dropped]
+
+    # Filtering the first pass's visiting order (rather than shuffling the shorter
+    # list anew) lets every class that never kept a dropped face be reused as is.
+    orders = {cp: tuple(kept(cp, order)) for cp, order in orders.items()}
+    orders = {cp: order for cp, order in orders.items() if len(order) >= config.min_instances}
+    listing = {cp: np.asarray(sorted(order), dtype=np.int64) for cp, order in orders.items()}
+    return select(orders, first.tried), wrong, listing
+
+
 def _split_arrays(classes: list[ClassInstances], face_index: dict[int, int]) -> dict[str, Any]:
     size = classes[0].images.shape[1] if classes else 0
     return {
@@ -171,18 +226,20 @@ def _split_arrays(classes: list[ClassInstances], face_index: dict[int, int]) -> 
             [np.full(len(c.faces), label, dtype=np.int64) for label, c in enumerate(classes)]
             or [np.zeros(0, dtype=np.int64)]
         ),
-        "faces": np.asarray(
-            [face_index[int(f)] for c in classes for f in c.faces], dtype=np.int32
-        ),
+        "faces": np.asarray([face_index[int(f)] for c in classes for f in c.faces], dtype=np.int32),
         "codepoints": np.asarray([c.codepoint for c in classes], dtype=np.int64),
     }
 
 
-def _warnings(scan: ScanResult, selection: Selection, splits: dict[str, list[ClassInstances]]) -> tuple[str, ...]:
+def _warnings(
+    scan: ScanResult, selection: Selection, splits: dict[str, list[ClassInstances]]
+) -> tuple[str, ...]:
     notes = []
     skipped = len(scan.unreadable) + len(selection.unreadable_faces)
     if skipped:
-        notes.append(f"skipped {skipped} unreadable font file(s) or face(s); see skipped_fonts in {MANIFEST}")
+        notes.append(
+            f"skipped {skipped} unreadable font file(s) or face(s); see skipped_fonts in {MANIFEST}"
+        )
     notes.extend(f"{split} has no classes" for split in SPLITS if not splits[split])
     return tuple(notes)
 
@@ -220,6 +277,8 @@ def build_glyph_set(
         When a configured package is not installed.
     FontUnreadable
         When no usable font face is found.
+    DataError
+        When no character has ``min_instances`` distinct renders.
     ConfigError
         When `out` is not a folder or `font_dir` does not exist.
     """
@@ -246,23 +305,24 @@ def build_glyph_set(
     listing = class_listing(scan.faces, config.min_instances)
     instance_spec = InstanceSpec(config.near_duplicate_px, config.max_instances, config.seed)
     with InstancePool(refs, config.render, instance_spec, workers or default_workers()) as pool:
-        selection = select_classes(
-            listing,
-            pool,
-            min_instances=config.min_instances,
-            max_classes_per_script=config.max_classes_per_script,
-            seed=config.seed,
-            progress=show,
+        selection, wrong, listing = _select(scan, listing, pool, config, show)
+    if not selection.classes:
+        raise DataError(
+            f"no character has {config.min_instances} distinct renders among the "
+            f"{len(scan.faces)} usable font faces; give more fonts"
         )
 
     codepoints = [c.codepoint for c in selection.classes]
     split_of = {cp: split_of_script(script_of(chr(cp)) or "") for cp in codepoints}
-    candidates = candidate_pairs(class_means([c.images for c in selection.classes]), config.lookalike)
+    candidates = candidate_pairs(
+        class_means([c.images for c in selection.classes]), config.lookalike
+    )
     with show("comparing look-alike classes", len(candidates)) as advance:
         lookalikes = find_lookalikes(
             codepoints, candidates, listing, _MaskCache(refs, config), config.lookalike, advance
         )
-    removed = choose_removals(lookalikes, split_of)
+    confusables = cross_split_confusables(codepoints, split_of, confusable_groups())
+    removed = choose_removals([*lookalikes, *confusables], split_of)
 
     splits: dict[str, list[ClassInstances]] = {split: [] for split in SPLITS}
     for instances in selection.classes:
@@ -287,7 +347,9 @@ def build_glyph_set(
         used_faces=used_faces,
         sources=source_info,
         selection=selection,
+        wrong_glyphs=wrong,
         lookalikes=lookalikes,
+        confusables=confusables,
         removed=removed,
         split_of=split_of,
         unreadable=(

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from free_common.data.debian_packages import PACKAGE_SETS, font_packages
+from free_common.data.glyphs_audit import AuditSpec
 from free_common.data.glyphs_lookalike import LookalikeSpec
 from free_common.data.glyphs_render import RenderSpec
 from free_common.errors import ConfigError
@@ -38,6 +39,7 @@ class GlyphBuildConfig:
     seed: int = 0
     render: RenderSpec = field(default_factory=RenderSpec)
     lookalike: LookalikeSpec = field(default_factory=LookalikeSpec)
+    audit: AuditSpec = field(default_factory=AuditSpec)
 
     def __post_init__(self) -> None:
         if self.min_instances < 1:
@@ -88,4 +90,6 @@ def size_config(size: str) -> GlyphBuildConfig:
     try:
         return SIZES[size]
     except KeyError:
-        raise ConfigError(f"unknown glyph set size {size!r}; use one of: {', '.join(SIZES)}") from None
+        raise ConfigError(
+            f"unknown glyph set size {size!r}; use one of: {', '.join(SIZES)}"
+        ) from None

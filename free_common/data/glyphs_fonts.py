@@ -45,7 +45,8 @@ __all__ = [
 FONT_SUFFIXES = frozenset({".ttf", ".otf", ".ttc", ".otc"})
 
 # Lower-case words in a family, style or file name that mark fonts whose "letters" are
-# not letters (symbols, icons, barcodes), or are pixel art that scaling distorts.
+# not letters (symbols, icons, barcodes, math alphabets, keycaps), pixel art that scaling turns
+# into blocks (the PC BIOS "Px" fonts, Unifont, Misaki), or segment displays (DSEG).
 EXCLUDED_NAME_WORDS = (
     "awesome",
     "barcode",
@@ -53,21 +54,28 @@ EXCLUDED_NAME_WORDS = (
     "blank",
     "braille",
     "dingbat",
+    "dseg",
     "emoji",
     "glyphicon",
     "icon",
+    "keyboard",
     "lastresort",
     "math",
+    "misaki",
     "music",
     "ornament",
     "pictograph",
     "pixel",
     "powerline",
+    "px",
     "symbol",
+    "unifont",
     "wingding",
 )
 
-_FC_FORMAT = "%{file}\\t%{index}\\t%{family[0]}\\t%{style[0]}\\t%{outline}\\t%{scalable}\\t%{charset}\\n"
+_FC_FORMAT = (
+    "%{file}\\t%{index}\\t%{family[0]}\\t%{style[0]}\\t%{outline}\\t%{scalable}\\t%{charset}\\n"
+)
 _EXCLUDED = frozenset(EXCLUDED_NAME_WORDS)
 _WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+")
 _SCAN_BATCH = 200
@@ -99,9 +107,7 @@ class FontFace:
         """Return every covered codepoint, ascending."""
         if not self.coverage:
             return np.zeros(0, dtype=np.int64)
-        return np.concatenate(
-            [np.arange(lo, hi + 1, dtype=np.int64) for lo, hi in self.coverage]
-        )
+        return np.concatenate([np.arange(lo, hi + 1, dtype=np.int64) for lo, hi in self.coverage])
 
     def covers(self, codepoint: int) -> bool:
         """Tell whether the character map has `codepoint`."""
@@ -188,7 +194,7 @@ def _excluded_word(*names: str) -> str | None:
     # "Blankenburg" is not "Adobe Blank"; a plural "s" still matches ("MaterialIcons").
     for name in names:
         for token in _WORD.findall(name):
-            word = token.lower()
+            word = str(token).lower()
             if word in _EXCLUDED or word.removesuffix("s") in _EXCLUDED:
                 return word
     return None

@@ -129,9 +129,7 @@ class _Worker:
             codepoint=task.codepoint,
             faces=np.asarray(kept_faces, dtype=np.int32),
             images=(
-                np.stack(kept_images)
-                if kept_images
-                else np.zeros((0, size, size), dtype=np.uint8)
+                np.stack(kept_images) if kept_images else np.zeros((0, size, size), dtype=np.uint8)
             ),
             refused=refused,
             near_duplicates=near,
@@ -143,7 +141,7 @@ _WORKER: _Worker | None = None
 
 
 def _init_worker(faces: Sequence[FaceRef], render: RenderSpec, instances: InstanceSpec) -> None:
-    global _WORKER  # noqa: PLW0603 -- one worker state per pool process
+    global _WORKER
     _WORKER = _Worker(faces, render, instances)
 
 

@@ -70,9 +70,13 @@ class Lookalike:
     mean_px: float
     same_faces: int
     faces_compared: int
+    confusable: bool = False
+    """Paired by Unicode's confusables rather than measured (`glyphs_confusables`)."""
 
     def reason(self, spec: LookalikeSpec) -> str:
         """Say in words why the pair counts as look-alike."""
+        if self.confusable:
+            return "Unicode confusables"
         if self.mean_px < spec.mean_px:
             return f"class means {self.mean_px:.1f} px apart"
         return f"same glyph in {self.same_faces} of {self.faces_compared} shared faces"
@@ -83,7 +87,10 @@ def class_means(images: Sequence[npt.NDArray[np.uint8]]) -> npt.NDArray[np.float
     if not images:
         return np.zeros((0, 0), dtype=np.float32)
     return np.stack(
-        [batch.reshape(batch.shape[0], -1).mean(axis=0, dtype=np.float64) / 255.0 for batch in images]
+        [
+            batch.reshape(batch.shape[0], -1).mean(axis=0, dtype=np.float64) / 255.0
+            for batch in images
+        ]
     ).astype(np.float32)
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import PIL
 from PIL import features
 
+from free_common.data.glyphs_audit import WrongGlyphs
 from free_common.data.glyphs_chars import UNICODE_VERSION, class_label, script_of
 from free_common.data.glyphs_config import BUILDER_VERSION, GlyphBuildConfig
 from free_common.data.glyphs_fonts import FontFace, SkippedFont
@@ -73,7 +74,9 @@ def manifest_document(
     used_faces: Sequence[int],
     sources: Mapping[str, dict[str, str]],
     selection: Selection,
+    wrong_glyphs: Sequence[WrongGlyphs],
     lookalikes: Sequence[Lookalike],
+    confusables: Sequence[Lookalike],
     removed: Mapping[int, Lookalike],
     split_of: Mapping[int, str],
     unreadable: Sequence[SkippedFont],
@@ -112,9 +115,16 @@ def manifest_document(
         "software": software_versions(),
         "splits": split_docs,
         "script_splits": split_table(script_of(chr(c.codepoint)) or "" for c in selection.classes),
-        "classes": {
-            split: [_class_entry(c) for c in splits[split]] for split in SPLITS
-        },
+        "classes": {split: [_class_entry(c) for c in splits[split]] for split in SPLITS},
+        "wrong_glyph_sources": [
+            {
+                "package": w.source,
+                "script": w.script,
+                "recognised": round(w.recognised, 4),
+                "instances": w.instances,
+            }
+            for w in wrong_glyphs
+        ],
         "removed_lookalikes": [
             {
                 "removed": class_label(cp),
@@ -151,6 +161,7 @@ def manifest_document(
             "renders_refused": selection.refused_renders,
             "near_duplicates_dropped": selection.near_duplicates,
             "lookalike_pairs": len(lookalikes),
+            "cross_split_confusable_pairs": len(confusables),
             "lookalike_classes_removed": len(removed),
         },
     }

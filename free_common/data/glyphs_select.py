@@ -11,10 +11,10 @@ the same whatever the round sizes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import numpy.typing as npt
@@ -23,7 +23,14 @@ from free_common.data.glyphs_chars import is_class_character, script_of
 from free_common.data.glyphs_fonts import FontFace
 from free_common.data.glyphs_instances import ClassInstances, ClassTask, InstancePool, visit_order
 
-__all__ = ["Advance", "ProgressFactory", "Selection", "class_listing", "select_classes"]
+__all__ = [
+    "Advance",
+    "ProgressFactory",
+    "Selection",
+    "class_listing",
+    "select_classes",
+    "visit_orders",
+]
 
 Advance = Callable[[int], None]
 ProgressFactory = Callable[[str, int], AbstractContextManager[Advance]]
@@ -32,7 +39,7 @@ ProgressFactory = Callable[[str, int], AbstractContextManager[Advance]]
 _CAP_MARGIN = 8
 
 
-@lru_cache(maxsize=None)
+@cache
 def _is_class(codepoint: int) -> bool:
     return is_class_character(chr(codepoint))
 
@@ -63,38 +70,67 @@ class Selection:
     """Accepted classes (ascending codepoint) and counts of what happened on the way."""
 
     classes: tuple[ClassInstances, ...]
+    tried: dict[int, ClassInstances]
+    """Every class rendered (accepted or not), by codepoint: reusable by a later pass."""
     candidates: int
-    rendered: int
     below_min_instances: int
     refused_renders: int
     near_duplicates: int
     unreadable_faces: tuple[int, ...]
 
+    @property
+    def rendered(self) -> int:
+        """How many classes were rendered (or reused) to pick the accepted ones."""
+        return len(self.tried)
 
-def _script_queues(listing: dict[int, npt.NDArray[np.int64]]) -> dict[str, list[int]]:
+
+def _script_queues(orders: Mapping[int, tuple[int, ...]]) -> dict[str, list[int]]:
     queues: dict[str, list[int]] = {}
-    for cp in sorted(listing, key=lambda c: (-len(listing[c]), c)):
+    for cp in sorted(orders, key=lambda c: (-len(orders[c]), c)):
         script = script_of(chr(cp))
         assert script is not None, "class characters always have a script"
         queues.setdefault(script, []).append(cp)
     return queues
 
 
+def visit_orders(
+    listing: Mapping[int, npt.NDArray[np.int64]], seed: int
+) -> dict[int, tuple[int, ...]]:
+    """Return each candidate's faces in the order its instances are tried."""
+    return {cp: visit_order(cp, faces.tolist(), seed) for cp, faces in listing.items()}
+
+
 def select_classes(
-    listing: dict[int, npt.NDArray[np.int64]],
+    orders: Mapping[int, tuple[int, ...]],
     pool: InstancePool,
     *,
     min_instances: int,
     max_classes_per_script: int | None,
-    seed: int,
     progress: ProgressFactory,
+    reuse: Mapping[int, ClassInstances] | None = None,
 ) -> Selection:
-    """Render candidates round by round until every script is full or exhausted."""
-    queues = _script_queues(listing)
+    """Render candidates round by round until every script is full or exhausted.
+
+    Parameters
+    ----------
+    orders
+        Each candidate's faces in visiting order (`visit_orders`, possibly filtered).
+    pool
+        Renders the classes.
+    min_instances, max_classes_per_script
+        Acceptance and the per-script cap.
+    progress
+        Progress display factory.
+    reuse
+        Results of an earlier pass: a class is not rendered again when its kept
+        faces are all still in its visiting order (dropping faces it never kept
+        cannot change what it keeps).
+    """
+    queues = _script_queues(orders)
     position = dict.fromkeys(queues, 0)
     accepted: dict[str, list[ClassInstances]] = {script: [] for script in queues}
-    rendered = below = refused = near = 0
-    unreadable: set[int] = set()
+    tried: dict[int, ClassInstances] = {}
+    below = 0
     round_number = 0
     while True:
         batch: list[tuple[str, int]] = []
@@ -110,17 +146,14 @@ def select_classes(
         if not batch:
             break
         round_number += 1
-        label = "rendering glyphs" if round_number == 1 else f"rendering glyphs, round {round_number}"
-        tasks = [ClassTask(cp, visit_order(cp, listing[cp].tolist(), seed)) for _, cp in batch]
-        with progress(label, len(tasks)) as advance:
-            results = pool.run(tasks, advance)
-        for (script, _), result in zip(batch, results, strict=True):
-            if max_classes_per_script is not None and len(accepted[script]) >= max_classes_per_script:
+        results = _render(batch, orders, pool, reuse or {}, progress, round_number)
+        for (script, cp), result in zip(batch, results, strict=True):
+            if (
+                max_classes_per_script is not None
+                and len(accepted[script]) >= max_classes_per_script
+            ):
                 continue
-            rendered += 1
-            refused += result.refused
-            near += result.near_duplicates
-            unreadable.update(result.unreadable_faces)
+            tried[cp] = result
             if len(result.faces) >= min_instances:
                 accepted[script].append(result)
             else:
@@ -128,10 +161,33 @@ def select_classes(
     classes = sorted((c for group in accepted.values() for c in group), key=lambda c: c.codepoint)
     return Selection(
         classes=tuple(classes),
-        candidates=len(listing),
-        rendered=rendered,
+        tried=tried,
+        candidates=len(orders),
         below_min_instances=below,
-        refused_renders=refused,
-        near_duplicates=near,
-        unreadable_faces=tuple(sorted(unreadable)),
+        refused_renders=sum(r.refused for r in tried.values()),
+        near_duplicates=sum(r.near_duplicates for r in tried.values()),
+        unreadable_faces=tuple(sorted({f for r in tried.values() for f in r.unreadable_faces})),
     )
+
+
+def _render(
+    batch: list[tuple[str, int]],
+    orders: Mapping[int, tuple[int, ...]],
+    pool: InstancePool,
+    reuse: Mapping[int, ClassInstances],
+    progress: ProgressFactory,
+    round_number: int,
+) -> list[ClassInstances]:
+    results: dict[int, ClassInstances] = {}
+    for _, cp in batch:
+        prior = reuse.get(cp)
+        if prior is not None and set(prior.faces.tolist()) <= set(orders[cp]):
+            results[cp] = prior
+    tasks = [ClassTask(cp, orders[cp]) for _, cp in batch if cp not in results]
+    if tasks:
+        label = (
+            "rendering glyphs" if round_number == 1 else f"rendering glyphs, round {round_number}"
+        )
+        with progress(label, len(tasks)) as advance:
+            results.update((r.codepoint, r) for r in pool.run(tasks, advance))
+    return [results[cp] for _, cp in batch]

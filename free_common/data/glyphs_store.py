@@ -32,9 +32,9 @@ from free_common.errors import DatasetLayoutError, SplitError
 
 __all__ = [
     "MANIFEST",
-    "load_glyph_split",
     "SplitArrays",
     "file_sha256",
+    "load_glyph_split",
     "read_manifest",
     "read_split_arrays",
     "split_file",
@@ -87,7 +87,9 @@ def write_split_arrays(path: Path, arrays: SplitArrays) -> None:
             entry.compress_type = zipfile.ZIP_DEFLATED
             entry.external_attr = 0o644 << 16
             payload = io.BytesIO()
-            np.lib.format.write_array(payload, np.ascontiguousarray(arrays[name]), allow_pickle=False)
+            np.lib.format.write_array(
+                payload, np.ascontiguousarray(arrays[name]), allow_pickle=False
+            )
             archive.writestr(entry, payload.getvalue(), compresslevel=6)
     _replace(path, buffer.getvalue())
 
@@ -130,7 +132,9 @@ def read_split_arrays(path: Path) -> SplitArrays:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {name: archive[name] for name in _ARRAYS}
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
-        raise DatasetLayoutError(f"{path} is missing or damaged ({exc}); rebuild with --force") from exc
+        raise DatasetLayoutError(
+            f"{path} is missing or damaged ({exc}); rebuild with --force"
+        ) from exc
     for name, dtype in _ARRAYS.items():
         if arrays[name].dtype != dtype:
             raise DatasetLayoutError(f"{path}: {name} is {arrays[name].dtype}, expected {dtype}")

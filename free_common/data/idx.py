@@ -90,6 +90,8 @@ def read_idx(
     if ndim is not None and rank != ndim:
         raise IdxFormatError(f"{path} has {rank} dimensions, expected {ndim}{hint}")
     if dtype is not None and element.newbyteorder("=") != np.dtype(dtype).newbyteorder("="):
-        raise IdxFormatError(f"{path} holds {element.name} values, expected {np.dtype(dtype)}{hint}")
+        raise IdxFormatError(
+            f"{path} holds {element.name} values, expected {np.dtype(dtype)}{hint}"
+        )
     array = np.frombuffer(data, dtype=element, offset=header).reshape(shape)
     return array.astype(element.newbyteorder("="), copy=True)

@@ -64,8 +64,7 @@ class ImageSet:
             images.ndim == 3 or (images.ndim == 4 and images.shape[3] == 3)
         ):
             raise ValueError(
-                f"images must be uint8 (N, H, W) or (N, H, W, 3), got {images.dtype} "
-                f"{images.shape}"
+                f"images must be uint8 (N, H, W) or (N, H, W, 3), got {images.dtype} {images.shape}"
             )
         if labels.dtype != np.int64 or labels.shape != (images.shape[0],):
             raise ValueError(

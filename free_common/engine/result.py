@@ -119,7 +119,7 @@ def make_initialization(
         **metadata_to_props(learner_task(spec)),
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    data = save_tensors(tensors, metadata=header)
+    data = _with_sorted_metadata(save_tensors(tensors, metadata=header))
     record = {
         "format": INIT_FORMAT,
         "version": _INIT_VERSION,
@@ -156,6 +156,22 @@ def read_initialization(weights: Path, manifest: Path) -> Initialization:
     if hashlib.sha256(data).hexdigest() != record.get("sha256"):
         raise CheckpointError(f"{weights} does not match the sha256 in {manifest}")
     return Initialization(data, record)
+
+
+def _with_sorted_metadata(data: bytes) -> bytes:
+    """Rewrite a safetensors header with its metadata keys sorted.
+
+    safetensors writes ``__metadata__`` in hash-map order, which changes from process to
+    process; sorted, the same weights always give the same bytes and the same sha256.
+    Tensor offsets count from the end of the header, so the data part stays as it is.
+    """
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    metadata = header.pop("__metadata__", {})
+    ordered = {"__metadata__": dict(sorted(metadata.items())), **header}
+    text = json.dumps(ordered, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the format pads the header with spaces to 8 bytes
+    return len(text).to_bytes(8, "little") + text + data[8 + size :]
 
 
 def _width(spec: LearnerSpec) -> int:

@@ -1,0 +1,152 @@
+"""results.md: the table people read, written from the results.json document."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["METHOD_TITLES", "render_markdown"]
+
+METHOD_TITLES = {
+    "free": "FREE (FIVE + BELL with iGA)",
+    "free-no-iga": "FREE without iGA",
+    "scratch": "scratch inversion + BELL",
+    "average": "weight averaging",
+    "random": "random initialization",
+}
+
+
+def _cell(rows: Sequence[dict[str, Any]], method: str, shots: int) -> str:
+    for row in rows:
+        if row["method"] == method and row["shots"] == shots:
+            return f"{100 * row['mean']:.2f} ± {100 * row['ci95']:.2f}"
+    return "–"
+
+
+def _accuracy_table(rows: Sequence[dict[str, Any]], methods: Sequence[str]) -> list[str]:
+    shots = sorted({int(row["shots"]) for row in rows})
+    lines = [
+        "| method | " + " | ".join(f"{s}-shot" for s in shots) + " |",
+        "|---|" + "---|" * len(shots),
+    ]
+    for method in methods:
+        if any(row["method"] == method for row in rows):
+            cells = " | ".join(_cell(rows, method, s) for s in shots)
+            lines.append(f"| {METHOD_TITLES.get(method, method)} | {cells} |")
+    return lines
+
+
+def _mean_of(rows: Sequence[dict[str, Any]], method: str, shots: int) -> float:
+    for row in rows:
+        if row["method"] == method and row["shots"] == shots:
+            return float(row["mean"])
+    return math.nan
+
+
+def _targets(results: dict[str, Any]) -> list[str]:
+    recovery, rows = results["recovery"], results["accuracy"]
+    lines = [
+        f"- recovery at least 20x faster than scratch inversion: "
+        f"{_verdict(recovery['speedup'] >= 20)} ({recovery['speedup']:.1f}x)",
+        f"- FIVE teacher accuracy (cross-entropy alone) at least 0.85: "
+        f"{_verdict(recovery['free_teacher_accuracy'] >= 0.85)} "
+        f"({recovery['free_teacher_accuracy']:.2f})",
+    ]
+    for shots in (1, 5):
+        free, random = _mean_of(rows, "free", shots), _mean_of(rows, "random", shots)
+        scratch = _mean_of(rows, "scratch", shots)
+        gain = 100 * (free - random)
+        lines.append(
+            f"- {shots}-shot: FREE beats random initialization by at least 10 points: "
+            f"{_verdict(gain >= 10)} ({gain:+.2f} points); FREE not below scratch: "
+            f"{_verdict(free >= scratch)} ({100 * (free - scratch):+.2f} points)"
+        )
+    if results["preset"] != "cpu":
+        lines.append(
+            f"- (the accuracy targets are set for preset cpu; this is {results['preset']})"
+        )
+    return lines
+
+
+def _recovery_row(what: str, seconds: float, accuracy: float) -> str:
+    return f"| {what} | {seconds:.3f} | {accuracy:.3f} |"
+
+
+def _verdict(met: bool) -> str:
+    return "met" if met else "NOT met"
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    """Render results.json as markdown: accuracy, recovery, cross-domain, targets, pictures."""
+    methods = results["methods"]
+    recovery = results["recovery"]
+    test_rows = results["accuracy"]
+    episodes = test_rows[0]["episodes"] if test_rows else 0
+    lines = [
+        f"# FREE benchmark, preset `{results['preset']}`",
+        "",
+        "```",
+        results["command"],
+        "```",
+        "",
+        f"Device: {results['device']}; torch {results['environment']['torch']}, "
+        f"{results['environment']['threads']} threads. Data: `{results['data']['dir']}` "
+        f"({results['data']['classes']['meta-train']} meta-train / "
+        f"{results['data']['classes']['meta-val']} meta-val / "
+        f"{results['data']['classes']['meta-test']} meta-test classes). Teachers: "
+        f"{results['teachers']['used']} of {results['teachers']['count']} in `{results['zoo']}`. "
+        f"Wall time {results['timings']['total_seconds'] / 60:.1f} min.",
+        "",
+        f"## Meta-test accuracy (%), 5-way, 15 queries, {episodes} episodes, mean ± 95% CI",
+        "",
+        *_accuracy_table(test_rows, methods),
+        "",
+        "Every method starts from the same random initialization and is evaluated on the",
+        "same episodes: the whole network fine-tuned 10 steps at lr 0.01 on the support set,",
+        "batch norm on batch statistics. The meta-learners are trained on 1-shot tasks and",
+        "chosen on meta-val; the meta-test split is only read here.",
+        "",
+        "## Recovery, per teacher (same teachers, same batch, this run)",
+        "",
+        "| recovery | seconds | teacher accuracy |",
+        "|---|---|---|",
+        _recovery_row(
+            f"FIVE: {recovery['free_steps']} steps from the meta-generator, adversarial term on",
+            recovery["free_seconds_per_teacher"],
+            recovery["free_teacher_accuracy_adv"],
+        ),
+        _recovery_row(
+            f"FIVE: {recovery['free_steps']} steps, cross-entropy alone",
+            recovery["free_seconds_per_teacher_ce"],
+            recovery["free_teacher_accuracy"],
+        ),
+        _recovery_row(
+            f"scratch: {recovery['scratch_steps']} steps from a fresh generator",
+            recovery["scratch_seconds_per_teacher"],
+            recovery["scratch_teacher_accuracy"],
+        ),
+        "",
+        f"Speed-up of FIVE over scratch inversion: **{recovery['speedup']:.1f}x** "
+        f"({recovery['teachers']} teachers, {recovery['images_per_teacher']} images each). "
+        f"During training FIVE took {recovery['free_seconds_per_teacher_in_run']:.3f} s per "
+        f"teacher with teacher accuracy {recovery['free_teacher_accuracy_in_run']:.3f}.",
+        "",
+    ]
+    cross = results["cross_domain"]
+    lines += ["## Cross-domain: meta-trained on glyphs, tested on Fashion-MNIST (%)", ""]
+    if cross.get("accuracy"):
+        lines += [*_accuracy_table(cross["accuracy"], methods), ""]
+        lines += [f"{cross['accuracy'][0]['episodes']} episodes; reported, no target yet.", ""]
+    else:
+        lines += [f"Not run: {cross.get('skipped', 'no data')}", ""]
+    if results.get("skipped_methods"):
+        lines += ["## Methods not run", ""]
+        lines += [f"- {m}: {why}" for m, why in results["skipped_methods"].items()]
+        lines.append("")
+    lines += ["## Targets (issue 4)", "", *_targets(results), ""]
+    lines += ["## Timings (seconds)", "", "| part | seconds |", "|---|---|"]
+    lines += [f"| {part} | {sec:.1f} |" for part, sec in results["timings"].items()]
+    lines += ["", "## Pictures", ""]
+    lines += [f"![{name}]({path})" for name, path in results["figures"].items()]
+    return "\n".join(lines) + "\n"

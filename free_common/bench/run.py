@@ -1,0 +1,430 @@
+"""`free-bench run`: every method on the same teachers in one process, and the report.
+
+The methods (DESIGN.md section 4), all from the same random initialization:
+
+``free``         FIVE + BELL with implicit gradient alignment (the method);
+``free-no-iga``  the same, with the teachers' distillation gradients summed instead;
+``scratch``      each teacher inverted once by a fresh generator (200 steps), then the
+                 same BELL training on those images for as many steps;
+``average``      the mean of the weights of the teachers that share the meta-learner's
+                 architecture and input (skipped, with the reason, when none does);
+``random``       the initialization itself, untrained.
+
+The three trained methods select their state on meta-val episodes; meta-test episodes
+(the same for every method) are only read for the final table, and Fashion-MNIST gives
+a cross-domain reading. Output: ``results.json``, ``results.md``, ``figures/*.png``,
+and each round's folder under ``work/`` (its checkpoints and initialization).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from free_common.bench.figures import line_chart, recovery_sheet
+from free_common.bench.measure import (
+    EpisodeSet,
+    RecoveryReport,
+    evaluate_models,
+    measure_recovery,
+)
+from free_common.bench.report import render_markdown
+from free_common.data.episodes import EpisodeSampler, to_tensor
+from free_common.data.fashion_mnist import load_fashion_mnist
+from free_common.data.glyphs_store import load_glyph_split
+from free_common.data.imageset import ImageSet
+from free_common.engine import (
+    EngineConfig,
+    EngineEvent,
+    EngineTeacher,
+    RoundResult,
+    build_learner,
+    preset,
+    resolve_device,
+    run_round,
+)
+from free_common.errors import ArchitectureMismatch, ConfigError, DataError
+from free_common.meta.baselines import random_init, weight_average
+from free_common.meta.config import EvalConfig
+from free_common.models.intake import load_teacher
+
+__all__ = [
+    "BENCH_SETTINGS",
+    "METHODS",
+    "BenchRequest",
+    "BenchSettings",
+    "ZooTeacher",
+    "load_zoo",
+    "run_benchmark",
+]
+
+METHODS = ("free", "free-no-iga", "scratch", "average", "random")
+_SHOTS = (1, 5)
+_QUERIES = 15
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """How much a preset evaluates (the engine preset says how it trains).
+
+    Attributes
+    ----------
+    test_episodes
+        Meta-test episodes per shot count (600 in the paper).
+    cross_episodes
+        Fashion-MNIST episodes per shot count.
+    figure_teachers
+        Teachers drawn in the recovery pictures.
+    figure_images
+        Images per class in each block of those pictures.
+    """
+
+    test_episodes: int
+    cross_episodes: int
+    figure_teachers: int = 6
+    figure_images: int = 4
+
+
+BENCH_SETTINGS = {
+    "smoke": BenchSettings(test_episodes=60, cross_episodes=30, figure_teachers=3),
+    "cpu": BenchSettings(test_episodes=600, cross_episodes=200),
+    "paper": BenchSettings(test_episodes=600, cross_episodes=600),
+}
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    """What `free-bench run` was asked to do."""
+
+    preset: str
+    data: Path
+    zoo: Path
+    out: Path
+    device: str = "auto"
+    seed: int | None = None
+    command: str = ""
+
+
+@dataclass(frozen=True)
+class ZooTeacher:
+    """A teacher of the zoo folder: the engine's view and what its JSON says."""
+
+    teacher: EngineTeacher
+    arch: str | None
+    class_names: tuple[str, ...]
+
+
+Notify = Callable[[str, EngineEvent | str], None]
+
+
+def load_zoo(folder: Path) -> list[ZooTeacher]:
+    """Load every ``<name>.onnx`` of a zoo folder (with its ``<name>.json``), sorted by name.
+
+    The zoo is the benchmark's own export, so intake's static checks and the
+    conversion run here, not the sandboxed worker the server runs on submissions.
+
+    Raises
+    ------
+    ConfigError
+        No models in the folder.
+    """
+    paths = sorted(folder.glob("*.onnx"))
+    if not paths:
+        raise ConfigError(
+            f"no .onnx teachers in {folder}; build a zoo with: free-bench zoo --data DIR "
+            f"--models N --out {folder}"
+        )
+    loaded = []
+    for path in paths:
+        converted = load_teacher(path.read_bytes(), already_accepted=True)
+        sidecar = path.with_suffix(".json")
+        record: dict[str, Any] = json.loads(sidecar.read_text()) if sidecar.exists() else {}
+        names = tuple(record.get("class_names") or converted.task.class_names)
+        teacher = EngineTeacher(path.stem, converted.module, converted.task)
+        loaded.append(ZooTeacher(teacher, record.get("arch"), names))
+    return loaded
+
+
+def run_benchmark(request: BenchRequest, notify: Notify | None = None) -> dict[str, Any]:
+    """Run every method, measure, draw, and write results.json and results.md.
+
+    Parameters
+    ----------
+    request
+        Preset, folders, device, seed and the command line to record.
+    notify
+        Receives (method, engine event or a message) as the run goes.
+
+    Returns
+    -------
+    dict
+        The results.json document.
+    """
+    started = time.perf_counter()
+    tell: Notify = notify or (lambda _method, _event: None)
+    settings = BENCH_SETTINGS.get(request.preset)
+    if settings is None:
+        raise ConfigError(f"unknown preset {request.preset!r}; choose one of smoke, cpu, paper")
+    splits = {
+        name: load_glyph_split(request.data, name)
+        for name in ("meta-train", "meta-val", "meta-test")
+    }
+    train = splits["meta-train"]
+    side = train.image_size[0]
+    config = preset(request.preset).for_input(train.channels, side)
+    if request.seed is not None:
+        config = dataclasses.replace(config, seed=request.seed)
+    device = resolve_device(request.device)
+    zoo = load_zoo(request.zoo)
+    teachers = [z.teacher for z in zoo]
+    ways = config.learner.ways
+    validation = EpisodeSet(
+        EpisodeSampler(
+            splits["meta-val"],
+            ways,
+            config.validation.shots,
+            config.validation.queries,
+            config.seed,
+        ),
+        config.validation.episodes,
+        train.channels,
+        side,
+    )
+    timings: dict[str, float] = {}
+    rounds: dict[str, RoundResult] = {}
+    variants = {
+        "free": config,
+        "free-no-iga": config.with_iga(False),
+        "scratch": config.with_recovery("scratch"),
+    }
+    for method, variant in variants.items():
+        clock = time.perf_counter()
+        rounds[method] = run_round(
+            teachers,
+            variant,
+            request.out / "work" / method,
+            validation=validation,
+            device=device,
+            on_event=_forward(tell, method),
+            fresh=True,
+        )
+        rounds[method].initialization.write(request.out / "work" / method, "init")
+        timings[f"{method} round"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    tell("recovery", "timing FIVE and scratch recovery on the same teachers")
+    recovery = measure_recovery(teachers, rounds["free"], rounds["scratch"], config, device)
+    timings["recovery measurement"] = time.perf_counter() - clock
+
+    models: dict[str, nn.Module] = {m: r.initialization.build_model() for m, r in rounds.items()}
+    skipped: dict[str, str] = {}
+    average = _weight_average(zoo, config, rounds["free"].teacher_ids)
+    if isinstance(average, str):
+        skipped["average"] = average
+    else:
+        models["average"] = average
+    models["random"] = random_init(lambda: build_learner(config.learner), config.seed)
+
+    base = dataclasses.replace(config.validation, queries=_QUERIES, episodes=settings.test_episodes)
+    clock = time.perf_counter()
+    test = splits["meta-test"]
+
+    def test_episodes(shots: int) -> EpisodeSet:
+        sampler = EpisodeSampler(test, ways, shots, _QUERIES, config.seed + 1000 + shots)
+        return EpisodeSet(sampler, settings.test_episodes, train.channels, side)
+
+    def done(split: str) -> Callable[[str, int, Any], None]:
+        return lambda m, s, r: tell(m, f"{split} {s}-shot: {100 * r.mean:.2f} ± {100 * r.ci95:.2f}")
+
+    accuracy = evaluate_models(
+        models, test_episodes, base, _SHOTS, "meta-test", device, done("meta-test")
+    )
+    timings["meta-test evaluation"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    cross = _cross_domain(models, base, settings, config, device, done("fashion-mnist"))
+    timings["cross-domain evaluation"] = time.perf_counter() - clock
+
+    figures = _draw(request.out, zoo, splits["meta-train"], recovery, rounds, settings)
+    timings["total_seconds"] = time.perf_counter() - started
+    used = set(rounds["free"].teacher_ids)
+    results: dict[str, Any] = {
+        "preset": request.preset,
+        "device": str(device),
+        "command": request.command,
+        "recovery": recovery.summary(),
+        "accuracy": accuracy,
+        "cross_domain": cross,
+        "methods": [m for m in METHODS if m in models],
+        "skipped_methods": skipped,
+        "curves": {m: [[p.step, p.mean] for p in r.curve] for m, r in rounds.items()},
+        "selected_steps": {m: r.selected_step for m, r in rounds.items()},
+        "timings": timings,
+        "teachers": {
+            "count": len(zoo),
+            "used": len(used),
+            "skipped": [dataclasses.asdict(s) for s in rounds["free"].skipped],
+        },
+        "data": {
+            "dir": str(request.data),
+            "classes": {name: split.num_classes for name, split in splits.items()},
+            "images": {name: len(split) for name, split in splits.items()},
+        },
+        "zoo": str(request.zoo),
+        "seed": config.seed,
+        "config": rounds["free"].initialization.manifest["config"],
+        "environment": {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+        },
+        "figures": figures,
+    }
+    _write(request.out / "results.json", json.dumps(results, indent=1, allow_nan=False) + "\n")
+    _write(request.out / "results.md", render_markdown(results))
+    return results
+
+
+def _forward(tell: Notify, method: str) -> Callable[[EngineEvent], None]:
+    def on_event(event: EngineEvent) -> None:
+        tell(method, event)
+
+    return on_event
+
+
+def _weight_average(
+    zoo: list[ZooTeacher], config: EngineConfig, used: tuple[str, ...]
+) -> nn.Module | str:
+    """Average the teachers that share the learner's architecture and input, or say why not."""
+    spec = config.learner
+    shape = (spec.channels, spec.image_size, spec.image_size)
+    same = [
+        z.teacher.module
+        for z in zoo
+        if z.teacher.teacher_id in used
+        and z.arch == spec.arch
+        and z.teacher.task.input_shape == shape
+        and z.teacher.task.num_classes == spec.ways
+    ]
+    if not same:
+        return (
+            f"no teacher is a {spec.arch} on {shape[0]}x{shape[1]}x{shape[2]} inputs with "
+            f"{spec.ways} classes, and weight averaging needs the meta-learner's architecture"
+        )
+    try:
+        # Teachers normalize their inputs; batch norm on batch statistics absorbs that shift.
+        return weight_average(same, random_init(lambda: build_learner(spec), config.seed))
+    except ArchitectureMismatch as err:
+        return err.message
+
+
+def _cross_domain(
+    models: dict[str, nn.Module],
+    base: EvalConfig,
+    settings: BenchSettings,
+    config: EngineConfig,
+    device: torch.device,
+    on_done: Callable[[str, int, Any], None],
+) -> dict[str, Any]:
+    """Fashion-MNIST test images, fitted to the learner's input; reported, no target."""
+    try:
+        fashion = load_fashion_mnist("test")
+    except DataError as err:
+        return {"dataset": "fashion-mnist", "skipped": err.message}
+    spec = config.learner
+
+    def episodes(shots: int) -> EpisodeSet:
+        sampler = EpisodeSampler(fashion, spec.ways, shots, _QUERIES, config.seed + 2000 + shots)
+        return EpisodeSet(sampler, settings.cross_episodes, spec.channels, spec.image_size)
+
+    cross_base = dataclasses.replace(base, episodes=settings.cross_episodes)
+    rows = evaluate_models(
+        models, episodes, cross_base, _SHOTS, "fashion-mnist test", device, on_done
+    )
+    return {"dataset": "fashion-mnist", "split": "test", "accuracy": rows}
+
+
+def _real_images(split: ImageSet, names: tuple[str, ...], count: int) -> list[Tensor]:
+    index = {name: label for label, name in enumerate(split.class_names)}
+    rows = []
+    for name in names:
+        label = index.get(name)
+        if label is None:
+            rows.append(torch.zeros(0, 1, 1, 1))
+            continue
+        members = [i for i, y in enumerate(split.labels.tolist()) if y == label][:count]
+        rows.append(to_tensor(split.images[members]))
+    return rows
+
+
+def _per_class(images: Tensor, labels: Tensor, classes: int, count: int) -> list[Tensor]:
+    return [images[labels == c][:count] for c in range(classes)]
+
+
+def _draw(
+    out: Path,
+    zoo: list[ZooTeacher],
+    train: ImageSet,
+    recovery: RecoveryReport,
+    rounds: dict[str, RoundResult],
+    settings: BenchSettings,
+) -> dict[str, str]:
+    folder = out / "figures"
+    folder.mkdir(parents=True, exist_ok=True)
+    figures = {}
+    names = {z.teacher.teacher_id: z.class_names for z in zoo}
+    count = settings.figure_images
+    for measured in recovery.teachers[: settings.figure_teachers]:
+        own = names.get(measured.teacher_id, ())
+        classes = measured.classes
+        shown = tuple(own[c] if c < len(own) else f"class {c}" for c in classes)
+        ways = len(classes)
+        scratch = measured.scratch
+        keep = torch.isin(scratch.labels, torch.tensor(classes, device=scratch.labels.device))
+        position = {c: i for i, c in enumerate(classes)}
+        scratch_labels = torch.tensor([position[int(y)] for y in scratch.labels[keep].tolist()])
+        sheet = recovery_sheet(
+            measured.teacher_id,
+            shown,
+            {
+                "FIVE, cross-entropy": _per_class(
+                    measured.five_ce.images, measured.five_ce.labels, ways, count
+                ),
+                "FIVE, + adversarial": _per_class(
+                    measured.five_adv.images, measured.five_adv.labels, ways, count
+                ),
+                "scratch, 200 steps": _per_class(
+                    scratch.images[keep].cpu(), scratch_labels, ways, count
+                ),
+                "real": _real_images(train, shown, count),
+            },
+        )
+        path = folder / f"recovered-{measured.teacher_id}.png"
+        sheet.save(path)
+        figures[f"recovered {measured.teacher_id}"] = str(path.relative_to(out))
+    chart = line_chart(
+        "meta-val accuracy (5-way 1-shot) during training",
+        {m: [(float(p.step), p.mean) for p in r.curve] for m, r in rounds.items()},
+    )
+    path = folder / "meta-val-curves.png"
+    chart.save(path)
+    figures["meta-val curves"] = str(path.relative_to(out))
+    return figures
+
+
+def _write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(path.name + ".tmp")
+    temp.write_text(text)
+    os.replace(temp, path)

@@ -1,0 +1,98 @@
+"""`free-bench run`: every method on the same teachers, results.json, results.md, pictures.
+
+Example::
+
+    free-bench data build --size small --out data-cache/small
+    free-bench zoo --data data-cache/small --models 8 --out data-cache/zoo
+    free-bench run --preset smoke --data data-cache/small --zoo data-cache/zoo --out runs/smoke
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from free_common.bench.run import METHODS, BenchRequest, run_benchmark
+from free_common.console import Advance, out_console, progress
+from free_common.engine import (
+    EngineEvent,
+    RoundFinished,
+    RoundStarted,
+    ScratchRecovered,
+    StepFinished,
+)
+
+__all__ = ["run"]
+
+
+class _Progress:
+    """Turns engine events into one progress bar per round and one line per result."""
+
+    def __init__(self) -> None:
+        self._stack = ExitStack()
+        self._advance: Advance | None = None
+
+    def __call__(self, method: str, event: EngineEvent | str) -> None:
+        if isinstance(event, str):
+            out_console.print(f"{method}: {event}", markup=False, highlight=False)
+        elif isinstance(event, RoundStarted):
+            label = f"{method}: {event.teachers} teachers, {event.steps} steps"
+            self._advance = self._stack.enter_context(progress(label, event.steps))
+            if event.start_step:
+                self._advance(event.start_step)
+        elif isinstance(event, StepFinished | ScratchRecovered) and self._advance is not None:
+            if isinstance(event, StepFinished):
+                self._advance(1)
+        elif isinstance(event, RoundFinished):
+            self._stack.close()
+            self._advance = None
+            out_console.print(
+                f"{method}: done in {event.seconds:.0f} s, selected step {event.selected_step} "
+                f"({event.selection})",
+                markup=False,
+                highlight=False,
+            )
+
+    def close(self) -> None:
+        self._stack.close()
+
+
+def run(
+    preset: Annotated[str, typer.Option(help="smoke (minutes), cpu (2-core CPU), paper (GPU)")],
+    data: Annotated[Path, typer.Option(help="glyph set folder (free-bench data build)")],
+    zoo: Annotated[Path, typer.Option(help="teacher zoo folder (free-bench zoo)")],
+    out: Annotated[Path, typer.Option(help="folder for results.json, results.md, figures/")],
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
+    seed: Annotated[int | None, typer.Option(help="seed (default: the preset's)")] = None,
+) -> None:
+    """Run FREE, FREE without iGA, scratch inversion, weight averaging and random init."""
+    command = "free-bench " + shlex.join(sys.argv[1:])
+    request = BenchRequest(preset, data, zoo, out, device, seed, command)
+    reporter = _Progress()
+    try:
+        results = run_benchmark(request, reporter)
+    finally:
+        reporter.close()
+    for row in results["accuracy"]:
+        out_console.print(
+            f"{row['method']:>12} {row['shots']}-shot: {100 * row['mean']:.2f} "
+            f"± {100 * row['ci95']:.2f}",
+            markup=False,
+            highlight=False,
+        )
+    recovery = results["recovery"]
+    out_console.print(
+        f"recovery: FIVE {recovery['free_seconds_per_teacher']:.2f} s, scratch "
+        f"{recovery['scratch_seconds_per_teacher']:.2f} s per teacher "
+        f"({recovery['speedup']:.1f}x); teacher accuracy {recovery['free_teacher_accuracy']:.2f}",
+        markup=False,
+        highlight=False,
+    )
+    out_console.print(
+        f"wrote {out / 'results.md'} ({', '.join(METHODS)})", markup=False, highlight=False
+    )
