@@ -9,6 +9,7 @@ import typer
 from free_client.export import export
 from free_client.fetch import fetch
 from free_client.inspect import inspect
+from free_client.join import join
 from free_client.keygen import keygen
 from free_client.submit import submit
 from free_common import __version__
@@ -39,6 +40,7 @@ app.command("export")(export)
 app.command("inspect")(inspect)
 app.command("submit")(submit)
 app.command("fetch")(fetch)
+app.command("join")(join)
 
 
 def main() -> NoReturn:

@@ -127,6 +127,7 @@ def evaluate(message: Message, context: Context) -> Message:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Flower call otherwise
     settings = JoinSettings.from_node_config(context.node_config)
     try:
         metrics = receive_release(message.content, settings)

@@ -46,7 +46,7 @@ from free_common.flower_app import flower_environment
 from free_common.security.keys import load_public_key
 from free_common.security.node_keys import load_node_private_key
 
-__all__ = ["JoinOptions", "join", "run_supernode", "supernode_command"]
+__all__ = ["JoinOptions", "join", "prepare", "run_supernode", "supernode_command"]
 
 log = logging.getLogger("free_client.join")
 
@@ -125,6 +125,7 @@ def prepare(
     KeyFormatError
         The node key or the server key cannot be read.
     """
+    _check_address(superlink)
     node_key = key_dir / "node.key"
     load_node_private_key(node_key)
     load_public_key(server_pub)
@@ -148,7 +149,7 @@ def prepare(
     shim.write_text(_SHIM.format(python=sys.executable), encoding="utf-8")
     shim.chmod(0o755)
     return JoinOptions(
-        superlink=_check_address(superlink),
+        superlink=superlink,
         node_key=node_key.resolve(),
         ca=ca.resolve(),
         settings=settings,

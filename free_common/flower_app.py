@@ -25,9 +25,11 @@ with: no telemetry, no update check, no run-time dependency installation
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -111,9 +113,13 @@ clientapp = "{CLIENTAPP_REF}"
     return text.encode("utf-8")
 
 
+@functools.cache
 def app_bundle(version: str = __version__) -> bytes:
     """Build the round app's bundle (FAB) for FREE-Fed `version`; the same bytes every time."""
-    fab, _ = build_fab_from_files({"pyproject.toml": app_pyproject(version)})
+    with warnings.catch_warnings():
+        # flwr 1.41's builder uses a pathspec pattern type that pathspec deprecates.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        fab, _ = build_fab_from_files({"pyproject.toml": app_pyproject(version)})
     return bytes(fab)
 
 

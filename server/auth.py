@@ -74,9 +74,7 @@ def caller_key_id(context: grpc.ServicerContext) -> str:
     raise RuntimeError("exchange call without credentials passed the auth interceptor")
 
 
-def _aborting_handler(
-    handler: Handler, code: grpc.StatusCode, message: str
-) -> Handler:
+def _aborting_handler(handler: Handler, code: grpc.StatusCode, message: str) -> Handler:
     """Build a handler of the same shape as `handler` that refuses the call."""
 
     def abort(_request: object, context: grpc.ServicerContext) -> Any:

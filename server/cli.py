@@ -10,6 +10,7 @@ from free_common import __version__
 from free_common.console import out_console, run_app
 from free_server.commands import clients
 from free_server.commands.init import init
+from free_server.commands.run import run
 from free_server.commands.start import start
 from free_server.commands.status import status
 
@@ -36,6 +37,7 @@ def version() -> None:
 app.command("init")(init)
 app.command("start")(start)
 app.command("status")(status)
+app.command("run")(run)
 app.add_typer(clients.app, name="clients")
 
 

@@ -156,7 +156,10 @@ class _FleetApp:
             )
             await _reply(send, 403, reason)
             return
-        body = await _read_body(scope, receive)
+        try:
+            body = await _read_body(scope, receive)
+        except _ClientGone:
+            return
         if body is None:
             await _reply(send, 413, f"request body over {MAX_BODY_BYTES} bytes")
             return
@@ -183,6 +186,10 @@ class _FleetApp:
         await send({"type": "http.response.body", "body": upstream.content})
 
 
+class _ClientGone(Exception):
+    """The SuperNode hung up before its request body arrived."""
+
+
 async def _read_body(scope: Scope, receive: Receive) -> bytes | None:
     """Read the whole body, or None once it exceeds `MAX_BODY_BYTES`."""
     for name, value in scope["headers"]:
@@ -193,7 +200,7 @@ async def _read_body(scope: Scope, receive: Receive) -> bytes | None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            return b""
+            raise _ClientGone
         chunk: bytes = message.get("body", b"")
         size += len(chunk)
         if size > MAX_BODY_BYTES:
@@ -248,6 +255,8 @@ class FleetFront:
         FlowerError
             The server did not start.
         """
+        # httpx logs every forwarded call (heartbeats, polls every 3 s per node) at INFO.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
         self._socket = _bind(self.settings.host, self.settings.port)
         self.port = self._socket.getsockname()[1]
         config = uvicorn.Config(

@@ -18,15 +18,14 @@ starts ``flwr-serverapp``, which calls `main` here with a `Grid`. The round:
 5. the round is finished in the store, or failed with the one-line reason when
    the engine or the publication could not go on.
 
-Output goes to stderr, which the SuperLink supervisor collects in
-``HOME/flower/superlink.log``.
+The round's log is ``HOME/flower/rounds/round-<id>.log`` (Flower keeps the
+ServerApp's own output for ``flwr log``).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ from free_server.home import ServerHome
 from free_server.release import publish_release
 from free_server.rounds import run_meta_round
 from free_server.store import Store
+from free_server.superlink import SuperLinkPaths
 
 __all__ = ["NodeReply", "PushOutcome", "RoundRunSettings", "app", "conduct_round", "push_release"]
 
@@ -268,13 +268,14 @@ app = ServerApp()
 
 def main(grid: Grid, context: Context) -> None:
     """Entry point ``flwr-serverapp`` calls for each round's run."""
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
     settings = RoundRunSettings.from_run_config(context.run_config)
     home = ServerHome.open(settings.home)
+    log_file = SuperLinkPaths.of(home).round_log(settings.round_id)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_file, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("free_server").addHandler(handler)
+    logging.getLogger("free_server").setLevel(logging.INFO)
     with home.open_store() as store:
         conduct_round(grid, home, store, settings)
 

@@ -17,7 +17,8 @@ The process runs with
   a restart keeps the registered nodes, and SuperNodes reconnect by themselves;
 - no run-time dependency installation, no telemetry, no update check
   (`free_common.flower_app.flower_environment`), Flower's files under
-  ``HOME/flower/flwr-home`` and its output in ``HOME/flower/superlink.log``.
+  ``HOME/flower/flwr-home`` and its output in ``HOME/flower/superlink.log``
+  (each round's ServerApp logs to ``HOME/flower/rounds/round-<id>.log``).
 
 The process gets its own process group: stopping it also stops the
 ``flower-superexec`` and ``flwr-serverapp`` processes it started. If it exits
@@ -48,7 +49,7 @@ from pathlib import Path
 import httpx
 from flwr.supercore.control import ControlHttpClient
 
-from free_common.errors import ConfigError, FlowerError
+from free_common.errors import ConfigError, FlowerError, StoreError
 from free_common.flower_app import flower_environment
 from free_server.home import ServerHome
 from free_server.node_sync import SyncReport, sync_node_keys
@@ -65,6 +66,8 @@ __all__ = [
 log = logging.getLogger("free_server.superlink")
 
 LOOPBACK = "127.0.0.1"
+_STABLE_S = 60.0
+"""A SuperLink that ran this long before dying is restarted after the shortest delay."""
 
 
 @dataclass(frozen=True)
@@ -90,8 +93,12 @@ class SuperLinkPaths:
 
     @property
     def log_file(self) -> Path:
-        """The SuperLink's output, and that of the ServerApp runs it starts."""
+        """The SuperLink's output."""
         return self.folder / "superlink.log"
+
+    def round_log(self, round_id: int) -> Path:
+        """Return the log file of meta round `round_id` (written by its ServerApp)."""
+        return self.folder / "rounds" / f"round-{round_id}.log"
 
 
 @dataclass(frozen=True)
@@ -108,7 +115,8 @@ class SuperLinkSettings:
         Seconds between two syncs of the node keys with the allow-list.
     restart_delay_s, max_restart_delay_s
         Delay before restarting a SuperLink that exited on its own; it doubles
-        after each quick failure, up to the maximum.
+        with each restart while the SuperLink keeps dying within a minute, up to
+        the maximum.
     """
 
     port: int
@@ -171,6 +179,8 @@ class SuperLinkSupervisor:
         self._stopping = threading.Event()
         self._ready = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._spawned_at = 0.0
+        self._delay = settings.restart_delay_s
         self.restarts = 0
         self.last_sync: SyncReport | None = None
 
@@ -196,7 +206,7 @@ class SuperLinkSupervisor:
         client = ControlHttpClient.from_server_address(
             server_address=self.address,
             insecure=False,
-            root_certificates=str(self.home.ca_cert),
+            root_certificates=self.home.ca_cert.read_bytes(),
             interceptors=[],
         )
         try:
@@ -304,6 +314,7 @@ class SuperLinkSupervisor:
             )
         with self._lock:
             self._process = process
+        self._spawned_at = time.monotonic()
         self._ready.clear()
 
     def _wait_ready(self) -> None:
@@ -331,49 +342,48 @@ class SuperLinkSupervisor:
         )
 
     def _watch(self) -> None:
-        delay = self.settings.restart_delay_s
         next_sync = time.monotonic() + self.settings.sync_interval_s
         while not self._stopping.wait(0.5):
             process = self._process
-            if process is not None and process.poll() is not None:
-                self._ready.clear()
-                log.warning(
-                    "the Flower SuperLink exited (code %s): restarting in %.0f s; last output: %s",
-                    process.returncode,
-                    delay,
-                    _tail(self.paths.log_file),
-                )
-                if self._stopping.wait(delay):
-                    return
-                delay = self._restart(delay)
+            if process is None or process.poll() is not None:
+                self._recover(process)
                 continue
             if time.monotonic() >= next_sync:
                 next_sync = time.monotonic() + self.settings.sync_interval_s
                 self._guarded(self.sync_nodes, "syncing node keys")
 
-    def _restart(self, delay: float) -> float:
-        started = time.monotonic()
+    def _recover(self, dead: subprocess.Popen[bytes] | None) -> None:
+        """Start the SuperLink again after a delay that grows while it keeps dying young."""
+        self._ready.clear()
+        if dead is not None:
+            _signal_group(dead, signal.SIGKILL)  # what is left of its SuperExec and ServerApp
+        if time.monotonic() - self._spawned_at >= _STABLE_S:
+            self._delay = self.settings.restart_delay_s
+        code = "?" if dead is None else dead.returncode
+        log.warning(
+            "the Flower SuperLink is down (exit code %s): restarting in %.0f s; last output: %s",
+            code,
+            self._delay,
+            _tail(self.paths.log_file),
+        )
+        if self._stopping.wait(self._delay):
+            return
+        self._delay = min(self._delay * 2, self.settings.max_restart_delay_s)
         try:
             self._spawn()
             self._wait_ready()
             self.sync_nodes()
-        except (FlowerError, ConfigError, httpx.HTTPError) as exc:
+        except (FlowerError, ConfigError, StoreError, httpx.HTTPError) as exc:
             log.error("restarting the Flower SuperLink failed: %s", exc)
-            return min(delay * 2, self.settings.max_restart_delay_s)
+            self._terminate(grace_s=5.0)
+            return
         self.restarts += 1
         log.info("Flower SuperLink restarted (restart %d)", self.restarts)
-        # A SuperLink that keeps dying right after start backs off; a healthy one resets.
-        quick = time.monotonic() - started < self.settings.restart_delay_s
-        return (
-            min(delay * 2, self.settings.max_restart_delay_s)
-            if quick
-            else (self.settings.restart_delay_s)
-        )
 
     def _guarded(self, action: Callable[[], object], what: str) -> None:
         try:
             action()
-        except (httpx.HTTPError, FlowerError) as exc:
+        except (httpx.HTTPError, FlowerError, StoreError) as exc:
             log.warning("%s failed (will retry): %s", what, exc)
 
     def _terminate(self, grace_s: float) -> None:

@@ -5,6 +5,7 @@ Examples::
     free-bench data build --size small --out data-cache/small
     free-bench data show data-cache/small --split meta-train --ways 5 --shots 1
     free-bench zoo --data data-cache/small --models 8 --arch mix --out data-cache/zoo
+    free-bench run --preset smoke --data data-cache/small --zoo data-cache/zoo --out runs/smoke
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import NoReturn
 import typer
 
 from free_common.bench.data_cmd import data_app
+from free_common.bench.run_cmd import run
 from free_common.bench.zoo_cmd import zoo
 from free_common.console import run_app
 
@@ -26,6 +28,7 @@ app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 app.command("zoo")(zoo)
+app.command("run")(run)
 
 
 def main() -> NoReturn:

@@ -85,14 +85,13 @@ def build(
         out, config, font_dir=font_dir, force=force, workers=workers, progress=progress
     )
     for warning in result.warnings:
-        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     out_console.print(_summary(result.manifest))
     if result.reused:
-        out_console.print(f"{out} is up to date (use --force to rebuild)")
+        out_console.print(f"{out} is up to date (use --force to rebuild)", soft_wrap=True)
     else:
-        out_console.print(
-            f"built {out} in {result.seconds:.1f} s; manifest: {out / 'manifest.json'}"
-        )
+        done = f"built {out} in {result.seconds:.1f} s; manifest: {out / 'manifest.json'}"
+        out_console.print(done, soft_wrap=True)
 
 
 @data_app.command("show")
@@ -117,7 +116,8 @@ def show(
     out.parent.mkdir(parents=True, exist_ok=True)
     episode_picture(episode, scale).save(out)
     out_console.print(
-        f"{ways}-way {shots}-shot episode of {data.split} ({data.num_classes} classes): {out}"
+        f"{ways}-way {shots}-shot episode of {data.split} ({data.num_classes} classes): {out}",
+        soft_wrap=True,
     )
 
 

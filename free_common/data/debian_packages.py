@@ -8,7 +8,7 @@ Two sizes:
     packages: ``dataset-fashion-mnist`` and ``python3-confusable-homoglyphs``
     (Unicode's confusables). Builds in seconds; the tests and the demo use it.
 ``benchmark``
-    "Tier A" of ``docs``/datasets.md: every ``fonts-*`` package of Debian bookworm
+    "Tier A" of the project's data survey: every ``fonts-*`` package of Debian bookworm
     whose download is at most 5 MB, plus ``fonts-noto-core`` (about 260 MB in all),
     without the two metapackages that would pull larger packages in
     (``fonts-recommended``, ``fonts-yozvox-yozfont``), plus the two data packages.

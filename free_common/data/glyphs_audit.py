@@ -8,7 +8,8 @@ recognition: each instance of a (package, script) is compared with the class
 prototypes built from the *other* packages only (blurred, centred, normalised
 images; nearest by cosine). A package whose renders of a script are recognised as
 their own character less than `AuditSpec.min_recognised` of the time (over at least
-`AuditSpec.min_evidence` instances) is dropped for that script. Stylised but
+`AuditSpec.min_evidence` instances of characters other packages draw too) is
+dropped for that script; with no other package to compare with, nothing is judged. Stylised but
 correct fonts (brush calligraphy, hairline weights) stay well above that rate.
 """
 
@@ -47,40 +48,57 @@ class WrongGlyphs:
     instances: int
 
 
-def _features(images: npt.NDArray[np.uint8]) -> torch.Tensor:
+def _features(images: npt.NDArray[np.uint8]) -> npt.NDArray[np.float64]:
     kernel = torch.outer(_BLUR, _BLUR)
     kernel = (kernel / kernel.sum())[None, None]
     batch = torch.from_numpy(images).to(torch.float32).unsqueeze(1) / 255.0
-    flat = torch.nn.functional.conv2d(batch, kernel, padding=2).flatten(1)
+    flat = torch.nn.functional.conv2d(batch, kernel, padding=2).flatten(1).to(torch.float64)
     flat = flat - flat.mean(dim=1, keepdim=True)
-    normalised: torch.Tensor = flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    normalised: npt.NDArray[np.float64] = (
+        flat / flat.norm(dim=1, keepdim=True).clamp_min(1e-6)
+    ).numpy()
     return normalised
+
+
+def _class_sums(
+    features: npt.NDArray[np.float64], labels: npt.NDArray[np.int64], classes: int
+) -> npt.NDArray[np.float64]:
+    """Sum the rows of each label; `labels` must be non-decreasing."""
+    sums = np.zeros((classes, features.shape[1]), dtype=np.float64)
+    if len(labels):
+        starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]])
+        sums[labels[starts]] = np.add.reduceat(features, starts, axis=0)
+    return sums
 
 
 def _audit_script(
     group: Sequence[ClassInstances], face_source: Sequence[str], spec: AuditSpec, script: str
 ) -> list[WrongGlyphs]:
-    labels = torch.cat(
-        [torch.full((len(c.faces),), i, dtype=torch.int64) for i, c in enumerate(group)]
-    )
-    sources = np.array([face_source[int(f)] for c in group for f in c.faces])
+    labels = np.concatenate([np.full(len(c.faces), i, dtype=np.int64) for i, c in enumerate(group)])
+    names = sorted({face_source[int(f)] for c in group for f in c.faces})
+    source_id = {name: i for i, name in enumerate(names)}
+    sources = np.array([source_id[face_source[int(f)]] for c in group for f in c.faces])
     features = _features(np.concatenate([c.images for c in group]))
-    sums = torch.zeros(len(group), features.shape[1], dtype=torch.float64)
-    sums.index_add_(0, labels, features.to(torch.float64))
-    counts = torch.bincount(labels, minlength=len(group)).to(torch.float64)
+    sums = _class_sums(features, labels, len(group))
+    counts = np.bincount(labels, minlength=len(group))
     found = []
-    for source in sorted(set(sources.tolist())):
-        rows = torch.from_numpy(np.flatnonzero(sources == source))
+    for source, name in enumerate(names):
+        rows = np.flatnonzero(sources == source)
         if len(rows) < spec.min_evidence:
             continue
-        own = torch.zeros_like(sums).index_add_(0, labels[rows], features[rows].to(torch.float64))
-        own_counts = torch.bincount(labels[rows], minlength=len(group)).to(torch.float64)
-        others = (sums - own) / (counts - own_counts).clamp_min(1.0)[:, None]
-        others = others / others.norm(dim=1, keepdim=True).clamp_min(1e-9)
-        predicted = (features[rows].to(torch.float64) @ others.T).argmax(dim=1)
-        recognised = float((predicted == labels[rows]).to(torch.float64).mean())
+        other_counts = counts - np.bincount(labels[rows], minlength=len(group))
+        others = sums - _class_sums(features[rows], labels[rows], len(group))
+        # Only classes the other packages also draw can be judged.
+        rows = rows[other_counts[labels[rows]] > 0]
+        if len(rows) < spec.min_evidence:
+            continue
+        drawn = other_counts > 0
+        others = others[drawn] / other_counts[drawn][:, None]
+        others /= np.maximum(np.linalg.norm(others, axis=1, keepdims=True), 1e-9)
+        predicted = np.flatnonzero(drawn)[(features[rows] @ others.T).argmax(axis=1)]
+        recognised = float(np.mean(predicted == labels[rows]))
         if recognised < spec.min_recognised:
-            found.append(WrongGlyphs(source, script, recognised, len(rows)))
+            found.append(WrongGlyphs(name, script, recognised, len(rows)))
     return found
 
 

@@ -51,13 +51,15 @@ from free_common.data.glyphs_fonts import (
 )
 from free_common.data.glyphs_instances import ClassInstances, FaceRef, InstancePool, InstanceSpec
 from free_common.data.glyphs_lookalike import (
+    Lookalike,
     candidate_pairs,
     choose_removals,
     class_means,
     find_lookalikes,
+    renders_needed,
 )
 from free_common.data.glyphs_manifest import build_fingerprint, manifest_document
-from free_common.data.glyphs_render import FaceRenderer, binarise, notdef_probe
+from free_common.data.glyphs_render import binarise, notdef_probe
 from free_common.data.glyphs_select import (
     Advance,
     ProgressFactory,
@@ -154,27 +156,6 @@ def _up_to_date(out: Path, fingerprint: str) -> dict[str, Any] | None:
     return manifest
 
 
-class _MaskCache:
-    """Binarised renders for the look-alike test, drawn once each."""
-
-    def __init__(self, refs: list[FaceRef], config: GlyphBuildConfig) -> None:
-        self.refs = refs
-        self.renderer = FaceRenderer(config.render)
-        self.threshold = config.render.ink_threshold
-        self.cache: dict[tuple[int, int], npt.NDArray[np.bool_] | None] = {}
-
-    def __call__(self, face: int, codepoint: int) -> npt.NDArray[np.bool_] | None:
-        key = (face, codepoint)
-        if key not in self.cache:
-            ref = self.refs[face]
-            try:
-                image = self.renderer.render(ref.path, ref.index, codepoint, ref.probe)
-            except FontUnreadable:
-                image = None
-            self.cache[key] = None if image is None else binarise(image, self.threshold).reshape(-1)
-        return self.cache[key]
-
-
 def _select(
     scan: ScanResult,
     listing: dict[int, npt.NDArray[np.int64]],
@@ -212,6 +193,52 @@ def _select(
     orders = {cp: order for cp, order in orders.items() if len(order) >= config.min_instances}
     listing = {cp: np.asarray(sorted(order), dtype=np.int64) for cp, order in orders.items()}
     return select(orders, first.tried), wrong, listing
+
+
+def _measured_lookalikes(
+    selection: Selection,
+    listing: dict[int, npt.NDArray[np.int64]],
+    pool: InstancePool,
+    config: GlyphBuildConfig,
+    show: ProgressFactory,
+) -> list[Lookalike]:
+    """Find look-alike classes, drawing the face-by-face comparisons in the pool."""
+    codepoints = [c.codepoint for c in selection.classes]
+    candidates = candidate_pairs(
+        class_means([c.images for c in selection.classes]), config.lookalike
+    )
+    # Kept instances are already drawn: only the other (face, character) pairs are.
+    ink = config.render.ink_threshold
+    masks: dict[tuple[int, int], npt.NDArray[np.bool_] | None] = {
+        (int(face), c.codepoint): binarise(image, ink).reshape(-1)
+        for c in selection.classes
+        for face, image in zip(c.faces, c.images, strict=True)
+    }
+    wanted = renders_needed(codepoints, candidates, listing, config.lookalike)
+    needed = {
+        face: todo
+        for face, cps in wanted.items()
+        if (todo := [cp for cp in cps if (face, cp) not in masks])
+    }
+    with show("drawing look-alike candidates", len(needed)) as advance:
+        masks.update(pool.masks(needed, advance))
+    return find_lookalikes(
+        codepoints, candidates, listing, lambda face, cp: masks[face, cp], config.lookalike
+    )
+
+
+def _write_splits(
+    out: Path, splits: dict[str, list[ClassInstances]], face_index: dict[int, int]
+) -> dict[str, str]:
+    """Write the split files (the manifest goes last, elsewhere); return their sha256."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # a folder without a manifest is unfinished
+    hashes = {}
+    for split in SPLITS:
+        path = split_file(out, split)
+        write_split_arrays(path, _split_arrays(splits[split], face_index))
+        hashes[split] = file_sha256(path)
+    return hashes
 
 
 def _split_arrays(classes: list[ClassInstances], face_index: dict[int, int]) -> dict[str, Any]:
@@ -306,21 +333,15 @@ def build_glyph_set(
     instance_spec = InstanceSpec(config.near_duplicate_px, config.max_instances, config.seed)
     with InstancePool(refs, config.render, instance_spec, workers or default_workers()) as pool:
         selection, wrong, listing = _select(scan, listing, pool, config, show)
-    if not selection.classes:
-        raise DataError(
-            f"no character has {config.min_instances} distinct renders among the "
-            f"{len(scan.faces)} usable font faces; give more fonts"
-        )
+        if not selection.classes:
+            raise DataError(
+                f"no character has {config.min_instances} distinct renders among the "
+                f"{len(scan.faces)} usable font faces; give more fonts"
+            )
+        lookalikes = _measured_lookalikes(selection, listing, pool, config, show)
 
     codepoints = [c.codepoint for c in selection.classes]
     split_of = {cp: split_of_script(script_of(chr(cp)) or "") for cp in codepoints}
-    candidates = candidate_pairs(
-        class_means([c.images for c in selection.classes]), config.lookalike
-    )
-    with show("comparing look-alike classes", len(candidates)) as advance:
-        lookalikes = find_lookalikes(
-            codepoints, candidates, listing, _MaskCache(refs, config), config.lookalike, advance
-        )
     confusables = cross_split_confusables(codepoints, split_of, confusable_groups())
     removed = choose_removals([*lookalikes, *confusables], split_of)
 
@@ -331,13 +352,7 @@ def build_glyph_set(
     used_faces = sorted({int(f) for group in splits.values() for c in group for f in c.faces})
     face_index = {face: i for i, face in enumerate(used_faces)}
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)  # a folder without a manifest is unfinished
-    hashes = {}
-    for split in SPLITS:
-        path = split_file(out, split)
-        write_split_arrays(path, _split_arrays(splits[split], face_index))
-        hashes[split] = file_sha256(path)
+    hashes = _write_splits(out, splits, face_index)
     manifest = manifest_document(
         config=config,
         fingerprint=fingerprint,

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import multiprocessing
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from types import TracebackType
@@ -136,6 +136,21 @@ class _Worker:
             unreadable_faces=tuple(unreadable),
         )
 
+    def masks(self, task: tuple[int, tuple[int, ...]]) -> list[bytes | None]:
+        """Draw characters of one face; each ink mask comes back bit-packed."""
+        face_id, codepoints = task
+        face = self.faces[face_id]
+        out: list[bytes | None] = []
+        for codepoint in codepoints:
+            try:
+                image = self.renderer.render(face.path, face.index, codepoint, face.probe)
+            except FontUnreadable:
+                image = None
+            out.append(
+                None if image is None else np.packbits(binarise(image, self.threshold)).tobytes()
+            )
+        return out
+
 
 _WORKER: _Worker | None = None
 
@@ -148,6 +163,11 @@ def _init_worker(faces: Sequence[FaceRef], render: RenderSpec, instances: Instan
 def _run_task(task: ClassTask) -> ClassInstances:
     assert _WORKER is not None, "pool worker used before its initializer ran"
     return _WORKER.run(task)
+
+
+def _run_masks(task: tuple[int, tuple[int, ...]]) -> list[bytes | None]:
+    assert _WORKER is not None, "pool worker used before its initializer ran"
+    return _WORKER.masks(task)
 
 
 class InstancePool(AbstractContextManager["InstancePool"]):
@@ -185,6 +205,32 @@ class InstancePool(AbstractContextManager["InstancePool"]):
         out = []
         for result in results:
             out.append(result)
+            if advance is not None:
+                advance(1)
+        return out
+
+    def masks(
+        self, requests: Mapping[int, Sequence[int]], advance: Callable[[int], None] | None = None
+    ) -> dict[tuple[int, int], npt.NDArray[np.bool_] | None]:
+        """Draw the requested ``{face id: codepoints}``; binarised, flattened masks back.
+
+        A None mask means the render was refused (or the face is unreadable).
+        """
+        tasks = [(face, tuple(cps)) for face, cps in requests.items()]
+        results: Iterator[list[bytes | None]]
+        if self._pool is not None:
+            results = self._pool.imap(_run_masks, tasks, chunksize=4)
+        else:
+            assert self._local is not None
+            results = map(self._local.masks, tasks)
+        out: dict[tuple[int, int], npt.NDArray[np.bool_] | None] = {}
+        for (face, cps), packed in zip(tasks, results, strict=True):
+            for cp, bits in zip(cps, packed, strict=True):
+                out[face, cp] = (
+                    None
+                    if bits is None
+                    else np.unpackbits(np.frombuffer(bits, dtype=np.uint8)).astype(np.bool_)
+                )
             if advance is not None:
                 advance(1)
         return out

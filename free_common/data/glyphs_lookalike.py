@@ -39,8 +39,10 @@ __all__ = [
     "candidate_pairs",
     "choose_removals",
     "class_means",
+    "faces_to_compare",
     "find_lookalikes",
     "mean_distances",
+    "renders_needed",
 ]
 
 SPLIT_PRIORITY = ("meta-train", "meta-test", "meta-val")
@@ -147,7 +149,6 @@ def find_lookalikes(
     listing: Mapping[int, npt.NDArray[np.int64]],
     mask: MaskFn,
     spec: LookalikeSpec,
-    advance: Callable[[int], None] | None = None,
 ) -> list[Lookalike]:
     """Return the look-alike pairs among `candidates`, in candidate order.
 
@@ -163,8 +164,6 @@ def find_lookalikes(
         Renders one character of one face, binarised.
     spec
         Thresholds.
-    advance
-        Called with 1 after each candidate pair.
     """
     found: list[Lookalike] = []
     for i, j, apart in zip(
@@ -176,7 +175,7 @@ def find_lookalikes(
         a, b = codepoints[i], codepoints[j]
         same = compared = 0
         if apart >= spec.mean_px:
-            for face in _spread(np.intersect1d(listing[a], listing[b]), spec.faces_compared):
+            for face in faces_to_compare(listing[a], listing[b], spec):
                 left, right = mask(face, a), mask(face, b)
                 if left is None or right is None:
                     continue
@@ -184,17 +183,40 @@ def find_lookalikes(
                 same += int(np.count_nonzero(left != right) < spec.same_face_px)
         if apart < spec.mean_px or (compared >= 2 and same >= spec.same_face_share * compared):
             found.append(Lookalike(min(a, b), max(a, b), apart, same, compared))
-        if advance is not None:
-            advance(1)
     return found
 
 
-def _spread(faces: npt.NDArray[np.int64], count: int) -> list[int]:
-    """Return up to `count` of the sorted `faces`, evenly spaced."""
-    if len(faces) <= count:
-        return [int(f) for f in faces]
-    picks = np.linspace(0, len(faces) - 1, count).round().astype(np.int64)
-    return [int(f) for f in faces[picks]]
+def faces_to_compare(
+    first: npt.NDArray[np.int64], second: npt.NDArray[np.int64], spec: LookalikeSpec
+) -> list[int]:
+    """Return the faces two classes are compared in: shared ones, evenly spaced."""
+    shared = np.intersect1d(first, second)
+    if len(shared) <= spec.faces_compared:
+        return [int(f) for f in shared]
+    picks = np.linspace(0, len(shared) - 1, spec.faces_compared).round().astype(np.int64)
+    return [int(f) for f in shared[picks]]
+
+
+def renders_needed(
+    codepoints: Sequence[int],
+    candidates: Candidates,
+    listing: Mapping[int, npt.NDArray[np.int64]],
+    spec: LookalikeSpec,
+) -> dict[int, list[int]]:
+    """Return, per face, the characters `find_lookalikes` will ask it to draw."""
+    needed: dict[int, set[int]] = {}
+    for i, j, apart in zip(
+        candidates.first.tolist(),
+        candidates.second.tolist(),
+        candidates.mean_px.tolist(),
+        strict=True,
+    ):
+        if apart < spec.mean_px:
+            continue
+        a, b = codepoints[i], codepoints[j]
+        for face in faces_to_compare(listing[a], listing[b], spec):
+            needed.setdefault(face, set()).update((a, b))
+    return {face: sorted(cps) for face, cps in sorted(needed.items())}
 
 
 def choose_removals(
