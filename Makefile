@@ -13,6 +13,8 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 # onnxruntime or onnxruntime-gpu, never both: gpu where CUDA is present.
 ORT_EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
+# The docker images leave out the development tools: EXTRAS=gpu (or cpu).
+EXTRAS ?= $(ORT_EXTRA),dev
 export FLWR_TELEMETRY_ENABLED=0
 export FLWR_DISABLE_UPDATE_CHECK=1
 
@@ -27,7 +29,7 @@ $(VENV)/.torch: | $(PY)
 	touch $@
 
 $(VENV)/.project: pyproject.toml $(VENV)/.torch
-	$(PIP) install --quiet -e ".[$(ORT_EXTRA),dev]" --config-settings editable_mode=strict
+	$(PIP) install --quiet -e ".[$(EXTRAS)]" --config-settings editable_mode=strict
 	touch $@
 
 # Debian packages (fonts, dataset-fashion-mnist) the small glyph set and the tests need.
@@ -41,7 +43,7 @@ system-deps: $(VENV)/.project
 # The editable install is "strict" (a link tree mypy and pytest follow), so new modules
 # need a re-install: it is cheap when nothing changed.
 install: $(VENV)/.project system-deps
-	$(PIP) install --quiet --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
+	$(PIP) install --quiet --no-deps -e . --config-settings editable_mode=strict
 
 test: install
 	$(PY) -m pytest -q

@@ -264,6 +264,7 @@ class FleetFront:
             ssl_certfile=str(self.settings.cert),
             ssl_keyfile=str(self.settings.key),
             lifespan="off",
+            ws="none",
             log_level="warning",
             access_log=False,
             server_header=False,

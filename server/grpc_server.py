@@ -137,7 +137,8 @@ class ExchangeServer:
         server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="exchange"),
             interceptors=[CallAuthInterceptor(self._service.store, self._window_s)],
-            options=GRPC_MESSAGE_OPTIONS,
+            # No SO_REUSEPORT: a second server on a taken port must fail, not share it.
+            options=[*GRPC_MESSAGE_OPTIONS, ("grpc.so_reuseport", 0)],
             maximum_concurrent_rpcs=MAX_CONCURRENT_CALLS,
         )
         add_to_server(self._service, server)

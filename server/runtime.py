@@ -12,14 +12,16 @@ checkpoint while uploads still finish.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import logging
+import os
 import signal
 import threading
 from dataclasses import dataclass
 from types import FrameType
 from typing import Protocol
 
-from free_common.errors import ConfigError
+from free_common.errors import ConfigError, HomeError
 from free_common.models.onnx_static import IntakeLimits
 from free_common.security.keys import key_id, load_private_key
 from free_common.wire import MAX_CHUNK_BYTES
@@ -30,9 +32,12 @@ from free_server.intake_workers import IntakePool
 from free_server.store import Store
 from free_server.submission import SubmissionPolicy
 
-__all__ = ["Component", "ServerRuntime", "StartOptions", "intake_limits"]
+__all__ = ["LOCK_NAME", "Component", "ServerRuntime", "StartOptions", "intake_limits"]
 
 log = logging.getLogger("free_server")
+
+LOCK_NAME = "server.lock"
+"""File in the home a running server holds an exclusive lock on."""
 
 
 class Component(Protocol):
@@ -119,6 +124,7 @@ class ServerRuntime:
         self.exchange: ExchangeServer | None = None
         self.intake: IntakePool | None = None
         self._started: list[Component] = []
+        self._lock_fd: int | None = None
 
     @property
     def server_key_id(self) -> str:
@@ -154,10 +160,25 @@ class ServerRuntime:
         # so they start last and stop first.
         return [self.intake, self.exchange]
 
-    def start(self) -> None:
-        """Open the store and start every component; on failure, stop what started."""
-        self.store = self.home.open_store()
+    def _lock_home(self) -> None:
+        # One server per home: a second one would judge the same submissions and run
+        # the same rounds. The lock dies with the process, so a crash never leaves it.
+        path = self.home.root / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise HomeError(
+                f"another free-server already runs on {self.home.root}: stop it first"
+            ) from None
+        self._lock_fd = fd
+
+    def start(self) -> None:
+        """Lock the home, open the store, start every component; on failure, undo it all."""
+        self._lock_home()
+        try:
+            self.store = self.home.open_store()
             for component in self._components(self.store):
                 component.start()
                 self._started.append(component)
@@ -175,6 +196,9 @@ class ServerRuntime:
         if self.store is not None:
             self.store.close()
             self.store = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = None
 
     def serve_until_signalled(self) -> int:
         """Block until SIGTERM or SIGINT, then stop cleanly; return the signal number."""

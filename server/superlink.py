@@ -20,9 +20,10 @@ The process runs with
   ``HOME/flower/flwr-home`` and its output in ``HOME/flower/superlink.log``
   (each round's ServerApp logs to ``HOME/flower/rounds/round-<id>.log``).
 
-The process gets its own process group: stopping it also stops the
-``flower-superexec`` and ``flwr-serverapp`` processes it started. If it exits
-on its own, the supervisor starts it again after a growing delay.
+Stopping it also stops the ``flower-superexec`` and ``flwr-serverapp``
+processes it started (Flower puts them in sessions of their own, so they are
+found through ``/proc``). If it exits on its own, the supervisor starts it
+again after a delay that grows while it keeps dying young.
 
 Flower fixes a SuperNode's heartbeat interval at 30 s (the SuperLink accepts
 10 s to 30 min but no flag sets it), so a vanished node is seen as offline
@@ -392,18 +393,22 @@ class SuperLinkSupervisor:
         self._ready.clear()
         if process is None or process.poll() is not None:
             return
+        # Flower starts its SuperExec in a session of its own, which starts each
+        # ServerApp: signal the whole family, not only the SuperLink's group.
+        family = _descendants(process.pid)
         _signal_group(process, signal.SIGTERM)
+        _signal_all(family, signal.SIGTERM)
         try:
             process.wait(timeout=max(grace_s, 0.1))
         except subprocess.TimeoutExpired:
             log.warning("the Flower SuperLink did not stop within %.0f s: killing it", grace_s)
             _signal_group(process, signal.SIGKILL)
             process.wait()
-        # Children (SuperExec, a ServerApp) got the SIGTERM too; give them a moment.
         deadline = time.monotonic() + min(max(grace_s, 0.1), 5.0)
-        while _signal_group(process, 0) and time.monotonic() < deadline:
+        while _signal_all(family, 0) and time.monotonic() < deadline:
             time.sleep(0.1)
         _signal_group(process, signal.SIGKILL)
+        _signal_all(family, signal.SIGKILL)
 
 
 def _signal_group(process: subprocess.Popen[bytes], signum: int) -> bool:
@@ -413,3 +418,39 @@ def _signal_group(process: subprocess.Popen[bytes], signum: int) -> bool:
     except (ProcessLookupError, PermissionError):
         return False
     return True
+
+
+def _signal_all(pids: list[int], signum: int) -> bool:
+    """Signal each process; False when none of them is left."""
+    alive = False
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except (ProcessLookupError, PermissionError):
+            continue
+        alive = True
+    return alive
+
+
+def _descendants(pid: int) -> list[int]:
+    """Return the process ids below `pid`, read from ``/proc`` (empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        # "pid (command) state ppid ...": the command may hold spaces and parentheses.
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found

@@ -40,6 +40,7 @@ from free_client.stub import Connection, ExchangeClient
 from free_client.uploader import RetryPolicy, check_receipt, sign_manifest, upload, wait_for_verdict
 from free_common.errors import (
     ConfigError,
+    HomeError,
     ServerRefused,
     ServerUnavailable,
     SignatureError,
@@ -422,6 +423,18 @@ def test_upload_retries_until_the_server_is_up(tmp_path: Path) -> None:
         runtime.stop()
     assert signed.record.client_id == alice.key_id
     assert notices and "cannot reach" in notices[0]
+
+
+def test_one_server_per_home_and_per_port(server: ServerRuntime, tmp_path: Path) -> None:
+    with pytest.raises(HomeError, match="already runs"):
+        ServerRuntime(server.home, StartOptions(port=0)).start()
+    assert server.exchange is not None
+    elsewhere = ServerRuntime(new_home(tmp_path / "b"), StartOptions(port=server.exchange.port))
+    with pytest.raises(ConfigError, match="cannot listen"):
+        elsewhere.start()
+    assert elsewhere.store is None  # everything it started was stopped again
+    with client(server, make_owner(tmp_path, "x")) as c, pytest.raises(ServerRefused):
+        c.status()  # the first server still answers (and refuses a stranger)
 
 
 def test_health_check_reports_serving(server: ServerRuntime) -> None:

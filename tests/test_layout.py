@@ -30,7 +30,7 @@ LAYERS = {
     "errors": 0, "config": 1, "types": 1,
     "data": 2, "models": 2, "security": 2,
     "inversion": 3, "memory": 3, "meta": 3,
-    "engine": 4, "wire": 4,
+    "engine": 4, "wire": 4, "flower_app": 4,
 }
 # Not algorithm layers: the command-line tools and the terminal helpers they share.
 CLI_PARTS = {"bench", "console"}

@@ -189,11 +189,17 @@ def measure_recovery(
     measured = []
     for index in range(len(pool)):
         view = pool.view(index, rng)
-        adv, _ = with_adv.adapt(view.teacher, rng, student)
-        ce, _ = ce_only.adapt(view.teacher, rng, None)
+        adv = [with_adv.adapt(view.teacher, rng, student)[0] for _ in range(repeats)]
+        ce = [ce_only.adapt(view.teacher, rng, None)[0] for _ in range(repeats)]
         measured.append(
             TeacherRecovery(
-                view.teacher_id, view.classes, adv, ce, scratch.scratch[view.teacher_id]
+                view.teacher_id,
+                view.classes,
+                adv[0],
+                ce[0],
+                statistics.median(r.seconds for r in adv),
+                statistics.median(r.seconds for r in ce),
+                scratch.scratch[view.teacher_id],
             )
         )
     in_run = [r for r in free.recoveries if r.kind == "five"]
