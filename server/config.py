@@ -70,7 +70,7 @@ class RoundSettings:
 
     min_models: int = 3
     """A round starts once this many newly accepted models wait."""
-    preset: str = "small"
+    preset: str = "cpu"
     """Engine preset for rounds the scheduler starts."""
 
 

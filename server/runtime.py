@@ -19,7 +19,7 @@ import signal
 import threading
 from dataclasses import dataclass
 from types import FrameType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from free_common.errors import ConfigError, HomeError
 from free_common.models.onnx_static import IntakeLimits
@@ -31,6 +31,9 @@ from free_server.home import ServerHome
 from free_server.intake_workers import IntakePool
 from free_server.store import Store
 from free_server.submission import SubmissionPolicy
+
+if TYPE_CHECKING:
+    from free_server.flower_plane import FlowerPlane
 
 __all__ = ["LOCK_NAME", "Component", "ServerRuntime", "StartOptions", "intake_limits"]
 
@@ -68,6 +71,9 @@ class StartOptions:
         Serve the exchange in plaintext.
     grace_s
         How long uploads in flight may take to finish on shutdown.
+    flower
+        Run the Flower plane (SuperLink, owners' TLS front, round scheduler);
+        exchange-only servers in tests turn it off.
     """
 
     port: int | None = None
@@ -75,6 +81,7 @@ class StartOptions:
     min_models: int | None = None
     insecure: bool = False
     grace_s: float = 10.0
+    flower: bool = True
 
     def __post_init__(self) -> None:
         for name in ("port", "flower_port"):
@@ -123,6 +130,7 @@ class ServerRuntime:
         self.store: Store | None = None
         self.exchange: ExchangeServer | None = None
         self.intake: IntakePool | None = None
+        self.flower: FlowerPlane | None = None
         self._started: list[Component] = []
         self._lock_fd: int | None = None
 
@@ -155,10 +163,17 @@ class ServerRuntime:
             mutual_tls=network.mutual_tls and not self.options.insecure,
         )
         self.exchange = ExchangeServer(service, self.home, listen, config.limits.time_window_s)
-        # Seam: the Flower SuperLink supervisor (TLS front on self.flower_port) and the
-        # round scheduler (config.rounds.min_models) are appended here, after the exchange,
-        # so they start last and stop first.
-        return [self.intake, self.exchange]
+        parts: list[Component] = [self.intake, self.exchange]
+        if self.options.flower:
+            # Loaded only when used: it pulls in flwr. Started after the exchange, so it
+            # stops first and a running round checkpoints while uploads still finish.
+            from free_server.flower_plane import flower_components
+
+            self.flower = flower_components(
+                self.home, store, flower_port=self.flower_port, min_models=config.rounds.min_models
+            )
+            parts += self.flower.components()
+        return parts
 
     def _lock_home(self) -> None:
         # One server per home: a second one would judge the same submissions and run

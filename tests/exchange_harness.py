@@ -105,7 +105,7 @@ def enroll(home: ServerHome, owner: Owner) -> Owner:
 @contextmanager
 def serving(home: ServerHome, *, insecure: bool = False) -> Iterator[ServerRuntime]:
     """Run the server (exchange + intake workers) in this process on a free port."""
-    runtime = ServerRuntime(home, StartOptions(port=0, insecure=insecure, grace_s=3.0))
+    runtime = ServerRuntime(home, StartOptions(port=0, insecure=insecure, grace_s=3.0, flower=False))
     runtime.start()
     try:
         yield runtime
@@ -248,9 +248,10 @@ class ServerProcess:
 
 
 def start_server_process(home: ServerHome, *extra: str) -> ServerProcess:
-    """Run `free-server start --port 0` and wait until it says where it listens."""
+    """Run `free-server start --port 0 --no-flower` and wait until it says where it listens."""
+    command = ["start", "--home", str(home.root), "--port", "0", "--no-flower", *extra]
     process = subprocess.Popen(
-        [str(BIN / "free-server"), "start", "--home", str(home.root), "--port", "0", *extra],
+        [str(BIN / "free-server"), *command],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

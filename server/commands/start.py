@@ -36,6 +36,13 @@ def start(
         bool,
         typer.Option("--insecure", help="Serve in plaintext, without TLS (local tests only)."),
     ] = False,
+    no_flower: Annotated[
+        bool,
+        typer.Option(
+            "--no-flower",
+            help="Exchange only: no SuperLink, no owners' front, no scheduled rounds.",
+        ),
+    ] = False,
 ) -> None:
     """Serve owners: receive signed models, judge them, serve releases. Stop with Ctrl-C."""
     # The runtime pulls in the intake stack (onnx, torch): only load it to run.
@@ -47,7 +54,11 @@ def start(
         stream=sys.stderr,
     )
     options = StartOptions(
-        port=port, flower_port=flower_port, min_models=min_models, insecure=insecure
+        port=port,
+        flower_port=flower_port,
+        min_models=min_models,
+        insecure=insecure,
+        flower=not no_flower,
     )
     runtime = ServerRuntime(ServerHome.open(home), options)
     runtime.start()
@@ -60,6 +71,9 @@ def start(
         highlight=False,
         soft_wrap=True,
     )
+    if runtime.flower is not None:
+        show(f"flower front for owners' SuperNodes on {runtime.flower.front.address} (TLS)",
+             highlight=False, soft_wrap=True)
     if insecure:
         show("warning: plaintext transport; never use --insecure across a network", style="yellow")
     show("stop with Ctrl-C or SIGTERM", highlight=False)
