@@ -8,6 +8,7 @@ import typer
 
 from free_client.export import export
 from free_client.fetch import fetch
+from free_client.finetune import finetune
 from free_client.inspect import inspect
 from free_client.join import join
 from free_client.keygen import keygen
@@ -41,6 +42,7 @@ app.command("inspect")(inspect)
 app.command("submit")(submit)
 app.command("fetch")(fetch)
 app.command("join")(join)
+app.command("finetune")(finetune)
 
 
 def main() -> NoReturn:

@@ -16,11 +16,15 @@ pixels in [0, 1]). Files whose names start with ``.`` are ignored.
 `score_release` draws seeded N-way K-shot episodes from those classes and, for
 each, fine-tunes the release's whole network on the support images (10 plain
 gradient steps at lr 0.01, batch-norm on batch statistics, as FREE evaluates)
-and scores the queries (`free_common.meta.evaluate`).
+and scores the queries (`free_common.meta.evaluate`). `load_learner` and
+`score_model` are its two halves, for callers that score another model (a
+random initialization of the same architecture, as `free-client finetune
+--random-init` does).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,15 +34,24 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from torch import nn
 
-from free_common.data.episodes import EpisodeSampler
+from free_common.data.episodes import Episode, EpisodeSampler
 from free_common.data.imageset import ImageSet
 from free_common.engine import LearnerSpec, build_learner
 from free_common.errors import ConfigError, DatasetLayoutError, SplitError
+from free_common.meta.baselines import random_init
 from free_common.meta.config import EvalConfig
 from free_common.meta.evaluate import EvalResult, evaluate
 
-__all__ = ["IMAGE_SUFFIXES", "LocalScore", "load_class_folders", "score_release"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "LocalScore",
+    "load_class_folders",
+    "load_learner",
+    "score_model",
+    "score_release",
+]
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif"})
 
@@ -119,6 +132,79 @@ def _episode_shape(data: ImageSet, ways: int, shots: int, queries: int) -> int:
     return min(queries, int(fits))
 
 
+def load_learner(
+    weights: Path | None, architecture: dict[str, Any], *, seed: int = 0
+) -> tuple[nn.Module, LearnerSpec]:
+    """Rebuild a release's meta-learner from its manifest's architecture.
+
+    Parameters
+    ----------
+    weights
+        The release's ``meta.safetensors``; None draws a random initialization of
+        the same architecture from `seed` (the baseline a release should beat).
+    architecture
+        ``config["architecture"]`` of the release manifest.
+    seed
+        Seeds the random initialization (only read when `weights` is None).
+
+    Raises
+    ------
+    ConfigError
+        The architecture or the weights cannot be loaded.
+    """
+    where = "the release" if weights is None else f"the release in {weights.parent}"
+    try:
+        spec = LearnerSpec(**architecture)
+        model = random_init(lambda: build_learner(spec), seed)
+        if weights is not None:
+            model.load_state_dict(load_file(str(weights)))
+    except (TypeError, RuntimeError, SafetensorError) as exc:
+        raise ConfigError(f"{where} cannot be loaded: {exc}") from None
+    return model, spec
+
+
+def score_model(
+    model: nn.Module,
+    ways: int,
+    data: ImageSet,
+    *,
+    shots: int,
+    queries: int,
+    episodes: int,
+    steps: int,
+    lr: float,
+    seed: int,
+    on_episode: Callable[[], None] | None = None,
+) -> LocalScore:
+    """Fine-tune `model` on `episodes` local `ways`-way tasks; return its mean query accuracy.
+
+    `on_episode` is called as each episode is drawn (progress).
+
+    Raises
+    ------
+    SplitError
+        The data has too few classes or images for the episodes.
+    """
+    fitted = _episode_shape(data, ways, shots, queries)
+    sampler = EpisodeSampler(data, ways, shots, fitted, seed=seed)
+    config = EvalConfig(
+        ways=ways, shots=shots, queries=fitted, episodes=episodes, steps=steps, lr=lr
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        tasks = sampler.episodes(episodes)
+        if on_episode is not None:
+            tasks = _reporting(tasks, on_episode)
+        result: EvalResult = evaluate(model, tasks, config, "local")
+    return LocalScore(result.mean, result.ci95, result.episodes, ways, shots, fitted)
+
+
+def _reporting(episodes: Iterator[Episode], call: Callable[[], None]) -> Iterator[Episode]:
+    for episode in episodes:
+        call()
+        yield episode
+
+
 def score_release(
     weights: Path,
     architecture: dict[str, Any],
@@ -140,18 +226,15 @@ def score_release(
     SplitError
         The data has too few classes or images for the episodes.
     """
-    try:
-        spec = LearnerSpec(**architecture)
-        model = build_learner(spec)
-        model.load_state_dict(load_file(str(weights)))
-    except (TypeError, RuntimeError, SafetensorError) as exc:
-        raise ConfigError(f"the release in {weights.parent} cannot be loaded: {exc}") from None
-    fitted = _episode_shape(data, spec.ways, shots, queries)
-    sampler = EpisodeSampler(data, spec.ways, shots, fitted, seed=seed)
-    config = EvalConfig(
-        ways=spec.ways, shots=shots, queries=fitted, episodes=episodes, steps=steps, lr=lr
+    model, spec = load_learner(weights, architecture)
+    return score_model(
+        model,
+        spec.ways,
+        data,
+        shots=shots,
+        queries=queries,
+        episodes=episodes,
+        steps=steps,
+        lr=lr,
+        seed=seed,
     )
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        result: EvalResult = evaluate(model, sampler.episodes(episodes), config, "local")
-    return LocalScore(result.mean, result.ci95, result.episodes, spec.ways, shots, fitted)

@@ -63,7 +63,8 @@ answers with, so the CLIs and the servicer never invent their own mapping::
     │   ├── ServerUnavailable  no connection or no answer in time (worth retrying)
     │   ├── ServerRefused      the server answered with an error status
     │   └── VerdictTimeout     no verdict arrived within the wait
-    └── FlowerError            the Flower control plane: a SuperLink, SuperNode or run failed
+    ├── FlowerError            the Flower control plane: a SuperLink, SuperNode or run failed
+    └── DemoError              a step of `make demo` failed (a command, or a wait that ran out)
 
 `grpc_status` holds the *name* of a `grpc.StatusCode` member, so this module (and
 every algorithm layer that raises these errors) stays free of grpc; the server
@@ -84,6 +85,7 @@ __all__ = [
     "DamagedRecord",
     "DataError",
     "DatasetLayoutError",
+    "DemoError",
     "DuplicateRecord",
     "EngineError",
     "ExchangeError",
@@ -458,3 +460,9 @@ class FlowerError(FreeError):
 
     exit_code = 7
     grpc_status = "UNAVAILABLE"
+
+
+class DemoError(FreeError):
+    """A step of the demo failed: a command exited nonzero, or a wait ran out of time."""
+
+    exit_code = 8

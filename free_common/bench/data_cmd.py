@@ -4,6 +4,7 @@ Examples::
 
     free-bench data build --size small --out data-cache/small
     free-bench data show data-cache/small --split meta-test --ways 5 --shots 1 --out ep.png
+    free-bench data export-folders data-cache/small --split meta-test --classes 5 --out owner
     free-bench data fashion-mnist
 """
 
@@ -16,6 +17,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from free_common.bench.folders import export_class_folders
 from free_common.console import err_console, out_console, progress
 from free_common.data.episodes import sample_episode
 from free_common.data.fashion_mnist import DEFAULT_ROOT, load_fashion_mnist
@@ -141,3 +143,29 @@ def fashion_mnist(
             f"{counts.min()}-{counts.max()}",
         )
     out_console.print(table)
+
+
+@data_app.command("export-folders")
+def export_folders(
+    source: Annotated[
+        str, typer.Argument(help="A data folder (glyph set, CIFAR-FS, ...) or 'fashion-mnist'.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="New folder for OUT/<class>/<i>.png.")],
+    split: Annotated[str, typer.Option(help="Split to draw from.")] = "meta-test",
+    classes: Annotated[int, typer.Option(min=1, help="Number of classes.")] = 5,
+    per_class: Annotated[int, typer.Option(min=1, help="Images per class.")] = 20,
+    seed: Annotated[int, typer.Option(help="Seeds the draw of classes and images.")] = 0,
+    kind: Annotated[
+        str | None, typer.Option(help=f"Source kind: {', '.join(KINDS)} (default: detect).")
+    ] = None,
+) -> None:
+    """Write random classes of a split as class folders, the layout `free-client --data` reads."""
+    data = load_split(source, split, kind=kind)
+    written = export_class_folders(data, out, classes=classes, per_class=per_class, seed=seed)
+    out_console.print(
+        f"wrote {written.images} images of {len(written.folders)} {data.split} classes to {out}:"
+        f" {', '.join(written.folders)}",
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
+    )

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -25,7 +26,19 @@ _FONT = ImageFont.load_default()
 
 def _ascii(text: str) -> str:
     # The default font draws ASCII only; other scripts would come out as boxes.
-    return "".join(ch if 32 <= ord(ch) < 127 else "?" for ch in text).strip()
+    return "".join(ch for ch in text if 32 <= ord(ch) < 127).strip()
+
+
+def _ticks(low: float, high: float, count: int = 5) -> list[float]:
+    """Round tick values (1, 2 or 5 times a power of ten apart) covering [low, high]."""
+    span = high - low
+    if span <= 0:
+        return [low]
+    raw = span / count
+    power = 10 ** math.floor(math.log10(raw))
+    step = next(m * power for m in (1, 2, 5, 10) if m * power >= raw)
+    first = math.ceil(low / step - 1e-9) * step
+    return [first + i * step for i in range(int((high - first) / step + 1e-9) + 1)]
 
 
 def _tile(image: Tensor, scale: int) -> Image.Image:
@@ -120,16 +133,14 @@ def line_chart(
         py = height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
         return px, py
 
-    for i in range(6):
-        y = y0 + (y1 - y0) * i / 5
+    for y in _ticks(y0, y1):
         _, py = at(x0, y)
         draw.line([(left, py), (width - right, py)], fill=_GRID)
         draw.text((6, py - 6), f"{y:.2f}", fill=_INK, font=_FONT)
-    for i in range(6):
-        x = x0 + (x1 - x0) * i / 5
+    for x in _ticks(x0, x1):
         px, _ = at(x, y0)
         draw.line([(px, top), (px, height - bottom)], fill=_GRID)
-        draw.text((px - 10, height - bottom + 6), f"{x:.0f}", fill=_INK, font=_FONT)
+        draw.text((px - 10, height - bottom + 6), f"{x:g}", fill=_INK, font=_FONT)
     draw.rectangle([left, top, width - right, height - bottom], outline=_INK)
     draw.text((left, 10), _ascii(title), fill=_INK, font=_FONT)
     draw.text(((width - len(x_label) * 6) // 2, height - 20), x_label, fill=_INK, font=_FONT)

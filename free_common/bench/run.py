@@ -177,8 +177,7 @@ def run_benchmark(request: BenchRequest, notify: Notify | None = None) -> dict[s
     if settings is None:
         raise ConfigError(f"unknown preset {request.preset!r}; choose one of smoke, cpu, paper")
     splits = {
-        name: load_split(request.data, name)
-        for name in ("meta-train", "meta-val", "meta-test")
+        name: load_split(request.data, name) for name in ("meta-train", "meta-val", "meta-test")
     }
     train = splits["meta-train"]
     side = train.image_size[0]
