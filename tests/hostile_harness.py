@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -215,3 +216,11 @@ def honest_upload(runtime: ServerRuntime, owner: Owner, seed: int = 0) -> Signed
             server_pub=load_public_key(runtime.home.signing_pub),
             notify=lambda _line: None,
         )
+
+
+def wait_for_no_temp_files(home: ServerHome, timeout_s: float = 10.0) -> None:
+    """Wait until the store holds no temporary upload file (an aborted upload closing)."""
+    tmp = home.root / home.config.paths.store / "tmp"
+    deadline = time.monotonic() + timeout_s
+    while any(tmp.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.02)
