@@ -1,0 +1,479 @@
+"""Load benchmark of the exchange service: K owners submit models of one size at once, over TLS.
+
+It makes a server home in a temporary folder (loopback only), enrolls K owners,
+starts ``free-server start --no-flower`` as a subprocess, and has K threads, each
+an owner with its own TLS channel, upload a distinct valid ONNX model of the chosen
+size at the same moment (the uploader's own building blocks: signed manifest,
+chunked stream, receipt checked against the pinned server key). It reports, as
+JSON on stdout and in ``--out``:
+
+- ``acknowledged``: uploads that got a verified receipt; ``stored_once``: owners
+  with exactly one stored row whose blob's sha256 is their model's;
+- ``throughput_per_s``, ``p50_s``, ``p99_s``: receipts per second, and latency from
+  the common start to the receipt (busy retries included);
+- ``busy_retries``: calls the server refused with RESOURCE_EXHAUSTED because its
+  concurrent-call limit (`free_server.grpc_server.MAX_CONCURRENT_CALLS`) was
+  reached; the benchmark retries those with jittered backoff (``free-client
+  submit`` does not); ``unavailable_retries`` and ``handshake_retries`` count
+  connections that timed out or whose TLS handshake the loaded server dropped
+  (the client reports the latter as `TlsError`, which ``free-client submit``
+  does not retry either);
+- ``verdict_s``: time from the start until every acknowledged model has its
+  intake verdict, and the verdict counts;
+- ``server_rss_growth_mb``: peak RSS of the exchange server process during the
+  run (its ``VmHWM``, reset with ``/proc/PID/clear_refs`` once the server is idle)
+  minus its idle RSS. Intake workers are separate processes under their own
+  memory limit (``intake.memory_mb``); their largest sampled peak is reported
+  apart.
+
+Usage::
+
+    .venv/bin/python benchmarks/load.py --clients 200 --model-mb 5 \\
+        --out benchmarks/results/load-200x5mb.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from onnx import TensorProto, helper, numpy_helper
+
+from free_client.stub import Connection, ExchangeClient
+from free_client.uploader import check_receipt, sign_manifest
+from free_common.errors import FreeError, ServerRefused, ServerUnavailable, TlsError
+from free_common.models.metadata import write_metadata
+from free_common.security.keys import generate_signing_key, key_id, load_public_key, public_key_pem
+from free_common.types import ChannelOrder, Receipt, Signed, TaskMetadata
+from free_server.config import CONFIG_NAME, write_config
+from free_server.home import ServerHome, create_home
+
+TASK = TaskMetadata(3, (1, 8, 8), ChannelOrder.GRAY, (0.5,), (0.25,))
+BUSY = "Concurrent RPC limit"
+_LISTENING = re.compile(r"listening on (\S+):(\d+)")
+_MB = 1024 * 1024
+
+
+# --- models ---------------------------------------------------------------------------------
+
+
+def template_model(size: int) -> bytes:
+    """A valid teacher of about `size` bytes: Flatten, a wide Gemm, Relu, Gemm (3 classes).
+
+    The weight of the first Gemm carries the size, so the model stays under the
+    intake caps on any one tensor (2**24 values, about 64 MiB) and in total.
+    """
+    hidden = max(1, size // (4 * (64 + 3 + 1)))
+    rng = np.random.default_rng(0)
+    weights = [
+        numpy_helper.from_array(
+            (rng.standard_normal((hidden, 64)) * 0.05).astype(np.float32), "w1"
+        ),
+        numpy_helper.from_array(np.zeros(hidden, np.float32), "b1"),
+        numpy_helper.from_array((rng.standard_normal((3, hidden)) * 0.05).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.zeros(3, np.float32), "b2"),
+    ]
+    nodes = [
+        helper.make_node("Flatten", ["x"], ["f"]),
+        helper.make_node("Gemm", ["f", "w1", "b1"], ["h"], transB=1),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "load",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        initializer=weights,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    write_metadata(model, TASK)
+    return bytes(model.SerializeToString())
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A protobuf length-delimited field (short payloads only)."""
+    assert len(payload) < 128
+    return bytes([number << 3 | 2, len(payload)]) + payload
+
+
+def owner_model(template: bytes, index: int) -> bytes:
+    """The template plus one metadata entry naming the owner, so every model is distinct.
+
+    Appending a serialized field to a message merges it: this adds one
+    ``metadata_props`` entry (ModelProto field 14) without re-encoding the weights.
+    """
+    entry = _field(1, b"bench.owner") + _field(2, str(index).encode())
+    return template + _field(14, entry)
+
+
+# --- the server -----------------------------------------------------------------------------
+
+
+def make_home(
+    root: Path, *, model_bytes: int, intake_workers: int, intake_memory_mb: int
+) -> ServerHome:
+    """A fresh home on loopback with caps that admit the models and the chosen intake."""
+    home = create_home(root)
+    config = home.config
+    config = dataclasses.replace(
+        config,
+        network=dataclasses.replace(config.network, listen="127.0.0.1"),
+        limits=dataclasses.replace(
+            config.limits, max_upload_bytes=max(config.limits.max_upload_bytes, model_bytes + _MB)
+        ),
+        intake=dataclasses.replace(
+            config.intake, workers=intake_workers, memory_mb=intake_memory_mb
+        ),
+    )
+    (root / CONFIG_NAME).unlink()
+    write_config(root / CONFIG_NAME, config)
+    return ServerHome.open(root)
+
+
+def enroll(home: ServerHome, count: int) -> list[Ed25519PrivateKey]:
+    """`count` owners with fresh keys on the allow-list."""
+    keys = [generate_signing_key() for _ in range(count)]
+    with home.open_store() as store:
+        for index, key in enumerate(keys):
+            public = key.public_key()
+            store.add_client(
+                f"owner{index}",
+                key_id=key_id(public),
+                public_key_pem=public_key_pem(public).decode(),
+            )
+    return keys
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[str]
+    port: int
+
+
+def start_server(home: ServerHome) -> Server:
+    """Run ``free-server start --no-flower`` on a free loopback port."""
+    command = [
+        str(Path(sys.executable).parent / "free-server"),
+        "start",
+        "--home",
+        str(home.root),
+        "--port",
+        "0",
+        "--no-flower",
+    ]
+    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
+    log = (home.root / "server.log").open("w")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    found = _LISTENING.search(line)
+    if found is None:
+        process.kill()
+        raise SystemExit(f"free-server start did not come up: {line!r}; see {home.root}/server.log")
+    return Server(process, int(found.group(2)))
+
+
+def _status_kb(pid: int, field: str) -> int:
+    text = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
+    return int(match.group(1)) if match else 0
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+class MemoryWatch:
+    """Samples the server's RSS and its children's (intake workers') peaks in a thread."""
+
+    def __init__(self, pid: int, every_s: float = 0.05) -> None:
+        self.pid = pid
+        self.every_s = every_s
+        self.peak_rss_kb = 0
+        self.worker_peak_kb = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                self.peak_rss_kb = max(self.peak_rss_kb, _status_kb(self.pid, "VmRSS"))
+                for child in _children(self.pid):
+                    self.worker_peak_kb = max(self.worker_peak_kb, _status_kb(child, "VmHWM"))
+            except OSError:
+                continue  # a worker ended between listing and reading
+
+
+# --- the owners -----------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    latency_s: float | None = None
+    receipt: Signed[Receipt] | None = None
+    busy_retries: int = 0
+    unavailable_retries: int = 0
+    handshake_retries: int = 0
+    error: str | None = None
+
+
+def _chunks(data: bytes, size: int) -> Iterator[bytes]:
+    view = memoryview(data)
+    for start in range(0, len(data), size):
+        yield bytes(view[start : start + size])
+
+
+def run_owner(
+    connection: Connection,
+    key: Ed25519PrivateKey,
+    data: bytes,
+    server_pub: Any,
+    start: threading.Event,
+    ready: threading.Barrier,
+    t0: list[float],
+    chunk_bytes: int,
+    deadline_s: float,
+    outcome: Outcome,
+) -> None:
+    """One owner: wait for the common start, upload, retry busy or unavailable calls."""
+    rng = random.Random(key_id(key.public_key()))  # noqa: S311 (backoff jitter)
+    with ExchangeClient(connection, key) as client:
+        ready.wait()
+        start.wait()
+        attempt = 0
+        while time.monotonic() - t0[0] < deadline_s:
+            signed = sign_manifest(key, data, TASK)
+            try:
+                reply = client.submit(signed, _chunks(data, chunk_bytes), timeout_s=deadline_s)
+            except ServerRefused as exc:
+                if exc.status != "RESOURCE_EXHAUSTED" or BUSY not in exc.message:
+                    outcome.error = exc.message
+                    return
+                outcome.busy_retries += 1
+            except ServerUnavailable as exc:
+                outcome.unavailable_retries += 1
+                outcome.error = exc.message
+            except TlsError as exc:
+                # Under load a handshake can fail for want of server time ("handshaker
+                # shutdown"); the client calls any handshake failure a TlsError.
+                outcome.handshake_retries += 1
+                outcome.error = exc.message
+            except FreeError as exc:
+                outcome.error = exc.message
+                return
+            else:
+                check_receipt(reply, signed.record, server_pub)
+                outcome.latency_s = time.monotonic() - t0[0]
+                outcome.receipt, outcome.error = reply, None
+                return
+            attempt += 1
+            time.sleep(rng.uniform(0, min(2.0, 0.1 * 2 ** min(attempt, 8))))
+        outcome.error = outcome.error or "no receipt before the deadline"
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    rank = max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))
+    return ordered[rank]
+
+
+def _wait_for_verdicts(
+    home: ServerHome, ids: set[int], t0: float, limit_s: float
+) -> dict[str, Any]:
+    deadline = time.monotonic() + limit_s
+    while True:
+        with home.open_store() as store:
+            rows = [store.submission(i) for i in ids]
+        states = [r.state for r in rows]
+        if "received" not in states or time.monotonic() > deadline:
+            return {
+                "verdict_s": time.monotonic() - t0 if "received" not in states else None,
+                "accepted": states.count("accepted"),
+                "refused": states.count("refused"),
+                "pending": states.count("received"),
+            }
+        time.sleep(0.5)
+
+
+def _stored_once(home: ServerHome, keys: list[Ed25519PrivateKey], models: list[bytes]) -> int:
+    with home.open_store() as store:
+        rows = store.summary(recent=10**6).submissions
+        by_owner: dict[str, list[Any]] = {}
+        for row in rows:
+            by_owner.setdefault(row.client_key_id, []).append(row)
+        once = 0
+        for key, data in zip(keys, models, strict=True):
+            mine = by_owner.get(key_id(key.public_key()), [])
+            if len(mine) != 1:
+                continue
+            row = mine[0]
+            blob = store.blob_path(row.sha256).read_bytes()
+            digest = hashlib.sha256(data).hexdigest()
+            once += row.sha256 == digest == hashlib.sha256(blob).hexdigest()
+        return once
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run one benchmark and return its report."""
+    size = int(args.model_mb * _MB)
+    template = template_model(size)
+    models = [owner_model(template, i) for i in range(args.clients)]
+    with tempfile.TemporaryDirectory(prefix="free-load-") as workdir:
+        home = make_home(
+            Path(workdir) / "home",
+            model_bytes=len(models[0]),
+            intake_workers=args.intake_workers,
+            intake_memory_mb=args.intake_memory_mb,
+        )
+        keys = enroll(home, args.clients)
+        server_pub = load_public_key(home.signing_pub)
+        server = start_server(home)
+        try:
+            time.sleep(args.settle_s)  # let start-up allocations settle before the baseline
+            pid = server.process.pid
+            idle_kb = _status_kb(pid, "VmRSS")
+            Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := current RSS
+            watch = MemoryWatch(pid)
+            watch.start()
+            connection = Connection(f"127.0.0.1:{server.port}", ca=home.ca_cert)
+            outcomes = [Outcome() for _ in keys]
+            start, ready, t0 = threading.Event(), threading.Barrier(args.clients + 1), [0.0]
+            threads = [
+                threading.Thread(
+                    target=run_owner,
+                    args=(
+                        connection,
+                        key,
+                        data,
+                        server_pub,
+                        start,
+                        ready,
+                        t0,
+                        args.chunk_kb * 1024,
+                        args.deadline_s,
+                        outcome,
+                    ),
+                    daemon=True,
+                )
+                for key, data, outcome in zip(keys, models, outcomes, strict=True)
+            ]
+            for thread in threads:
+                thread.start()
+            ready.wait()
+            t0[0] = time.monotonic()
+            start.set()
+            for thread in threads:
+                thread.join(args.deadline_s + 60)
+            acked = [o for o in outcomes if o.receipt is not None]
+            latencies = [o.latency_s for o in acked if o.latency_s is not None]
+            last_receipt_s = max(latencies, default=0.0)
+            receipts_peak_kb = max(_status_kb(pid, "VmHWM"), watch.peak_rss_kb)
+            ids = {int(o.receipt.record.submission_id) for o in acked if o.receipt is not None}
+            verdicts = _wait_for_verdicts(home, ids, t0[0], args.verdict_limit_s)
+            watch.stop()
+            # Intake threads read each blob to feed its worker: the verdict phase counts too.
+            peak_kb = max(_status_kb(pid, "VmHWM"), watch.peak_rss_kb)
+            stored_once = _stored_once(home, keys, models)
+            errors = sorted({o.error for o in outcomes if o.error and o.receipt is None})
+        finally:
+            server.process.send_signal(signal.SIGTERM)
+            try:
+                server.process.wait(60)
+            except subprocess.TimeoutExpired:
+                server.process.kill()
+    return {
+        "clients": args.clients,
+        "model_bytes": len(models[0]),
+        "acknowledged": len(acked),
+        "stored_once": stored_once,
+        "throughput_per_s": len(acked) / last_receipt_s if latencies else 0.0,
+        "throughput_mb_per_s": len(acked) * len(models[0]) / _MB / last_receipt_s
+        if latencies
+        else 0.0,
+        "p50_s": _percentile(latencies, 0.50),
+        "p99_s": _percentile(latencies, 0.99),
+        "last_receipt_s": last_receipt_s,
+        "busy_retries": sum(o.busy_retries for o in outcomes),
+        "unavailable_retries": sum(o.unavailable_retries for o in outcomes),
+        "handshake_retries": sum(o.handshake_retries for o in outcomes),
+        "errors": errors,
+        **verdicts,
+        "server_idle_rss_mb": idle_kb / 1024,
+        "server_peak_rss_mb": peak_kb / 1024,
+        "server_rss_growth_mb": (peak_kb - idle_kb) / 1024,
+        "server_rss_growth_until_receipts_mb": (receipts_peak_kb - idle_kb) / 1024,
+        "intake_workers": args.intake_workers,
+        "intake_worker_memory_limit_mb": args.intake_memory_mb,
+        "intake_worker_peak_rss_mb_sampled": watch.worker_peak_kb / 1024,
+        "chunk_bytes": args.chunk_kb * 1024,
+        "cpus": os.cpu_count(),
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+    }
+
+
+def main() -> None:
+    """Parse the options, run, print the JSON report and write it to ``--out``."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=200, help="concurrent owners")
+    parser.add_argument("--model-mb", type=float, default=5.0, help="model size in MiB")
+    parser.add_argument("--chunk-kb", type=int, default=256, help="upload chunk size")
+    parser.add_argument("--intake-workers", type=int, default=2, help="intake.workers of the home")
+    parser.add_argument("--intake-memory-mb", type=int, default=2048, help="intake.memory_mb")
+    parser.add_argument("--deadline-s", type=float, default=900.0, help="give up uploading after")
+    parser.add_argument(
+        "--verdict-limit-s", type=float, default=1800.0, help="stop waiting for verdicts after"
+    )
+    parser.add_argument("--settle-s", type=float, default=2.0, help="idle time before the baseline")
+    parser.add_argument("--out", type=Path, help="write the JSON report here too")
+    args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup in `finally`
+    if not 1 <= args.clients <= 1000:
+        parser.error("--clients must be 1..1000")
+    report = run(args)
+    text = json.dumps(report, indent=1, allow_nan=False)
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
