@@ -199,13 +199,25 @@ def _status_kb(pid: int, field: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-def _children(pid: int) -> list[int]:
+def _intake_workers(pid: int) -> list[int]:
+    """Children of `pid` running the intake worker.
+
+    Only once they exec it: between fork and exec a child still shows the
+    server's own memory.
+    """
     found = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
-            found += [int(c) for c in (task / "children").read_text().split()]
+            children = [int(c) for c in (task / "children").read_text().split()]
         except OSError:
             continue
+        for child in children:
+            try:
+                command = Path(f"/proc/{child}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"intake_worker" in command:
+                found.append(child)
     return found
 
 
@@ -231,7 +243,7 @@ class MemoryWatch:
         while not self._stop.wait(self.every_s):
             try:
                 self.peak_rss_kb = max(self.peak_rss_kb, _status_kb(self.pid, "VmRSS"))
-                for child in _children(self.pid):
+                for child in _intake_workers(self.pid):
                     self.worker_peak_kb = max(self.worker_peak_kb, _status_kb(child, "VmHWM"))
             except OSError:
                 continue  # a worker ended between listing and reading

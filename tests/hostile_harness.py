@@ -10,7 +10,10 @@
 - `raw_call`: any bytes to any exchange method over a plain gRPC channel (identity
   serializers), with the caller's signed call metadata, so malformed protobuf reaches
   the server's decoder instead of being refused by a stub;
-- `honest_upload`: the next honest owner's upload, checked against the pinned key.
+- `honest_upload`: the next honest owner's upload, checked against the pinned key;
+- `varint`, `length_delimited`: protobuf written by hand, for what the generated
+  classes and onnx.helper refuse to build (fields of the wrong wire type, nesting
+  past protobuf's depth limit, strings that are not UTF-8).
 """
 
 from __future__ import annotations
@@ -189,17 +192,18 @@ def raw_call(
     full = f"/free.v1.Exchange/{method}"
     if metadata is None:
         metadata = sign_call(owner.key, full) if owner is not None else ()
+    entries = tuple(metadata)
     kwargs = {"request_serializer": _identity, "response_deserializer": _identity}
     try:
         if method == "Submit":
             assert not isinstance(payload, bytes)
-            channel.stream_unary(full, **kwargs)(iter(payload), timeout=30, metadata=metadata)
+            channel.stream_unary(full, **kwargs)(iter(payload), timeout=30, metadata=entries)
         elif method == "FetchRelease":
             assert isinstance(payload, bytes)
-            list(channel.unary_stream(full, **kwargs)(payload, timeout=30, metadata=metadata))
+            list(channel.unary_stream(full, **kwargs)(payload, timeout=30, metadata=entries))
         else:
             assert isinstance(payload, bytes)
-            channel.unary_unary(full, **kwargs)(payload, timeout=30, metadata=metadata)
+            channel.unary_unary(full, **kwargs)(payload, timeout=30, metadata=entries)
     except grpc.RpcError as error:
         return error.code().name, error.details() or ""
     return "OK", ""
@@ -224,3 +228,18 @@ def wait_for_no_temp_files(home: ServerHome, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while any(tmp.iterdir()) and time.monotonic() < deadline:
         time.sleep(0.02)
+
+
+def varint(value: int) -> bytes:
+    """Protobuf base-128 varint of a non-negative integer."""
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def length_delimited(number: int, payload: bytes) -> bytes:
+    """Protobuf field `number` of wire type 2 (bytes, string or message) holding `payload`."""
+    return varint(number << 3 | 2) + varint(len(payload)) + payload

@@ -54,6 +54,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[DemoConfig, dict[str
         owner_episodes=3,
         eval_classes=8,
         eval_episodes=3,
+        eval_shots=(1,),
         round_timeout_s=240.0,
     )
     os.environ.setdefault("OMP_NUM_THREADS", "1")  # the commands share a small machine
@@ -132,17 +133,17 @@ def test_the_fetching_owner_finetuned_and_exported_a_model_intake_accepts(
     assert len(exported["classes"]) == 5
     inspected = summary["inspect"]
     assert inspected["verdict"] == "accept"
-    assert inspected["summary"]["task"]["class_names"] == exported["classes"]
+    assert inspected["task"]["class_names"] == exported["classes"]
 
 
 def test_the_summary_compares_the_release_with_random_initialization(
     demo: tuple[DemoConfig, dict[str, Any]],
 ) -> None:
     config, summary = demo
-    meta = summary["meta_test"]
-    assert (meta["ways"], meta["shots"], meta["episodes"]) == (5, 5, 3)
+    [task] = summary["meta_test"]["tasks"]
+    assert (task["ways"], task["shots"], task["episodes"]) == (5, 1, 3)
     for model in ("release", "random_init"):
-        assert 0.0 <= meta[model]["accuracy"] <= 1.0
+        assert 0.0 <= task[model]["accuracy"] <= 1.0
     on_disk = json.loads((config.out / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
     assert summary["seconds"] == summary["phases"]["total"]

@@ -6,11 +6,12 @@ each acknowledged submission is present and intact: its row is there and its blo
 sha256 and size are the row's.
 
 The third fault of the issue, a SuperNode killed during a round, is
-`test_flower_plane.py::test_a_killed_supernode_does_not_fail_the_round` (SIGKILL of
-the node's process group just before the round is requested, while the SuperLink
-still lists it online, so the push goes to it and the round completes with the
-other owner after the reply timeout); it is not repeated here. A meta round killed
-with SIGKILL is `test_faults_rounds.py`.
+`test_flower_plane.py::test_a_killed_supernode_does_not_fail_the_round`, not
+repeated here: the node's process group gets SIGKILL right before the round is
+requested, while the SuperLink may still count it online (Flower expires a node
+after about 60 s without heartbeat), and the round finishes with the other owner's
+reply and without the dead node's. A meta round killed with SIGKILL is
+`test_faults_rounds.py`.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import onnx
 import pytest
+from hostile_harness import length_delimited
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
@@ -191,10 +192,6 @@ def test_structured_mutants_are_accepted_or_refused_with_a_typed_error(
     _judge(mutant.SerializeToString())
 
 
-def _field(number: int, payload: bytes) -> bytes:
-    return bytes([number << 3 | 2, len(payload)]) + payload
-
-
 @pytest.mark.xfail(
     strict=True,
     raises=TypeError,
@@ -202,8 +199,10 @@ def _field(number: int, payload: bytes) -> bytes:
     " the bytes key that onnx's proto2 parser returns for a key that is not UTF-8",
 )
 def test_defect_metadata_key_that_is_not_utf8_gets_a_typed_refusal() -> None:
-    entry = _field(1, b"free.\xff") + _field(2, b"1")
-    data = tiny_model().SerializeToString() + _field(14, entry)  # ModelProto.metadata_props
+    entry = length_delimited(1, b"free.\xff") + length_delimited(2, b"1")
+    data = tiny_model().SerializeToString() + length_delimited(
+        14, entry
+    )  # ModelProto.metadata_props
     assert _has_raw_metadata_bytes(_parsed(data))
     _judge(data)
 

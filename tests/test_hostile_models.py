@@ -29,7 +29,9 @@ from exchange_harness import TASK, Owner, client, enroll, make_owner, new_home, 
 from hostile_harness import (
     Sandbox,
     honest_upload,
+    length_delimited,
     store_view,
+    varint,
     wait_for_no_temp_files,
     working_directory,
 )
@@ -161,19 +163,6 @@ def _if_subgraph(model: onnx.ModelProto) -> None:
     )
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
 def _nesting_bomb(depth: int = 60) -> bytes:
     """A valid model plus one If node whose branches nest `depth` graphs deep.
 
@@ -183,9 +172,14 @@ def _nesting_bomb(depth: int = 60) -> bytes:
     """
     graph = b""
     for _ in range(depth):
-        attribute = _field(1, b"then_branch") + _field(6, graph) + _varint(20 << 3) + _varint(5)
-        graph = _field(1, _field(4, b"If") + _field(5, attribute))
-    return bytes(tiny_model(seed=5).SerializeToString()) + _field(7, graph)
+        attribute = (
+            length_delimited(1, b"then_branch")
+            + length_delimited(6, graph)
+            + varint(20 << 3)
+            + varint(5)
+        )
+        graph = length_delimited(1, length_delimited(4, b"If") + length_delimited(5, attribute))
+    return bytes(tiny_model(seed=5).SerializeToString()) + length_delimited(7, graph)
 
 
 def _gigantic_tensor(model: onnx.ModelProto) -> None:
@@ -255,8 +249,8 @@ def _props(extra: dict[str, str]) -> Mutation:
 def _non_utf8_metadata_key() -> bytes:
     """metadata_props (ModelProto field 14) whose key is not UTF-8: onnx.proto is proto2,
     so the parser keeps the raw bytes."""
-    entry = _field(1, b"free.\xff\xfe") + _field(2, b"1")
-    return bytes(tiny_model(seed=5).SerializeToString()) + _field(14, entry)
+    entry = length_delimited(1, b"free.\xff\xfe") + length_delimited(2, b"1")
+    return bytes(tiny_model(seed=5).SerializeToString()) + length_delimited(14, entry)
 
 
 def _evil_pickle() -> bytes:

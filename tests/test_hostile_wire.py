@@ -29,9 +29,11 @@ from exchange_harness import TASK, Owner, enroll, good_model, make_owner, new_ho
 from hostile_harness import (
     Sandbox,
     honest_upload,
+    length_delimited,
     raw_call,
     raw_channel,
     store_view,
+    varint,
     wait_for_no_temp_files,
     working_directory,
 )
@@ -84,23 +86,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
 # --- protobuf by hand -----------------------------------------------------------------------
 
 
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes) -> bytes:
-    """A length-delimited field (wire type 2)."""
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
 def _submit_head(signed_manifest: bytes) -> bytes:
     """A SubmitRequest whose ``manifest`` is the given serialized SignedManifest."""
-    return _field(1, signed_manifest)
+    return length_delimited(1, signed_manifest)
 
 
 def _chunk(data: bytes) -> bytes:
@@ -132,8 +120,8 @@ def _wrong_type_payload_size(owner: Owner) -> bytes:
     """``payload_size`` (a uint64) sent as a length-delimited field: decoded as unknown."""
     signed = _signed_proto(owner)
     signed.manifest.payload_size = 0
-    manifest = signed.manifest.SerializeToString() + _field(3, b"\xff" * 8)
-    return _submit_head(_field(1, manifest) + _field(2, signed.signature))
+    manifest = signed.manifest.SerializeToString() + length_delimited(3, b"\xff" * 8)
+    return _submit_head(length_delimited(1, manifest) + length_delimited(2, signed.signature))
 
 
 def _class_names(count: int, length: int) -> Callable[[pb.SignedManifest], None]:
@@ -313,17 +301,25 @@ UNARY_CASES = [
     ("GetVerdict", b"\xff\xff\xff", DECODE_FAILED),
     ("GetVerdict", b"\x0a\x05ab", DECODE_FAILED),
     ("GetVerdict", b"\x08\x05", ("INVALID_ARGUMENT", "submission_id is missing")),
-    ("GetVerdict", _field(1, b"../../etc/passwd"), ("INVALID_ARGUMENT", "submission_id must be")),
-    ("GetVerdict", _field(1, b"9" * 65), ("INVALID_ARGUMENT", "submission_id must be")),
-    ("GetVerdict", _field(1, b"9" * 60), ("NOT_FOUND", "no submission")),
-    ("GetVerdict", _field(1, b"x" * 900_000), ("INVALID_ARGUMENT", "submission_id must be")),
-    ("GetVerdict", _field(1, b"123456789012345678"), ("NOT_FOUND", "no submission")),
+    (
+        "GetVerdict",
+        length_delimited(1, b"../../etc/passwd"),
+        ("INVALID_ARGUMENT", "submission_id must be"),
+    ),
+    ("GetVerdict", length_delimited(1, b"9" * 65), ("INVALID_ARGUMENT", "submission_id must be")),
+    ("GetVerdict", length_delimited(1, b"9" * 60), ("NOT_FOUND", "no submission")),
+    (
+        "GetVerdict",
+        length_delimited(1, b"x" * 900_000),
+        ("INVALID_ARGUMENT", "submission_id must be"),
+    ),
+    ("GetVerdict", length_delimited(1, b"123456789012345678"), ("NOT_FOUND", "no submission")),
     ("GetStatus", b"\xff\xff\xff", DECODE_FAILED),
     ("FetchRelease", b"\xff\xff", DECODE_FAILED),
-    ("FetchRelease", _field(1, b"a"), ("NOT_FOUND", "no release has been published yet")),
+    ("FetchRelease", length_delimited(1, b"a"), ("NOT_FOUND", "no release has been published yet")),
     (
         "FetchRelease",
-        b"\x08" + _varint(2**64 - 1),
+        b"\x08" + varint(2**64 - 1),
         ("NOT_FOUND", "no release with version 4294967295"),
     ),
 ]
@@ -342,7 +338,7 @@ def test_malformed_unary_requests_are_refused(
 
 def test_unknown_fields_are_ignored_not_trusted(world: World) -> None:
     # A status request padded with fields GetStatusRequest does not have still answers.
-    payload = _field(9, b"surprise") + b"\x50\x01"
+    payload = length_delimited(9, b"surprise") + b"\x50\x01"
     assert raw_call(world.channel, "GetStatus", payload, owner=world.mallory) == ("OK", "")
 
 

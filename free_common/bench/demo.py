@@ -60,6 +60,10 @@ _OWNED = ("home", "zoo", "owners", "meta-test", "logs", "summary.json")
 """What the demo writes in OUT, removed before it runs again."""
 
 _ENV = {
+    # One torch thread per process: on a small machine the server's round, the owners'
+    # SuperNodes and their commands share the cores, and oversubscribed torch threads
+    # made a round ten times slower in our measurements.
+    "OMP_NUM_THREADS": "1",
     "FLWR_TELEMETRY_ENABLED": "0",
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "COLUMNS": "200",
@@ -92,8 +96,9 @@ class DemoConfig:
         Support images per class in every few-shot task.
     owner_episodes
         Tasks each owner fine-tunes the release on.
-    eval_classes, eval_episodes
-        Meta-test classes and tasks for the release against random initialization.
+    eval_classes, eval_episodes, eval_shots
+        Meta-test classes, and tasks per shot count, for the release against a random
+        initialization of the same network.
     round_timeout_s
         How long to wait for the meta round and its push.
     seed
@@ -109,17 +114,18 @@ class DemoConfig:
     preset: dict[str, Any] = field(
         default_factory=lambda: {
             "base": "smoke",
-            "steps": 24,
+            "steps": 60,
             "warmup_steps": 3,
             "teachers_per_step": 2,
             "min_teachers": 2,
-            "checkpoint_every": 8,
+            "checkpoint_every": 20,
         }
     )
     shots: int = 5
     owner_episodes: int = 10
     eval_classes: int = 40
-    eval_episodes: int = 40
+    eval_episodes: int = 50
+    eval_shots: tuple[int, ...] = (1, 5)
     round_timeout_s: float = 900.0
     seed: int = 0
 
@@ -255,7 +261,8 @@ class _Demo:
     def build_data(self) -> None:
         data = str(self.config.data)
         self.procs.run("data-build", self.bench("data", "build", "--size", "small", "--out", data))
-        for split in ("meta-train", "meta-test"):
+
+        def show(split: str) -> None:
             picture = self.config.out / f"episode-{split}.png"
             self.procs.run(
                 f"data-show-{split}",
@@ -264,6 +271,9 @@ class _Demo:
                     "--queries", "2", "--out", str(picture),
                 ),
             )  # fmt: skip
+
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            list(pool.map(show, ("meta-train", "meta-test")))
         self.say(f"glyph set ready in {data}; episode pictures in {self.config.out}")
 
     def train_zoo(self) -> list[Path]:
@@ -307,7 +317,9 @@ class _Demo:
 
     def enroll_owners(self) -> None:
         config = self.config
-        for index, name in enumerate(self.names):
+
+        def enroll(index: int) -> None:
+            name = self.names[index]
             folder = self.paths.owner(name)
             self.procs.run(f"keygen-{name}", self.client("keygen", "--out", str(folder)))
             self.procs.run(
@@ -318,27 +330,35 @@ class _Demo:
                 ),
             )  # fmt: skip
             if name in self.joined or name == self.fetcher:
-                self.procs.run(
-                    f"data-{name}",
-                    self.bench(
-                        "data", "export-folders", str(config.data), "--split", "meta-test",
-                        "--classes", "5", "--per-class", "20",
-                        "--seed", str(config.seed * 1000 + index + 1),
-                        "--out", str(folder / "data"),
-                    ),
-                )  # fmt: skip
-        self.procs.run(
-            "data-meta-test",
-            self.bench(
-                "data", "export-folders", str(config.data), "--split", "meta-test",
-                "--classes", str(config.eval_classes), "--per-class", "20",
-                "--seed", str(config.seed * 1000 + 999), "--out", str(self.paths.meta_test),
-            ),
-        )  # fmt: skip
+                self.export_folders(
+                    f"data-{name}", folder / "data", classes=5, seed=config.seed * 1000 + index + 1
+                )
+
+        # Two at a time: most of each command's time is starting Python and its imports.
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            meta_test = pool.submit(
+                self.export_folders,
+                "data-meta-test",
+                self.paths.meta_test,
+                classes=config.eval_classes,
+                seed=config.seed * 1000 + 999,
+            )
+            list(pool.map(enroll, range(len(self.names))))
+            meta_test.result()
         self.say(
             f"{len(self.names)} owners made their keys and were enrolled; owners"
             f" {', '.join([*self.joined, self.fetcher])} got 5 new (meta-test) classes each"
         )
+
+    def export_folders(self, name: str, out: Path, *, classes: int, seed: int) -> None:
+        self.procs.run(
+            name,
+            self.bench(
+                "data", "export-folders", str(self.config.data), "--split", "meta-test",
+                "--classes", str(classes), "--per-class", "20", "--seed", str(seed),
+                "--out", str(out),
+            ),
+        )  # fmt: skip
 
     def start(self) -> None:
         home, ports = self.paths.home, self.ports
@@ -367,8 +387,6 @@ class _Demo:
                         "--shots", str(self.config.shots),
                         "--episodes", str(self.config.owner_episodes),
                     ),
-                    # Two owners fine-tune at once on a small machine: one thread each.
-                    env={"OMP_NUM_THREADS": "1"},
                 )
             )  # fmt: skip
         for join in joins:
@@ -498,26 +516,34 @@ class _Demo:
 
     def meta_test(self) -> None:
         release_dir = self.paths.owner(self.fetcher) / "release"
-        common = [
-            "finetune", str(release_dir), "--data", str(self.paths.meta_test),
-            "--server-pub", str(self.paths.home / "server.pub"),
-            "--shots", str(self.config.shots), "--episodes", str(self.config.eval_episodes),
-            "--seed", str(self.config.seed), "--json",
-        ]  # fmt: skip
+        config = self.config
         self.say(
             f"scoring the release and a random initialization on the same"
-            f" {self.config.eval_episodes} meta-test tasks"
+            f" {config.eval_episodes} meta-test tasks per shot count"
         )
-        learned = self.json_of("meta-test-release", self.client(*common))
-        random = self.json_of("meta-test-random", self.client(*common, "--random-init"))
-        self.summary["meta_test"] = {
-            "classes": self.config.eval_classes,
-            "ways": learned["score"]["ways"],
-            "shots": learned["score"]["shots"],
-            "episodes": learned["score"]["episodes"],
-            "release": {k: learned["score"][k] for k in ("accuracy", "ci95")},
-            "random_init": {k: random["score"][k] for k in ("accuracy", "ci95")},
-        }
+        results = []
+        for shots in config.eval_shots:
+            common = [
+                "finetune", str(release_dir), "--data", str(self.paths.meta_test),
+                "--server-pub", str(self.paths.home / "server.pub"), "--shots", str(shots),
+                "--episodes", str(config.eval_episodes), "--seed", str(config.seed), "--json",
+            ]  # fmt: skip
+            learned = self.json_of(f"meta-test-{shots}-shot-release", self.client(*common))
+            random = self.json_of(
+                f"meta-test-{shots}-shot-random", self.client(*common, "--random-init")
+            )
+            score = learned["score"]
+            results.append(
+                {
+                    "ways": score["ways"],
+                    "shots": score["shots"],
+                    "queries": score["queries"],
+                    "episodes": score["episodes"],
+                    "release": {k: score[k] for k in ("accuracy", "ci95")},
+                    "random_init": {k: random["score"][k] for k in ("accuracy", "ci95")},
+                }
+            )
+        self.summary["meta_test"] = {"classes": config.eval_classes, "tasks": results}
 
     def stop(self) -> None:
         if self.procs.background:
@@ -591,8 +617,10 @@ def demo(
     ),
     owners: Annotated[int, typer.Option(min=2, help="Simulated data owners.")] = 6,
     joined: Annotated[int, typer.Option(min=0, help="Owners who join with their data.")] = 2,
-    steps: Annotated[int, typer.Option(min=4, help="Steps of the demo's meta round.")] = 24,
-    eval_episodes: Annotated[int, typer.Option(min=1, help="Meta-test tasks.")] = 40,
+    steps: Annotated[int, typer.Option(min=4, help="Steps of the demo's meta round.")] = 60,
+    eval_episodes: Annotated[
+        int, typer.Option(min=1, help="Meta-test tasks per shot count (1 and 5).")
+    ] = 50,
 ) -> None:
     """Run the whole FREE-Fed story on loopback and print the result table."""
     base = DemoConfig()

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.console import Console
 from rich.table import Table
 
 from free_common.console import out_console
 
 __all__ = ["print_report"]
+
+_LOG_WIDTH = 120
 
 
 def _percent(score: dict[str, Any] | None) -> str:
@@ -87,9 +90,11 @@ def _results_table(summary: dict[str, Any]) -> Table:
         f" sha256 {release['sha256'][:16]}..., from {len(release.get('source_submission_ids', []))}"
         " models",
     )
-    task = f"{meta['ways']}-way {meta['shots']}-shot, {meta['episodes']} tasks"
-    table.add_row(f"meta-test ({task}): release", _percent(meta["release"]))
-    table.add_row(f"meta-test ({task}): random init", _percent(meta["random_init"]))
+    for task in meta["tasks"]:
+        table.add_row(
+            f"meta-test {task['ways']}-way {task['shots']}-shot ({task['episodes']} tasks)",
+            f"release {_percent(task['release'])} vs random init {_percent(task['random_init'])}",
+        )
     federated = _federated(summary)
     for name, metrics_ in sorted(federated.items()):
         table.add_row(f"federated accuracy, {name}", _percent(metrics_))
@@ -110,5 +115,7 @@ def _results_table(summary: dict[str, Any]) -> Table:
 
 def print_report(summary: dict[str, Any]) -> None:
     """Print the owners' table and the results table of a finished demo."""
-    out_console.print(_owners_table(summary))
-    out_console.print(_results_table(summary))
+    # Piped or logged output gets 80 columns by default, too narrow for the tables.
+    console = out_console if out_console.is_terminal else Console(width=_LOG_WIDTH)
+    console.print(_owners_table(summary))
+    console.print(_results_table(summary))

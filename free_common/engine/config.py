@@ -188,11 +188,11 @@ def _cpu() -> EngineConfig:
         scratch=ScratchConfig(images_per_class=images_per_class),
         bell=BellConfig(replay=ReplayConfig(episode_batch=5, patience=3, max_batches=6)),
         memory=MemoryConfig(capacity_per_class=100),
-        steps=160,
+        steps=140,
         warmup_steps=6,
         validation=EvalConfig(episodes=100),
-        validate_every=16,
-        checkpoint_every=8,
+        validate_every=14,
+        checkpoint_every=10,
     )
 
 
