@@ -63,10 +63,12 @@ format: install
 proto: install
 	$(PY) proto/generate.py
 
+# The whole story on loopback through the public commands (free_common/bench/demo.py):
+# glyph set, six owners' teachers, server, keys, enrolment, join, submit, a meta round,
+# push, fetch, finetune --export, inspect, release vs random init; tables on stdout,
+# figures in demo-output/summary.json, every command's output in demo-output/logs/.
 demo: install
-	$(VENV)/bin/free-bench data build --size small --out data-cache/small
-	$(VENV)/bin/free-bench data show data-cache/small --split meta-train --ways 5 --shots 1 --queries 2 --out demo-output/episode-meta-train.png
-	$(VENV)/bin/free-bench data show data-cache/small --split meta-test --ways 5 --shots 1 --queries 2 --out demo-output/episode-meta-test.png
+	$(PY) -m free_common.bench.demo --data data-cache/small --out demo-output
 
 clean:
 	rm -rf $(VENV) build *.egg-info data-cache demo-output

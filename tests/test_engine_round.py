@@ -24,6 +24,7 @@ from free_common.engine import (
     read_initialization,
     run_round,
 )
+from free_common.engine.checkpoint import read_checkpoint as read_engine_checkpoint
 from free_common.engine.teachers import TeacherPool
 from free_common.errors import ConfigError, TooFewTeachers
 from free_common.models.checkpoint import read_checkpoint
@@ -133,11 +134,22 @@ def test_a_teacher_with_more_classes_is_seen_through_ways_of_them() -> None:
     assert view.original_labels(labels).tolist() == [view.classes[0], view.classes[4]]
 
 
-def test_wide_teachers_feed_memory_under_their_own_class_names(tmp_path: Path) -> None:
+def test_wide_teachers_feed_memory_under_their_own_classes(tmp_path: Path) -> None:
     names = tuple(f"glyph-{i}" for i in range(8))
     pool = [tiny.teacher(0), tiny.teacher(1, classes=8, names=names)]
     result, _ = _run(tmp_path, teachers=pool, validation=None)
     assert result.initialization.manifest["teacher_ids"] == ["teacher-0", "teacher-1"]
+    saved = read_engine_checkpoint(tmp_path)
+    assert saved is not None
+    entries = saved[1]["memory"]
+    named = [e for e in entries if e["key"].startswith("name:")]
+    # Each named pseudo-class holds images of the wide teacher's class of that name.
+    assert named and all(
+        e["sources"] == [["teacher-1", int(e["key"].removeprefix("name:glyph-"))]] for e in named
+    )
+    assert {e["key"] for e in entries} - {e["key"] for e in named} <= {
+        f"teacher-0:{i}" for i in range(5)
+    }
 
 
 def test_scratch_recovers_every_teacher_once_then_trains_as_long(tmp_path: Path) -> None:

@@ -162,7 +162,9 @@ class PausingClient(ExchangeClient):
 
 
 @pytest.mark.xfail(
-    strict=True,
+    # Not strict: the kill ends the stream with "Socket closed" most times, with a reset
+    # (retried, so the test passes) sometimes. Drop the marker once the stub is fixed.
+    strict=False,
     raises=TlsError,
     reason="free_client.stub.ExchangeClient._error reads any 'Socket closed' as a mutual-TLS"
     " refusal (TlsError, not retried); a server killed mid-stream gives the same detail."

@@ -351,17 +351,7 @@ CASES: list[object] = [
         "ONNX model",
     ),
     ("pickle-that-runs-a-command", _fixed(_evil_pickle()), INVALID, "not an ONNX model"),
-    pytest.param(
-        "non-utf8-metadata-key",
-        _fixed(_non_utf8_metadata_key()),
-        INVALID,
-        "metadata",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="free_common.models.metadata.metadata_from_props calls str.startswith on the"
-            " raw bytes key onnx's proto2 parser returns: TypeError, answered INTERNAL",
-        ),
-    ),
+    ("non-utf8-metadata-key", _fixed(_non_utf8_metadata_key()), INVALID, "metadata"),
 ]
 
 

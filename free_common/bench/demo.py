@@ -32,6 +32,7 @@ Run it with ``python -m free_common.bench.demo --out demo-output`` (``make demo`
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -593,6 +594,9 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     DemoError
         A step failed; every process it started has been stopped.
     """
+    # Absolute paths for every command: the server's Flower processes run in folders of
+    # their own and would read relative paths from there.
+    config = dataclasses.replace(config, out=config.out.resolve(), data=config.data.resolve())
     config.out.mkdir(parents=True, exist_ok=True)
     summary = _Demo(config).run()
     (config.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

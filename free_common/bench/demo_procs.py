@@ -65,10 +65,12 @@ class Background:
     process: subprocess.Popen[bytes]
     log: Path
     handle: IO[bytes]
+    header: int
+    """Bytes of the log before the command's output (the command line)."""
 
     def text(self) -> str:
         """Return what it has written so far."""
-        return self.log.read_text(encoding="utf-8", errors="replace")
+        return self.log.read_bytes()[self.header :].decode("utf-8", errors="replace")
 
     def wait_for(self, needle: str, timeout_s: float) -> None:
         """Wait until its output holds `needle`.
@@ -150,7 +152,8 @@ class Processes:
         """Start a command in the background, in a process group of its own."""
         log = self.logs / f"{name}.log"
         handle = log.open("wb")
-        handle.write(f"$ {' '.join(argv)}\n".encode())
+        header = f"$ {' '.join(argv)}\n".encode()
+        handle.write(header)
         handle.flush()
         process = subprocess.Popen(
             argv,
@@ -160,7 +163,7 @@ class Processes:
             env={**self.env, **(env or {})},
             start_new_session=True,
         )
-        started = Background(name, process, log, handle)
+        started = Background(name, process, log, handle, len(header))
         self.background.append(started)
         return started
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from rich.console import Console
@@ -28,6 +29,17 @@ def _federated(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
         for e in summary["status"]["evaluations"]
         if e["round_id"] == round_id
     }
+
+
+def _recovery_method(summary: dict[str, Any]) -> str:
+    """``FIVE, 5 steps`` (or ``scratch, 200 steps``), as the release's config says."""
+    try:
+        engine = json.loads(summary["fetch"]["manifest"]["config_json"])["engine"]
+        if engine["recovery"] == "scratch":
+            return f"scratch inversion, {engine['scratch']['steps']} steps"
+        return f"FIVE, {engine['five']['adapt_steps']} steps"
+    except (KeyError, TypeError, ValueError):
+        return "recovery"
 
 
 def _owners_table(summary: dict[str, Any]) -> Table:
@@ -71,7 +83,9 @@ def _results_table(summary: dict[str, Any]) -> Table:
     table.add_column("result")
     table.add_row("accepted models", f"{accepted} of {len(summary['owners'])}")
     seconds = metrics.get("recovery_seconds_per_teacher")
-    recovery = "-" if seconds is None else f"{seconds:.2f} s per teacher (FIVE, 5 steps)"
+    recovery = (
+        "-" if seconds is None else f"{seconds:.2f} s per teacher ({_recovery_method(summary)})"
+    )
     if metrics.get("recoveries"):
         recovery += f", {metrics['recoveries']} recoveries"
     if metrics.get("teacher_accuracy") is not None:

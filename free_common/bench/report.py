@@ -69,6 +69,13 @@ def _targets(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _teachers(teachers: dict[str, Any]) -> str:
+    text = f"{teachers['used']} used of {teachers['count']}"
+    if teachers.get("loaded", teachers["count"]) < teachers["count"]:
+        text += f" (the preset takes the first {teachers['loaded']} by name)"
+    return text
+
+
 def _recovery_row(what: str, seconds: float, accuracy: float) -> str:
     return f"| {what} | {seconds:.3f} | {accuracy:.3f} |"
 
@@ -95,7 +102,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"({results['data']['classes']['meta-train']} meta-train / "
         f"{results['data']['classes']['meta-val']} meta-val / "
         f"{results['data']['classes']['meta-test']} meta-test classes). Teachers: "
-        f"{results['teachers']['used']} of {results['teachers']['count']} in `{results['zoo']}`. "
+        f"{_teachers(results['teachers'])} in `{results['zoo']}`. "
         f"Wall time {results['timings']['total_seconds'] / 60:.1f} min.",
         "",
         f"## Meta-test accuracy (%), 5-way, 15 queries, {episodes} episodes, mean ± 95% CI",

@@ -16,6 +16,7 @@ __all__ = [
     "CheckpointSaved",
     "EngineEvent",
     "Evaluated",
+    "Phase",
     "ProgressFn",
     "RoundFinished",
     "RoundStarted",

@@ -40,6 +40,7 @@ from free_common.engine.events import (
     CheckpointSaved,
     EngineEvent,
     Evaluated,
+    Phase,
     ProgressFn,
     RoundFinished,
     RoundStarted,
@@ -247,40 +248,50 @@ class _Round:
             accuracy = _mean([r.teacher_accuracy for r in recoveries])
             recovery_seconds = sum(r.seconds for r in recoveries)
             if warm:
-                self._emit(
-                    StepFinished(
-                        state.round,
-                        state.step,
-                        config.steps,
-                        "warmup",
-                        tuple(v.teacher_id for v in views),
-                        generator_loss,
-                        accuracy,
-                        recovery_seconds,
-                        distill_loss=None,
-                        replay_loss=None,
-                        replay_tasks=0,
-                        seconds=time.perf_counter() - started,
-                    )
-                )
+                self._report(views, "warmup", started, generator_loss, accuracy, recovery_seconds)
                 return
             self._remember(views, recoveries)
             batches = [r.images for r in recoveries]
         distill, replay_loss, tasks = self._meta_update(views, batches)
+        self._report(
+            views,
+            "meta",
+            started,
+            generator_loss,
+            accuracy,
+            recovery_seconds,
+            distill,
+            replay_loss,
+            tasks,
+        )
+
+    def _report(
+        self,
+        views: list[TeacherView],
+        phase: Phase,
+        started: float,
+        generator_loss: float | None,
+        accuracy: float,
+        recovery_seconds: float,
+        distill_loss: float | None = None,
+        replay_loss: float | None = None,
+        replay_tasks: int = 0,
+    ) -> None:
+        state = self.state
         self._emit(
             StepFinished(
                 state.round,
                 state.step,
-                config.steps,
-                "meta",
+                self.config.steps,
+                phase,
                 tuple(v.teacher_id for v in views),
                 generator_loss,
                 accuracy,
                 recovery_seconds,
-                distill_loss=distill,
-                replay_loss=replay_loss,
-                replay_tasks=tasks,
-                seconds=time.perf_counter() - started,
+                distill_loss,
+                replay_loss,
+                replay_tasks,
+                time.perf_counter() - started,
             )
         )
 
@@ -347,7 +358,7 @@ class _Round:
             recovery = scratch_invert(
                 teacher, config.generator, config.scratch, state.rng, self.device
             )
-            self._check_finite("scratch inversion loss", [min(recovery.losses)])
+            self._check_finite("scratch inversion loss", recovery.losses)
             state.scratch[teacher.teacher_id] = recovery
             state.memory.add(
                 teacher.teacher_id, recovery.images, recovery.labels, teacher.task.class_names

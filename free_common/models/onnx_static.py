@@ -371,7 +371,9 @@ def _check_nodes(graph: onnx.GraphProto, limits: IntakeLimits) -> Counter[str]:
 def _carried_elements(tensor: TensorProto) -> int:
     if tensor.HasField("raw_data"):
         itemsize = 4 if tensor.data_type == TensorProto.FLOAT else 8
-        return len(tensor.raw_data) // itemsize
+        whole, rest = divmod(len(tensor.raw_data), itemsize)
+        # A ragged tail is never a whole element count: report it as a mismatch.
+        return -1 if rest else whole
     if tensor.data_type == TensorProto.FLOAT:
         return len(tensor.float_data)
     return len(tensor.int64_data)
@@ -401,9 +403,10 @@ def _check_tensors(model: onnx.ModelProto, limits: IntakeLimits) -> int:
             )
         carried = _carried_elements(tensor)
         if carried != elements:
+            carries = "bytes that are not whole elements" if carried < 0 else f"{carried:,}"
             raise TensorLimitError(
                 f"tensor {name!r:.80} declares {elements:,} elements of shape "
-                f"{list(tensor.dims)[:8]} but carries {carried:,}; the file is damaged or forged"
+                f"{list(tensor.dims)[:8]} but carries {carries}; the file is damaged or forged"
             )
         total += elements
         if total > limits.max_parameters:
@@ -543,6 +546,9 @@ def check_static(
     op_counts = _check_nodes(model.graph, limits)
     num_parameters = _check_tensors(model, limits)
     input_value, output_value = _graph_io(model.graph, limits)
+    # onnx's proto2 parser hands back bytes, not str, for entries that are not UTF-8.
+    if any(not isinstance(p.key, str) or not isinstance(p.value, str) for p in model.metadata_props):
+        raise MetadataError("a metadata_props entry is not UTF-8 text; re-export the model")
     props_chars = sum(len(p.key) + len(p.value) for p in model.metadata_props)
     if props_chars > limits.max_metadata_chars:
         raise ModelTooLarge(
