@@ -57,6 +57,9 @@ def run_app(app: typer.Typer) -> NoReturn:
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
         fail(f"{exc.strerror or exc}{where}", 1)
+    if result == 130:
+        # Typer reports Ctrl-C as a return value when not in standalone mode.
+        fail("interrupted", 130)
     sys.exit(result if isinstance(result, int) else 0)
 
 

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
-from free_server.toml_text import TomlValue, dumps
-
 from free_common.errors import ConfigError
+from free_server.toml_text import TomlValue, dumps
 
 __all__ = [
     "CONFIG_NAME",

@@ -20,16 +20,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from free_server.config import CONFIG_NAME, NetworkSettings, ServerConfig, load_config, write_config
-from free_server.pki import create_ca, issue_server_certificate, server_alt_names
-from free_server.store import Store
-
 from free_common.errors import HomeError
 from free_common.security.keys import (
     generate_signing_key,
     write_private_key,
     write_public_key,
 )
+from free_server.config import CONFIG_NAME, NetworkSettings, ServerConfig, load_config, write_config
+from free_server.pki import create_ca, issue_server_certificate, server_alt_names
+from free_server.store import Store
 
 __all__ = ["ServerHome", "create_home"]
 
@@ -60,6 +59,8 @@ class ServerHome:
         ConfigError
             The config file is invalid.
         """
+        # Absolute, because the SuperLink runs from HOME/flower and gets paths inside HOME.
+        root = root.absolute()
         if not root.is_dir():
             raise HomeError(f"no server home at {root}: run `free-server init --home {root}` first")
         if not (root / CONFIG_NAME).is_file():
@@ -131,6 +132,7 @@ def create_home(root: Path, hosts: Sequence[str] = ()) -> ServerHome:
     ConfigError
         A host name is invalid.
     """
+    root = root.absolute()
     hosts = tuple(dict.fromkeys(hosts))
     server_alt_names(hosts)  # reject a bad --host before touching the disk
     if root.exists() and (not root.is_dir() or any(root.iterdir())):

@@ -10,7 +10,7 @@ released migration; append a new one.
 from __future__ import annotations
 
 import sqlite3
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from free_common.errors import StoreVersionError
 
@@ -135,7 +135,7 @@ def migrate(conn: sqlite3.Connection, where: str) -> int:
             f"the store at {where} has schema version {found}, but this free-server knows "
             f"only up to {SCHEMA_VERSION}: upgrade free-server to open it"
         )
-    now = datetime.now(timezone.utc).isoformat()
+    now = datetime.now(UTC).isoformat()
     for version in range(found + 1, SCHEMA_VERSION + 1):
         for statement in MIGRATIONS[version - 1]:
             conn.execute(statement)

@@ -24,11 +24,19 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, cast
 
+from free_common.errors import (
+    DuplicateRecord,
+    RecordNotFound,
+    ReplayError,
+    RevokedClient,
+    StoreError,
+    UnknownClient,
+)
 from free_server.blobs import BlobStore, BlobWriter, StagedBlob
 from free_server.migrations import SCHEMA_VERSION, current_version, migrate
 from free_server.records import (
@@ -44,15 +52,6 @@ from free_server.records import (
     SubmissionState,
 )
 
-from free_common.errors import (
-    DuplicateRecord,
-    RecordNotFound,
-    ReplayError,
-    RevokedClient,
-    StoreError,
-    UnknownClient,
-)
-
 __all__ = ["DB_NAME", "Store"]
 
 DB_NAME = "store.db"
@@ -61,13 +60,13 @@ Clock = Callable[[], datetime]
 
 
 def _utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _ts(value: datetime) -> str:
     if value.tzinfo is None:
         raise ValueError("store timestamps must be timezone-aware")
-    return value.astimezone(timezone.utc).isoformat(timespec="microseconds")
+    return value.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 def _dt(value: str | None) -> datetime | None:

@@ -105,7 +105,8 @@ def enroll(home: ServerHome, owner: Owner) -> Owner:
 @contextmanager
 def serving(home: ServerHome, *, insecure: bool = False) -> Iterator[ServerRuntime]:
     """Run the server (exchange + intake workers) in this process on a free port."""
-    runtime = ServerRuntime(home, StartOptions(port=0, insecure=insecure, grace_s=3.0, flower=False))
+    options = StartOptions(port=0, insecure=insecure, grace_s=3.0, flower=False)
+    runtime = ServerRuntime(home, options)
     runtime.start()
     try:
         yield runtime

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
-from free_client.keygen import generate_keys
 
+from free_client.keygen import generate_keys
 from free_common.errors import ConfigError
 from free_common.security.keys import key_id, load_private_key, load_public_key
 

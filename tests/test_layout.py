@@ -21,22 +21,42 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGE_DIRS = {"free_common": ROOT / "free_common", "free_server": ROOT / "server",
-                "free_client": ROOT / "client"}
+PACKAGE_DIRS = {
+    "free_common": ROOT / "free_common",
+    "free_server": ROOT / "server",
+    "free_client": ROOT / "client",
+}
 
 # free_common's first-level modules or packages, by layer (DESIGN.md section 2).
 # `errors` is the root every layer raises from, so it sits above config and types.
 LAYERS = {
-    "errors": 0, "config": 1, "types": 1,
-    "data": 2, "models": 2, "security": 2,
-    "inversion": 3, "memory": 3, "meta": 3,
-    "engine": 4, "wire": 4, "flower_app": 4,
+    "errors": 0,
+    "config": 1,
+    "types": 1,
+    "data": 2,
+    "models": 2,
+    "security": 2,
+    "inversion": 3,
+    "memory": 3,
+    "meta": 3,
+    "engine": 4,
+    "wire": 4,
+    "flower_app": 4,
 }
 # Not algorithm layers: the command-line tools and the terminal helpers they share.
 CLI_PARTS = {"bench", "console"}
 ALGORITHM_PARTS = {"data", "models", "inversion", "memory", "meta", "engine"}
-FORBIDDEN_IN_ALGORITHMS = ("grpc", "grpc_health", "flwr", "typer", "rich", "click",
-                           "free_common.proto", "free_common.console", "free_common.wire")
+FORBIDDEN_IN_ALGORITHMS = (
+    "grpc",
+    "grpc_health",
+    "flwr",
+    "typer",
+    "rich",
+    "click",
+    "free_common.proto",
+    "free_common.console",
+    "free_common.wire",
+)
 # The only modules allowed to import generated protobuf code.
 PROTO_USERS = {"free_common.wire", "free_server.servicer", "free_client.stub"}
 
@@ -73,8 +93,10 @@ def _imports() -> list[Import]:
                 if isinstance(node, ast.Import):
                     found += [Import(name, alias.name, node.lineno) for alias in node.names]
                 elif isinstance(node, ast.ImportFrom):
-                    found += [Import(name, target, node.lineno)
-                              for target in _from_targets(name, path, node)]
+                    found += [
+                        Import(name, target, node.lineno)
+                        for target in _from_targets(name, path, node)
+                    ]
     return found
 
 
@@ -124,40 +146,65 @@ def test_free_common_layers_import_only_upward() -> None:
                 bad.append(f"{imp.importer}:{imp.line} imports unknown part {imp.imported}")
             continue
         if LAYERS[dst] >= LAYERS[src]:
-            bad.append(f"{imp.importer}:{imp.line} (layer {LAYERS[src]}) imports "
-                       f"{imp.imported} (layer {LAYERS[dst]})")
+            bad.append(
+                f"{imp.importer}:{imp.line} (layer {LAYERS[src]}) imports "
+                f"{imp.imported} (layer {LAYERS[dst]})"
+            )
     assert not bad, "\n".join(bad)
 
 
 def test_algorithm_layers_stay_free_of_transport_and_cli() -> None:
-    bad = [f"{imp.importer}:{imp.line} imports {imp.imported}"
-           for imp in IMPORTS
-           if _part(imp.importer) in ALGORITHM_PARTS
-           and any(_starts(imp.imported, f) for f in FORBIDDEN_IN_ALGORITHMS)]
+    bad = [
+        f"{imp.importer}:{imp.line} imports {imp.imported}"
+        for imp in IMPORTS
+        if _part(imp.importer) in ALGORITHM_PARTS
+        and any(_starts(imp.imported, f) for f in FORBIDDEN_IN_ALGORITHMS)
+    ]
     assert not bad, "\n".join(bad)
 
 
-@pytest.mark.parametrize(("side", "other"), [("free_server", "free_client"),
-                                             ("free_client", "free_server"),
-                                             ("free_common", "free_server"),
-                                             ("free_common", "free_client")])
+@pytest.mark.parametrize(
+    ("side", "other"),
+    [
+        ("free_server", "free_client"),
+        ("free_client", "free_server"),
+        ("free_common", "free_server"),
+        ("free_common", "free_client"),
+    ],
+)
 def test_sides_never_import_each_other(side: str, other: str) -> None:
-    bad = [f"{imp.importer}:{imp.line} imports {imp.imported}" for imp in IMPORTS
-           if _starts(imp.importer, side) and _starts(imp.imported, other)]
+    bad = [
+        f"{imp.importer}:{imp.line} imports {imp.imported}"
+        for imp in IMPORTS
+        if _starts(imp.importer, side) and _starts(imp.imported, other)
+    ]
     assert not bad, "\n".join(bad)
 
 
 def test_generated_code_has_few_importers() -> None:
-    bad = [f"{imp.importer}:{imp.line} imports {imp.imported}" for imp in IMPORTS
-           if _starts(imp.imported, "free_common.proto")
-           and imp.imported != "free_common.proto"
-           and not any(_starts(imp.importer, user) for user in PROTO_USERS)]
+    bad = [
+        f"{imp.importer}:{imp.line} imports {imp.imported}"
+        for imp in IMPORTS
+        if _starts(imp.imported, "free_common.proto")
+        and imp.imported != "free_common.proto"
+        and not any(_starts(imp.importer, user) for user in PROTO_USERS)
+    ]
     assert not bad, "\n".join(bad)
 
 
 def test_top_level_layout() -> None:
-    for name in ("pyproject.toml", "server", "client", "proto", "free_common", "tests",
-                 "docker", "README.md", "Makefile", ".ci/run"):
+    for name in (
+        "pyproject.toml",
+        "server",
+        "client",
+        "proto",
+        "free_common",
+        "tests",
+        "docker",
+        "README.md",
+        "Makefile",
+        ".ci/run",
+    ):
         assert (ROOT / name).exists(), f"missing {name}"
 
 
@@ -175,9 +222,12 @@ def test_every_package_folder_is_declared() -> None:
 
 def test_no_generic_top_level_package_installed(tmp_path: Path) -> None:
     """Outside the source tree, only the namespaced import names exist."""
-    probe = ("import importlib.util as u; "
-             "print([n for n in ('server', 'client', 'free_server', 'free_client', 'free_common')"
-             " if u.find_spec(n)])")
-    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True,
-                         text=True, check=True).stdout
+    probe = (
+        "import importlib.util as u; "
+        "print([n for n in ('server', 'client', 'free_server', 'free_client', 'free_common')"
+        " if u.find_spec(n)])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "['free_server', 'free_client', 'free_common']"

@@ -13,6 +13,8 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+from free_common.errors import ConfigError, SecurityError
 from free_server.pki import (
     create_ca,
     issue_client_certificate,
@@ -20,8 +22,6 @@ from free_server.pki import (
     load_ca,
     server_alt_names,
 )
-
-from free_common.errors import ConfigError, SecurityError
 
 CN = NameOID.COMMON_NAME
 

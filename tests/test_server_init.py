@@ -7,12 +7,17 @@ import os
 import stat
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 from cryptography import x509
+from hypothesis import given
+from hypothesis import strategies as st
+
 from free_client.keygen import generate_keys
+from free_common.errors import ConfigError, HomeError
+from free_common.security.keys import key_id, load_private_key, load_public_key
 from free_server.config import (
     LimitSettings,
     NetworkSettings,
@@ -23,11 +28,6 @@ from free_server.config import (
 from free_server.home import ServerHome, create_home
 from free_server.migrations import SCHEMA_VERSION
 from free_server.toml_text import TomlValue, dumps
-from hypothesis import given
-from hypothesis import strategies as st
-
-from free_common.errors import ConfigError, HomeError
-from free_common.security.keys import key_id, load_private_key, load_public_key
 
 BIN = Path(sys.executable).parent
 

@@ -21,10 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from free_client.keygen import generate_keys
-from free_server.store import Store
 
+from free_client.keygen import generate_keys
 from free_common.errors import StoreError
+from free_server.store import Store
 
 KEY = "a" * 32
 BIN = Path(sys.executable).parent

@@ -5,13 +5,10 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 from collections.abc import Iterator
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from free_server.migrations import SCHEMA_VERSION
-from free_server.records import SubmissionResult
-from free_server.store import DB_NAME, Store
 
 from free_common.errors import (
     DuplicateRecord,
@@ -23,6 +20,9 @@ from free_common.errors import (
     StoreVersionError,
     UnknownClient,
 )
+from free_server.migrations import SCHEMA_VERSION
+from free_server.records import SubmissionResult
+from free_server.store import DB_NAME, Store
 
 KEY_A = "a" * 32
 KEY_B = "b" * 32
@@ -251,7 +251,7 @@ def test_evaluations_and_summary(store: Store) -> None:
 
 
 def test_prune_nonces_forgets_only_old_ones(tmp_path: Path) -> None:
-    now = [datetime(2030, 1, 1, tzinfo=timezone.utc)]
+    now = [datetime(2030, 1, 1, tzinfo=UTC)]
     store = Store(tmp_path / "s", create=True, clock=lambda: now[0])
     store.add_client("alice", key_id=KEY_A, public_key_pem="PEM")
     _submit(store, b"old", b"1" * 16)

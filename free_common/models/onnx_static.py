@@ -547,7 +547,8 @@ def check_static(
     num_parameters = _check_tensors(model, limits)
     input_value, output_value = _graph_io(model.graph, limits)
     # onnx's proto2 parser hands back bytes, not str, for entries that are not UTF-8.
-    if any(not isinstance(p.key, str) or not isinstance(p.value, str) for p in model.metadata_props):
+    props = model.metadata_props
+    if any(not isinstance(p.key, str) or not isinstance(p.value, str) for p in props):
         raise MetadataError("a metadata_props entry is not UTF-8 text; re-export the model")
     props_chars = sum(len(p.key) + len(p.value) for p in model.metadata_props)
     if props_chars > limits.max_metadata_chars:

@@ -15,9 +15,6 @@ import typer
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from free_server.commands.options import HomeOption
-from free_server.home import ServerHome
-from free_server.records import ClientRow
 from rich.table import Table
 
 from free_common.console import out_console
@@ -25,6 +22,9 @@ from free_common.errors import ConfigError, KeyFormatError
 from free_common.security.files import read_key_file
 from free_common.security.keys import key_id, load_public_key, public_key_pem
 from free_common.security.node_keys import NIST_CURVES
+from free_server.commands.options import HomeOption
+from free_server.home import ServerHome
+from free_server.records import ClientRow
 
 __all__ = ["app"]
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
-from free_server.commands.options import HomeOption
-from free_server.home import create_home
 
 from free_common.console import out_console
 from free_common.security.keys import key_id, load_public_key
+from free_server.commands.options import HomeOption
+from free_server.home import create_home
 
 __all__ = ["init"]
 

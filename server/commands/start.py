@@ -72,8 +72,11 @@ def start(
         soft_wrap=True,
     )
     if runtime.flower is not None:
-        show(f"flower front for owners' SuperNodes on {runtime.flower.front.address} (TLS)",
-             highlight=False, soft_wrap=True)
+        show(
+            f"flower front for owners' SuperNodes on {runtime.flower.front.address} (TLS)",
+            highlight=False,
+            soft_wrap=True,
+        )
     if insecure:
         show("warning: plaintext transport; never use --insecure across a network", style="yellow")
     show("stop with Ctrl-C or SIGTERM", highlight=False)
