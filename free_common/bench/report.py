@@ -69,6 +69,13 @@ def _targets(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _load(environment: dict[str, Any]) -> str:
+    load = environment.get("load_average")
+    if not load:
+        return ""
+    return f", load average {load[0]:.1f} at the start and {load[1]:.1f} at the end"
+
+
 def _teachers(teachers: dict[str, Any]) -> str:
     text = f"{teachers['used']} used of {teachers['count']}"
     if teachers.get("loaded", teachers["count"]) < teachers["count"]:
@@ -98,7 +105,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         "```",
         "",
         f"Device: {results['device']}; torch {results['environment']['torch']}, "
-        f"{results['environment']['threads']} threads. Data: `{results['data']['dir']}` "
+        f"{results['environment']['threads']} threads{_load(results['environment'])}. "
+        f"Data: `{results['data']['dir']}` "
         f"({results['data']['classes']['meta-train']} meta-train / "
         f"{results['data']['classes']['meta-val']} meta-val / "
         f"{results['data']['classes']['meta-test']} meta-test classes). Teachers: "
@@ -137,7 +145,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         f"Speed-up of FIVE over scratch inversion: **{recovery['speedup']:.1f}x** "
         f"({recovery['teachers']} teachers, {recovery['images_per_teacher']} images each). "
         f"During training FIVE took {recovery['free_seconds_per_teacher_in_run']:.3f} s per "
-        f"teacher with teacher accuracy {recovery['free_teacher_accuracy_in_run']:.3f}.",
+        f"teacher with teacher accuracy {recovery['free_teacher_accuracy_in_run']:.3f}. "
+        "FIVE is timed after training (median of 3 per teacher), scratch inversion during "
+        "its own round: on a machine busy with other work the two can see different loads.",
         "",
     ]
     cross = results["cross_domain"]

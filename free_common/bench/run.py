@@ -172,6 +172,7 @@ def run_benchmark(request: BenchRequest, notify: Notify | None = None) -> dict[s
         The results.json document.
     """
     started = time.perf_counter()
+    load_before = os.getloadavg()[0]
     tell: Notify = notify or (lambda _method, _event: None)
     settings = BENCH_SETTINGS.get(request.preset)
     if settings is None:
@@ -290,6 +291,10 @@ def run_benchmark(request: BenchRequest, notify: Notify | None = None) -> dict[s
             "threads": torch.get_num_threads(),
             "python": platform.python_version(),
             "machine": platform.machine(),
+            "cpus": os.cpu_count(),
+            # Wall times on a machine shared with other work are not comparable across
+            # runs: the 1-minute load average at the start and the end says how busy it was.
+            "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         },
         "figures": figures,
     }
