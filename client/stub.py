@@ -147,9 +147,18 @@ class ExchangeClient:
                 connection.server, channel_credentials(connection), options=options
             )
         self._stub = pb_grpc.ExchangeStub(self._channel)
+        # A server that requires a client certificate closes the socket before the channel
+        # is ever READY; a server that dies mid-upload closes it after. Only the first is TLS.
+        self._ever_ready = False
+        self._channel.subscribe(self._on_connectivity)
+
+    def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
+        if state is grpc.ChannelConnectivity.READY:
+            self._ever_ready = True
 
     def close(self) -> None:
         """Close the channel."""
+        self._channel.unsubscribe(self._on_connectivity)
         self._channel.close()
 
     def __enter__(self) -> ExchangeClient:
@@ -177,6 +186,7 @@ class ExchangeClient:
             if (
                 not self.connection.insecure
                 and self.connection.tls_cert is None
+                and not self._ever_ready
                 and "socket closed" in details.lower()
             ):
                 # What a client without a certificate sees when the server requires one.

@@ -47,7 +47,7 @@ from onnx_builders import init, make
 
 from free_client.stub import Connection, ExchangeClient
 from free_client.uploader import RetryPolicy, upload
-from free_common.errors import ServerRefused, TlsError
+from free_common.errors import ServerRefused
 from free_common.security.keys import load_public_key
 from free_common.types import Receipt, Signed, SubmissionManifest
 from free_server.home import ServerHome
@@ -161,15 +161,6 @@ class PausingClient(ExchangeClient):
             yield chunk
 
 
-@pytest.mark.xfail(
-    # Not strict: the kill ends the stream with "Socket closed" most times, with a reset
-    # (retried, so the test passes) sometimes. Drop the marker once the stub is fixed.
-    strict=False,
-    raises=TlsError,
-    reason="free_client.stub.ExchangeClient._error reads any 'Socket closed' as a mutual-TLS"
-    " refusal (TlsError, not retried); a server killed mid-stream gives the same detail."
-    " Fix: call it TlsError only while the channel has never been READY.",
-)
 def test_server_killed_mid_upload_then_the_client_retries_after_restart(tmp_path: Path) -> None:
     home = new_home(tmp_path / "home")
     alice = enroll(home, make_owner(tmp_path, "alice"))
