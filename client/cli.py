@@ -27,7 +27,7 @@ app = typer.Typer(
 
 @app.callback()
 def _root() -> None:
-    """Keep the command group shape even while it has a single command."""
+    """Root of the command group: every command is a subcommand."""
 
 
 @app.command()
