@@ -41,6 +41,7 @@ __all__ = [
     "read_checkpoint",
     "unpack",
     "write_checkpoint",
+    "write_synced",
 ]
 
 CHECKPOINT_FILE = "checkpoint.json"
@@ -117,7 +118,7 @@ def write_checkpoint(directory: Path, tensors: dict[str, Tensor], meta: dict[str
     directory.mkdir(parents=True, exist_ok=True)
     data = save_tensors(_unshared(tensors))
     name = f"{_TENSOR_PREFIX}{secrets.token_hex(8)}{_TENSOR_SUFFIX}"
-    _write_synced(directory / name, data)
+    write_synced(directory / name, data)
     record = {
         **meta,
         "format": _FORMAT,
@@ -126,7 +127,7 @@ def write_checkpoint(directory: Path, tensors: dict[str, Tensor], meta: dict[str
         "sha256": hashlib.sha256(data).hexdigest(),
     }
     text = json.dumps(record, indent=1, allow_nan=False).encode()
-    _write_synced(directory / CHECKPOINT_FILE, text)
+    write_synced(directory / CHECKPOINT_FILE, text)
     _sync_dir(directory)
     for old in directory.glob(f"{_TENSOR_PREFIX}*{_TENSOR_SUFFIX}"):
         if old.name != name:
@@ -183,7 +184,8 @@ def _unshared(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _write_synced(path: Path, data: bytes) -> None:
+def write_synced(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically: a synced temp file renamed into place."""
     temp = path.with_name(path.name + ".tmp")
     with open(temp, "wb") as handle:
         handle.write(data)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +20,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import Tensor
 
+from free_common.engine.checkpoint import write_synced
 from free_common.engine.config import LearnerSpec
 from free_common.engine.events import SkippedTeacher
 from free_common.errors import CheckpointError
@@ -104,8 +104,8 @@ class Initialization:
         """
         directory.mkdir(parents=True, exist_ok=True)
         weights, manifest = directory / f"{stem}.safetensors", directory / f"{stem}.json"
-        _atomic_write(weights, self.data)
-        _atomic_write(manifest, json.dumps(self.manifest, indent=1, allow_nan=False).encode())
+        write_synced(weights, self.data)
+        write_synced(manifest, json.dumps(self.manifest, indent=1, allow_nan=False).encode())
         return weights, manifest
 
 
@@ -176,15 +176,6 @@ def _with_sorted_metadata(data: bytes) -> bytes:
 
 def _width(spec: LearnerSpec) -> int:
     return spec.width if spec.width is not None else BACKBONES[spec.arch].default_width
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    temp = path.with_name(path.name + ".tmp")
-    with open(temp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
 
 
 @dataclass(frozen=True)
