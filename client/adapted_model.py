@@ -15,6 +15,8 @@ and `submit` read: grey or RGB, the learner's square size, pixels in [0, 1]
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -22,9 +24,10 @@ from torch import Tensor, nn
 from free_common.data.episodes import to_tensor
 from free_common.data.imageset import ImageSet
 from free_common.engine import LearnerSpec
+from free_common.engine.result import learner_task
 from free_common.meta.functional import batch_stat_mode
 from free_common.models.export import to_onnx
-from free_common.types import ChannelOrder, TaskMetadata
+from free_common.types import TaskMetadata
 
 __all__ = ["export_adapted", "fit_all_classes", "task_of"]
 
@@ -91,15 +94,7 @@ def fit_all_classes(model: nn.Module, data: ImageSet, *, steps: int, lr: float) 
 
 def task_of(spec: LearnerSpec, class_names: tuple[str, ...]) -> TaskMetadata:
     """Return the task metadata of a fine-tuned meta-learner: its input, the owner's classes."""
-    order = ChannelOrder.GRAY if spec.channels == 1 else ChannelOrder.RGB
-    return TaskMetadata(
-        num_classes=spec.ways,
-        input_shape=(spec.channels, spec.image_size, spec.image_size),
-        channel_order=order,
-        mean=(0.0,) * spec.channels,
-        std=(1.0,) * spec.channels,
-        class_names=class_names,
-    )
+    return dataclasses.replace(learner_task(spec), class_names=class_names)
 
 
 def export_adapted(model: nn.Module, spec: LearnerSpec, class_names: tuple[str, ...]) -> bytes:
