@@ -29,6 +29,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from free_common.durable import fsync_dir
 from free_common.errors import CanonicalFormError, ConfigError, PayloadMismatch
 from free_common.security.canonical import DOMAIN_TAGS, canonical_json, record_from_canonical
 from free_common.security.signing import verify
@@ -45,14 +46,6 @@ __all__ = [
 WEIGHTS_NAME = "meta.safetensors"
 MANIFEST_NAME = "manifest.json"
 RELEASE_FORMAT = "free-fed-release/1"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _manifest_document(signed: Signed[ReleaseManifest]) -> bytes:
@@ -130,7 +123,7 @@ def save_release(
             os.fsync(handle.fileno())
         os.replace(weights_tmp, out_dir / WEIGHTS_NAME)
         os.replace(manifest_tmp, out_dir / MANIFEST_NAME)
-        _fsync_dir(out_dir)
+        fsync_dir(out_dir)
     finally:
         for leftover in (weights_tmp, manifest_tmp):
             if leftover is not None:

@@ -25,21 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from free_common.durable import fsync_dir
 from free_common.errors import PayloadTooLarge, StoreError
 
 __all__ = ["BlobStore", "BlobWriter", "StagedBlob"]
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _TMP_SUFFIX = ".part"
-
-
-def fsync_dir(path: Path) -> None:
-    """Flush a directory entry (a rename or a new file) to disk."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,7 @@ LAYERS = {
     "errors": 0,
     "config": 1,
     "types": 1,
+    "durable": 1,
     "data": 2,
     "models": 2,
     "security": 2,

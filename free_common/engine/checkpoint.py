@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,6 +31,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import Tensor
 
+from free_common.durable import fsync_dir, write_synced
 from free_common.errors import CheckpointError
 
 __all__ = [
@@ -41,7 +41,6 @@ __all__ = [
     "read_checkpoint",
     "unpack",
     "write_checkpoint",
-    "write_synced",
 ]
 
 CHECKPOINT_FILE = "checkpoint.json"
@@ -128,7 +127,7 @@ def write_checkpoint(directory: Path, tensors: dict[str, Tensor], meta: dict[str
     }
     text = json.dumps(record, indent=1, allow_nan=False).encode()
     write_synced(directory / CHECKPOINT_FILE, text)
-    _sync_dir(directory)
+    fsync_dir(directory)
     for old in directory.glob(f"{_TENSOR_PREFIX}*{_TENSOR_SUFFIX}"):
         if old.name != name:
             old.unlink(missing_ok=True)
@@ -182,21 +181,3 @@ def _unshared(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
         out[key] = tensor.clone() if storage in seen and tensor.numel() else tensor
         seen.add(storage)
     return out
-
-
-def write_synced(path: Path, data: bytes) -> None:
-    """Write `data` to `path` atomically: a synced temp file renamed into place."""
-    temp = path.with_name(path.name + ".tmp")
-    with open(temp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
-
-
-def _sync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

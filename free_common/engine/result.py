@@ -20,7 +20,7 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 from torch import Tensor
 
-from free_common.engine.checkpoint import write_synced
+from free_common.durable import write_synced
 from free_common.engine.config import LearnerSpec
 from free_common.engine.events import SkippedTeacher
 from free_common.errors import CheckpointError
