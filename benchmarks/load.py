@@ -22,9 +22,9 @@ JSON on stdout and in ``--out``:
   intake verdict, and the verdict counts;
 - ``server_rss_growth_mb``: peak RSS of the exchange server process during the
   run (its ``VmHWM``, reset with ``/proc/PID/clear_refs`` once the server is idle)
-  minus its idle RSS. Intake workers are separate processes under their own
-  memory limit (``intake.memory_mb``); their largest sampled peak is reported
-  apart.
+  minus its idle RSS. Intake workers and static check workers are separate
+  processes under their own memory limit (``intake.memory_mb``); their largest
+  sampled peaks are reported apart.
 
 Usage::
 
@@ -199,8 +199,8 @@ def _status_kb(pid: int, field: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-def _intake_workers(pid: int) -> list[int]:
-    """Children of `pid` running the intake worker.
+def _workers(pid: int, module: bytes) -> list[int]:
+    """Children of `pid` running a worker module (``intake_worker``, ``static_worker``).
 
     Only once they exec it: between fork and exec a child still shows the
     server's own memory.
@@ -216,19 +216,20 @@ def _intake_workers(pid: int) -> list[int]:
                 command = Path(f"/proc/{child}/cmdline").read_bytes()
             except OSError:
                 continue
-            if b"intake_worker" in command:
+            if module in command:
                 found.append(child)
     return found
 
 
 class MemoryWatch:
-    """Samples the server's RSS and its children's (intake workers') peaks in a thread."""
+    """Samples the server's RSS and its workers' (intake, static checks) peaks in a thread."""
 
     def __init__(self, pid: int, every_s: float = 0.05) -> None:
         self.pid = pid
         self.every_s = every_s
         self.peak_rss_kb = 0
         self.worker_peak_kb = 0
+        self.static_peak_kb = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -243,8 +244,10 @@ class MemoryWatch:
         while not self._stop.wait(self.every_s):
             try:
                 self.peak_rss_kb = max(self.peak_rss_kb, _status_kb(self.pid, "VmRSS"))
-                for child in _intake_workers(self.pid):
+                for child in _workers(self.pid, b"intake_worker"):
                     self.worker_peak_kb = max(self.worker_peak_kb, _status_kb(child, "VmHWM"))
+                for child in _workers(self.pid, b"static_worker"):
+                    self.static_peak_kb = max(self.static_peak_kb, _status_kb(child, "VmHWM"))
             except OSError:
                 continue  # a worker ended between listing and reading
 
@@ -421,7 +424,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ids = {int(o.receipt.record.submission_id) for o in acked if o.receipt is not None}
             verdicts = _wait_for_verdicts(home, ids, t0[0], args.verdict_limit_s)
             watch.stop()
-            # Intake threads read each blob to feed its worker: the verdict phase counts too.
+            # Intake threads stream each blob to its worker: the verdict phase counts too.
             peak_kb = max(_status_kb(pid, "VmHWM"), watch.peak_rss_kb)
             stored_once = _stored_once(home, keys, models)
             errors = sorted({o.error for o in outcomes if o.error and o.receipt is None})
@@ -455,6 +458,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "intake_workers": args.intake_workers,
         "intake_worker_memory_limit_mb": args.intake_memory_mb,
         "intake_worker_peak_rss_mb_sampled": watch.worker_peak_kb / 1024,
+        "static_check_worker_peak_rss_mb_sampled": watch.static_peak_kb / 1024,
         "chunk_bytes": args.chunk_kb * 1024,
         "cpus": os.cpu_count(),
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),

@@ -35,7 +35,7 @@ from free_common.types import (
 )
 from free_server.records import ReleaseRow, SubmissionRow
 from free_server.store import Store
-from free_server.submission import SubmissionPolicy, receive_submission, unix_ms
+from free_server.submission import StaticCheck, SubmissionPolicy, receive_submission, unix_ms
 
 __all__ = ["ExchangeService", "ReleaseDownload", "one_line_reason"]
 
@@ -87,6 +87,8 @@ class ExchangeService:
         Size of release download chunks.
     on_received
         Called with the id of every newly stored submission (wakes intake).
+    static_check
+        Where the static checks before a receipt run (see `receive_submission`).
     clock
         Unix milliseconds now.
     """
@@ -99,6 +101,7 @@ class ExchangeService:
         *,
         chunk_bytes: int,
         on_received: Callable[[int], None] = lambda _id: None,
+        static_check: StaticCheck | None = None,
         clock: Callable[[], int] = now_ms,
     ) -> None:
         self.store = store
@@ -107,6 +110,7 @@ class ExchangeService:
         self._policy = policy
         self._chunk_bytes = chunk_bytes
         self._on_received = on_received
+        self._static_check = static_check
         self._clock = clock
 
     def submit(
@@ -121,6 +125,7 @@ class ExchangeService:
             self._policy,
             caller=caller,
             now=self._clock(),
+            static_check=self._static_check,
         )
         row = upload.result.row
         if upload.result.duplicate:

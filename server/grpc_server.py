@@ -106,14 +106,23 @@ class ExchangeServer:
         Address, port and transport security.
     time_window_s
         Allowed clock distance of a call's signed timestamp.
+    max_concurrent_calls
+        Calls in progress at once; gRPC refuses more with ``RESOURCE_EXHAUSTED``.
     """
 
     name = "exchange service"
 
     def __init__(
-        self, service: ExchangeService, home: ServerHome, listen: Listen, time_window_s: float
+        self,
+        service: ExchangeService,
+        home: ServerHome,
+        listen: Listen,
+        time_window_s: float,
+        *,
+        max_concurrent_calls: int = MAX_CONCURRENT_CALLS,
     ) -> None:
         self._service = service
+        self._max_calls = max_concurrent_calls
         self._home = home
         self.listen = listen
         self._window_s = time_window_s
@@ -138,8 +147,10 @@ class ExchangeServer:
             futures.ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="exchange"),
             interceptors=[CallAuthInterceptor(self._service.store, self._window_s)],
             # No SO_REUSEPORT: a second server on a taken port must fail, not share it.
-            options=[*GRPC_MESSAGE_OPTIONS, ("grpc.so_reuseport", 0)],
-            maximum_concurrent_rpcs=MAX_CONCURRENT_CALLS,
+            # No BDP probing: it grows each stream's receive window far past 64 KiB, and
+            # then the uploads of calls waiting for a handler thread pile up in memory.
+            options=[*GRPC_MESSAGE_OPTIONS, ("grpc.so_reuseport", 0), ("grpc.http2.bdp_probe", 0)],
+            maximum_concurrent_rpcs=self._max_calls,
         )
         add_to_server(self._service, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

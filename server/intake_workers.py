@@ -1,10 +1,11 @@
 """Full intake of received submissions, a bounded number at a time.
 
-Each of ``workers`` threads takes a received submission, reads its blob and runs
-`free_common.models.intake.run_intake`, which examines the untrusted bytes in a
-separate process under memory and time limits, and records the verdict with its
-reason. A worker process that crashes or is killed is a refusal with a reason
-(intake reports it as one), never a dead server.
+Each of ``workers`` threads takes a received submission and runs
+`free_common.models.intake.run_intake_file` on its blob, which streams the file
+to a separate process that examines it under memory and time limits (the model
+is never held whole in the server), and records the verdict with its reason.
+A worker process that crashes or is killed is a refusal with a reason (intake
+reports it as one), never a dead server.
 
 Nothing acknowledged is lost: the pool works from the store, not from memory.
 On start it cleans what a crash left (`Store.recover`) and queues every
@@ -20,8 +21,9 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
-from free_common.models.intake import IntakeResult, run_intake
+from free_common.models.intake import IntakeResult, run_intake_file
 from free_common.models.metadata import task_from_dict
 from free_common.models.onnx_static import IntakeLimits
 from free_common.types import TaskMetadata
@@ -35,13 +37,13 @@ log = logging.getLogger("free_server.intake")
 MAX_ATTEMPTS = 3
 """Tries of one submission before a failure of the pool itself becomes a refusal."""
 
-Judge = Callable[[bytes, TaskMetadata, IntakeLimits], IntakeResult]
-"""Gives the verdict on a model's bytes; model faults are results, never exceptions."""
+Judge = Callable[[Path, TaskMetadata, IntakeLimits], IntakeResult]
+"""Gives the verdict on a stored model file; model faults are results, never exceptions."""
 
 
-def default_judge(data: bytes, task: TaskMetadata, limits: IntakeLimits) -> IntakeResult:
+def default_judge(path: Path, task: TaskMetadata, limits: IntakeLimits) -> IntakeResult:
     """Run full intake in its bounded worker process."""
-    return run_intake(data, task=task, limits=limits)
+    return run_intake_file(path, task=task, limits=limits)
 
 
 class IntakePool:
@@ -167,9 +169,9 @@ class IntakePool:
         if row.state != "received":
             return
         try:
-            data = self._store.blob_path(row.sha256).read_bytes()
+            path = self._store.blob_path(row.sha256)
             task = task_from_dict(row.task_metadata)
-            result = self._judge(data, task, self._limits)
+            result = self._judge(path, task, self._limits)
         except Exception:
             log.exception("intake of submission %d could not run", submission_id)
             self._failed(submission_id)

@@ -29,6 +29,7 @@ from free_server.exchange import ExchangeService
 from free_server.grpc_server import ExchangeServer, Listen
 from free_server.home import ServerHome
 from free_server.intake_workers import IntakePool
+from free_server.static_checks import StaticCheckPool
 from free_server.store import Store
 from free_server.submission import SubmissionPolicy
 
@@ -144,6 +145,7 @@ class ServerRuntime:
         network = config.network
         limits = intake_limits(self.home)
         self.intake = IntakePool(store, limits, config.intake.workers)
+        static_checks = StaticCheckPool(limits)
         policy = SubmissionPolicy(
             max_upload_bytes=config.limits.max_upload_bytes,
             time_window_ms=config.limits.time_window_s * 1000,
@@ -155,6 +157,7 @@ class ServerRuntime:
             policy,
             chunk_bytes=min(config.limits.chunk_bytes, MAX_CHUNK_BYTES),
             on_received=self.intake.enqueue,
+            static_check=static_checks.check,
         )
         listen = Listen(
             host=network.listen,
@@ -163,7 +166,7 @@ class ServerRuntime:
             mutual_tls=network.mutual_tls and not self.options.insecure,
         )
         self.exchange = ExchangeServer(service, self.home, listen, config.limits.time_window_s)
-        parts: list[Component] = [self.intake, self.exchange]
+        parts: list[Component] = [self.intake, static_checks, self.exchange]
         if self.options.flower:
             # Loaded only when used: it pulls in flwr. Started after the exchange, so it
             # stops first and a running round checkpoints while uploads still finish.

@@ -14,9 +14,10 @@ is removed when the writer closes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -27,12 +28,26 @@ from free_common.security.call_auth import check_time_window
 from free_common.security.canonical import canonical_bytes
 from free_common.security.keys import key_id, public_key_from_pem
 from free_common.security.signing import sign, verify
-from free_common.types import Receipt, Signed, SubmissionManifest
+from free_common.types import Receipt, Signed, SubmissionManifest, TaskMetadata
 from free_server.blobs import StagedBlob
 from free_server.records import SubmissionResult, SubmissionRow
 from free_server.store import Store
 
-__all__ = ["SubmissionPolicy", "Upload", "receipt_for", "receive_submission", "unix_ms"]
+__all__ = [
+    "StaticCheck",
+    "SubmissionPolicy",
+    "Upload",
+    "receipt_for",
+    "receive_submission",
+    "unix_ms",
+]
+
+StaticCheck = Callable[[Path, TaskMetadata | None], object]
+"""Runs the static ONNX checks on a staged file, raising the `IntakeError` that refuses it.
+
+The server's is `free_server.static_checks.StaticCheckPool.check` (worker processes);
+without one, `receive_submission` checks in this process.
+"""
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -130,6 +145,7 @@ def receive_submission(
     *,
     caller: str | None,
     now: int,
+    static_check: StaticCheck | None = None,
 ) -> Upload:
     """Check, store and acknowledge one upload.
 
@@ -150,6 +166,8 @@ def receive_submission(
         Key id the call was authenticated with; it must be the manifest's.
     now
         The server's time, Unix milliseconds.
+    static_check
+        Where the static checks run; None runs them here, holding the model in memory.
 
     Returns
     -------
@@ -173,7 +191,10 @@ def receive_submission(
             writer.write(chunk)
         staged = writer.finish()
         _check_payload(staged, manifest)
-        check_static(staged.path.read_bytes(), task=manifest.task, limits=policy.intake_limits)
+        if static_check is None:
+            check_static(staged.path.read_bytes(), task=manifest.task, limits=policy.intake_limits)
+        else:
+            static_check(staged.path, manifest.task)
         result = store.record_submission(
             staged,
             client_key_id=manifest.client_id,

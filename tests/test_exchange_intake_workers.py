@@ -116,8 +116,8 @@ def test_a_failing_pool_retries_then_refuses_with_a_reason(tmp_path: Path) -> No
     alice = enroll(home, make_owner(tmp_path, "alice"))
     calls: list[int] = []
 
-    def broken(data: bytes, task: TaskMetadata, limits: IntakeLimits) -> IntakeResult:
-        calls.append(len(data))
+    def broken(path: Path, task: TaskMetadata, limits: IntakeLimits) -> IntakeResult:
+        calls.append(path.stat().st_size)
         raise OSError("cannot start the intake worker: too many processes")
 
     with home.open_store() as store:
@@ -139,7 +139,7 @@ def test_waiting_for_a_verdict_times_out_while_intake_is_busy(tmp_path: Path) ->
     alice = enroll(home, make_owner(tmp_path, "alice"))
     release = threading.Event()
 
-    def slow(data: bytes, task: TaskMetadata, limits: IntakeLimits) -> IntakeResult:
+    def slow(path: Path, task: TaskMetadata, limits: IntakeLimits) -> IntakeResult:
         release.wait(20)
         return IntakeResult(accepted=True)
 

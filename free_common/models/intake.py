@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import IO, Any
 
 import torch
 
@@ -32,12 +34,23 @@ from free_common.errors import (
     RuntimeProbeError,
 )
 from free_common.models.convert import OnnxModule, convert
-from free_common.models.intake_worker import header_for, out_of_memory_reason
+from free_common.models.intake_worker import header_for
 from free_common.models.metadata import task_from_dict, task_to_dict
 from free_common.models.onnx_static import IntakeLimits, check_static
+from free_common.models.static_worker import out_of_memory_reason
 from free_common.types import TaskMetadata
 
-__all__ = ["IntakeResult", "ModelSummary", "Teacher", "load_teacher", "run_intake"]
+__all__ = [
+    "IntakeResult",
+    "ModelSummary",
+    "Teacher",
+    "load_teacher",
+    "run_intake",
+    "run_intake_file",
+]
+
+_FEED_CHUNK = 1 << 20
+"""Bytes of a model file copied to the worker at a time."""
 
 _REFUSALS: dict[str, type[IntakeError]] = {
     name: cls
@@ -225,44 +238,74 @@ def _worker_env() -> dict[str, str]:
     return env
 
 
-def _run_worker(data: bytes, task: TaskMetadata | None, limits: IntakeLimits) -> IntakeResult:
+def _feed(stdin: IO[bytes], header: bytes, model: bytes | Path) -> None:
+    """Write the header and the model to the worker, the file in chunks (never whole here).
+
+    ``communicate`` flushes and closes `stdin` afterwards.
+    """
+    try:
+        stdin.write(header)
+        if isinstance(model, Path):
+            with model.open("rb") as source:
+                shutil.copyfileobj(source, stdin, _FEED_CHUNK)
+        else:
+            stdin.write(model)
+    except BrokenPipeError:
+        pass  # the worker died before reading it all: its exit status says why
+
+
+def _run_worker(
+    model: bytes | Path, task: TaskMetadata | None, limits: IntakeLimits
+) -> IntakeResult:
     with tempfile.TemporaryDirectory(prefix="free-intake-") as empty:
+        worker = subprocess.Popen(
+            _worker_command(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=empty,
+            env=_worker_env(),
+        )
+        assert worker.stdin is not None
+        # The worker reads all of its input before it writes a byte, so feeding it
+        # first and collecting its output after cannot deadlock.
+        _feed(worker.stdin, header_for(task, limits), model)
         try:
-            done = subprocess.run(
-                _worker_command(),
-                input=header_for(task, limits) + data,
-                capture_output=True,
-                cwd=empty,
-                env=_worker_env(),
-                timeout=limits.timeout_s,
-                check=False,
-            )
+            stdout, stderr = worker.communicate(timeout=limits.timeout_s)
         except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.communicate()
             return IntakeResult.refused(
                 IntakeTimeout(
                     f"full intake took longer than {limits.timeout_s:g} s; a teacher should run "
                     "a small batch in well under a second: export a smaller model"
                 )
             )
-    lines = done.stdout.decode(errors="replace").strip().splitlines()
-    if done.returncode == 0 and lines:
+    return _reply_of(worker.returncode, stdout, stderr, limits)
+
+
+def _reply_of(
+    returncode: int, stdout: bytes, stderr_bytes: bytes, limits: IntakeLimits
+) -> IntakeResult:
+    lines = stdout.decode(errors="replace").strip().splitlines()
+    if returncode == 0 and lines:
         return _parse_reply(lines[-1])
-    if done.returncode == -signal.SIGXCPU:
+    if returncode == -signal.SIGXCPU:
         return IntakeResult.refused(
             IntakeTimeout(
                 f"full intake used more than {limits.timeout_s:g} s of CPU time; export a "
                 "smaller model"
             )
         )
-    stderr = done.stderr.decode(errors="replace")
-    if "bad_alloc" in stderr or "MemoryError" in stderr or done.returncode == -signal.SIGKILL:
-        detail = "the worker was killed" if done.returncode < 0 else "allocation failed"
+    stderr = stderr_bytes.decode(errors="replace")
+    if "bad_alloc" in stderr or "MemoryError" in stderr or returncode == -signal.SIGKILL:
+        detail = "the worker was killed" if returncode < 0 else "allocation failed"
         return IntakeResult.refused(
             IntakeResourceError(out_of_memory_reason(limits.memory_bytes, detail))
         )
     last = (stderr.strip().splitlines() or ["no output"])[-1][:200]
     return IntakeResult.refused(
-        RuntimeProbeError(f"the intake worker failed on the model (exit {done.returncode}): {last}")
+        RuntimeProbeError(f"the intake worker failed on the model (exit {returncode}): {last}")
     )
 
 
@@ -305,6 +348,19 @@ def run_intake(
     except IntakeError as exc:
         return IntakeResult.refused(exc)
     return _run_worker(data, task, limits)
+
+
+def run_intake_file(
+    path: Path, *, task: TaskMetadata | None = None, limits: IntakeLimits | None = None
+) -> IntakeResult:
+    """Decide on a model stored at `path`, without ever holding it in this process.
+
+    What the server's intake threads call: the file is streamed to the worker,
+    which runs the static checks itself before the rest (`run_intake` runs them
+    here first, to spare a worker for a model the client is about to refuse).
+    Arguments and result as `run_intake`.
+    """
+    return _run_worker(path, task, limits or IntakeLimits())
 
 
 def load_teacher(

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import sys
 from dataclasses import asdict
 from typing import Any
@@ -41,9 +40,10 @@ from free_common.errors import (
 from free_common.models.convert import convert
 from free_common.models.metadata import task_from_dict, task_to_dict
 from free_common.models.onnx_static import IntakeLimits, StaticReport, check_static
+from free_common.models.static_worker import limit_process, out_of_memory_reason, refusal_reply
 from free_common.types import TaskMetadata
 
-__all__ = ["examine", "header_for", "main", "out_of_memory_reason"]
+__all__ = ["examine", "header_for", "main"]
 
 _ALLOCATION_MARKERS = ("alloc", "out of memory", "cannot allocate memory")
 
@@ -178,28 +178,8 @@ def examine(data: bytes, task: TaskMetadata | None, limits: IntakeLimits) -> dic
     }
 
 
-def out_of_memory_reason(memory_bytes: int, detail: str) -> str:
-    """Say why a model that exhausted the worker's memory is refused."""
-    return (
-        f"the model needs more than the intake worker's {memory_bytes:,} bytes of memory "
-        f"({detail}); export a smaller model"
-    )
-
-
 def _out_of_memory(limits: IntakeLimits, detail: str) -> str:
     return out_of_memory_reason(limits.memory_bytes, detail)
-
-
-def _refusal(error: IntakeError) -> dict[str, Any]:
-    return {"ok": False, "refusal": type(error).__name__, "reason": error.message}
-
-
-def _limit_self(limits: IntakeLimits) -> None:
-    resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
-    cpu = math.ceil(limits.timeout_s) + 1  # a backstop should the parent die
-    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu))
-    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
 def main() -> None:
@@ -208,20 +188,25 @@ def main() -> None:
     header_len = int.from_bytes(stdin.read(8), "big")
     header = json.loads(stdin.read(header_len))
     limits = IntakeLimits(**header["limits"])
-    _limit_self(limits)
+    # CPU seconds as a backstop should the parent die before its wall-clock limit.
+    limit_process(limits.memory_bytes, cpu_s=math.ceil(limits.timeout_s) + 1)
     torch.set_num_threads(1)
     try:
         data = stdin.read()
         task = None if header["task"] is None else task_from_dict(header["task"])
         reply: dict[str, Any] = {"ok": True, "summary": examine(data, task, limits)}
     except IntakeError as exc:
-        reply = _refusal(exc)
+        reply = refusal_reply(exc)
     except MemoryError:
-        reply = _refusal(IntakeResourceError(_out_of_memory(limits, "Python could not allocate")))
+        reply = refusal_reply(
+            IntakeResourceError(_out_of_memory(limits, "Python could not allocate"))
+        )
     except RuntimeError as exc:  # torch reports failed allocations as RuntimeError
         if not _is_allocation_failure(str(exc)):
             raise
-        reply = _refusal(IntakeResourceError(_out_of_memory(limits, "torch could not allocate")))
+        reply = refusal_reply(
+            IntakeResourceError(_out_of_memory(limits, "torch could not allocate"))
+        )
     sys.stdout.write(json.dumps(reply) + "\n")
     sys.stdout.flush()
     # Skip interpreter teardown: nothing is left to flush, and it costs time.

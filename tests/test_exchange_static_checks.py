@@ -1,0 +1,170 @@
+"""The static checks before a receipt run in a bounded pool of worker processes.
+
+Real worker processes on tiny models: refusals keep their own class, a worker
+that dies or runs out of time costs only the upload it was checking, at most
+``workers`` processes run at once, and a stopped pool refuses politely.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from exchange_harness import wait_until
+from onnx_builders import TINY_TASK, copy, point_to_external, tiny_model
+
+from free_common.errors import (
+    ExternalDataError,
+    IntakeResourceError,
+    IntakeTimeout,
+    NotOnnxError,
+    ServerUnavailable,
+)
+from free_common.models.onnx_static import IntakeLimits
+from free_server.static_checks import StaticCheckPool
+
+
+def _worker_pids() -> list[int]:
+    """Pids of the static check workers started by this test process."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == os.getpid() and b"free_common.models.static_worker" in command:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _state(pid: int) -> str:
+    return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+@pytest.fixture
+def pool() -> Iterator[StaticCheckPool]:
+    checks = StaticCheckPool(IntakeLimits(), workers=2)
+    checks.start()
+    yield checks
+    checks.stop(5)
+
+
+def _write(folder: Path, name: str, data: bytes) -> Path:
+    path = folder / name
+    path.write_bytes(data)
+    return path
+
+
+def test_a_good_model_passes_and_a_refusal_keeps_its_class(
+    pool: StaticCheckPool, tmp_path: Path
+) -> None:
+    good = _write(tmp_path, "good.onnx", tiny_model().SerializeToString())
+    assert pool.check(good, TINY_TASK) == ()
+    external = copy(tiny_model())
+    point_to_external(external.graph.initializer[0], "secret.bin")
+    hostile = _write(tmp_path, "hostile.onnx", external.SerializeToString())
+    with pytest.raises(ExternalDataError):
+        pool.check(hostile, TINY_TASK)
+    with pytest.raises(NotOnnxError):
+        pool.check(_write(tmp_path, "junk.onnx", b"\xff" * 100), None)
+    # A refusal is an answer, not a failure: the same process checks the next model.
+    before = _worker_pids()
+    assert pool.check(good, None) == ()
+    assert _worker_pids() == before and len(before) == 1
+
+
+def test_a_worker_killed_while_idle_is_replaced_without_refusing_anyone(
+    pool: StaticCheckPool, tmp_path: Path
+) -> None:
+    good = _write(tmp_path, "good.onnx", tiny_model().SerializeToString())
+    pool.check(good, TINY_TASK)
+    (victim,) = _worker_pids()
+    os.kill(victim, signal.SIGKILL)
+    # Dead (a zombie the pool has not reaped yet) before the next upload comes.
+    assert wait_until(lambda: _state(victim) == "Z", 10)
+    assert pool.check(good, TINY_TASK) == ()
+    assert victim not in _worker_pids()
+
+
+def test_a_worker_that_dies_on_a_model_refuses_only_that_upload(
+    pool: StaticCheckPool, tmp_path: Path
+) -> None:
+    # A FIFO holds the worker inside the check until the test kills it, as if a
+    # hostile model had crashed the parser: that upload is refused, the next is served.
+    fifo = tmp_path / "stuck.onnx"
+    os.mkfifo(fifo)
+    outcome: list[BaseException] = []
+
+    def check() -> None:
+        try:
+            pool.check(fifo, TINY_TASK)
+        except BaseException as exc:  # noqa: BLE001 (inspected below)
+            outcome.append(exc)
+
+    thread = threading.Thread(target=check)
+    thread.start()
+    assert wait_until(lambda: len(_worker_pids()) == 1, 20)
+    os.kill(_worker_pids()[0], signal.SIGKILL)
+    thread.join(20)
+    assert len(outcome) == 1 and isinstance(outcome[0], IntakeResourceError)
+    assert "killed by signal 9" in str(outcome[0])
+    good = _write(tmp_path, "good.onnx", tiny_model().SerializeToString())
+    assert pool.check(good, TINY_TASK) == ()
+
+
+def test_a_check_past_the_time_limit_is_refused_and_its_worker_replaced(tmp_path: Path) -> None:
+    checks = StaticCheckPool(IntakeLimits(), workers=1, timeout_s=0.0001)
+    checks.start()
+    try:
+        good = _write(tmp_path, "good.onnx", tiny_model().SerializeToString())
+        with pytest.raises(IntakeTimeout, match="took longer than"):
+            checks.check(good, TINY_TASK)
+        assert _worker_pids() == []  # killed and reaped
+    finally:
+        checks.stop(5)
+
+
+def test_no_more_workers_than_the_pool_size_run_at_once(
+    pool: StaticCheckPool, tmp_path: Path
+) -> None:
+    models = [
+        _write(tmp_path, f"m{i}.onnx", tiny_model(seed=i).SerializeToString()) for i in range(8)
+    ]
+    seen: list[int] = []
+    errors: list[BaseException] = []
+
+    def check(path: Path) -> None:
+        try:
+            pool.check(path, TINY_TASK)
+            seen.append(len(_worker_pids()))
+        except BaseException as exc:  # noqa: BLE001 (reported by the assertion below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=check, args=(m,)) for m in models]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert errors == []
+    assert len(seen) == 8 and max(seen) <= 2
+
+
+def test_a_stopped_pool_refuses_with_a_retryable_error_and_leaves_no_process(
+    tmp_path: Path,
+) -> None:
+    checks = StaticCheckPool(IntakeLimits(), workers=2)
+    checks.start()
+    good = _write(tmp_path, "good.onnx", tiny_model().SerializeToString())
+    checks.check(good, TINY_TASK)
+    checks.stop(5)
+    assert _worker_pids() == []
+    with pytest.raises(ServerUnavailable, match="shutting down"):
+        checks.check(good, TINY_TASK)
