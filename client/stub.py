@@ -4,11 +4,17 @@
 every call with the owner's key (`free_common.security.call_auth`), sets the
 message caps on purpose, and turns every gRPC failure into one `FreeError`:
 
-- a TLS handshake that fails (wrong ``--ca``, or a server that requires a client
-  certificate and got none) is a `TlsError`; retrying cannot help;
+- a TLS handshake that fails for a certificate reason (wrong ``--ca``, a server
+  certificate that names another host) is a `TlsError`; retrying cannot help;
+- a TLS handshake the server closed before the channel was ever READY, with no
+  certificate reason, is a `HandshakeDropped` (a `TlsError`): a server that
+  requires a client certificate does this, and so does one too loaded to finish
+  handshakes, so the uploader retries it a few times before reporting it;
 - no connection, or no answer in time, is `ServerUnavailable` (worth a retry);
-- any status the server answers with is `ServerRefused`, carrying the server's
-  one-line reason and the status name.
+- a refusal for now is `ServerBusy` (worth a retry): gRPC's own concurrent-call
+  limit, or the server's `StoreFull` (its disk is full);
+- any other status the server answers with is `ServerRefused`, carrying the
+  server's one-line reason and the status name.
 """
 
 from __future__ import annotations
@@ -24,10 +30,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from free_common import wire
 from free_common.errors import (
+    ERROR_CLASS_METADATA,
     ConfigError,
     FreeError,
+    HandshakeDropped,
+    ServerBusy,
     ServerRefused,
     ServerUnavailable,
+    StoreFull,
     TlsError,
 )
 from free_common.proto import exchange_pb2 as pb
@@ -46,7 +56,18 @@ __all__ = ["Connection", "ExchangeClient", "channel_credentials"]
 
 _T = TypeVar("_T")
 _SERVICE = pb.DESCRIPTOR.services_by_name["Exchange"].full_name
-_TLS_MARKERS = ("handshake", "certificate", "ssl", "tsi_", "tls")
+# A handshake that failed for a reason in the certificates reads "Tls handshake failed
+# (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: ...CERTIFICATE_VERIFY_FAILED" (or names the
+# peer certificate); retrying cannot help. A handshake the server merely dropped reads
+# "Handshake read failed (Socket closed)", "Connection reset by peer", "handshaker
+# shutdown": an overloaded server, or one that wants a client certificate.
+_CERTIFICATE_MARKERS = ("certificate", "ssl_error_ssl", "tsi_protocol_failure")
+_DROPPED_MARKERS = ("handshake", "socket closed", "connection reset", "broken pipe")
+# What grpcio's server answers, before any FREE-Fed code runs, to a call beyond its
+# maximum_concurrent_rpcs (grpc/_server.py). The server's own RESOURCE_EXHAUSTED
+# refusals (`PayloadTooLarge`, `StoreFull`) always carry ERROR_CLASS_METADATA, so this
+# exact line without it can only come from the call limit.
+_CALL_LIMIT_DETAILS = "Concurrent RPC limit exceeded!"
 # After a failed connection a channel refuses calls until its own reconnect backoff
 # ends (up to 120 s by default); keep it shorter than the uploader's retry delays,
 # so a retry after a server restart reaches the server.
@@ -120,6 +141,15 @@ def _method(name: str) -> str:
     return f"/{_SERVICE}/{name}"
 
 
+def _error_class(error: grpc.RpcError) -> str:
+    """Return the `FreeError` class the server named in the trailing metadata, or ""."""
+    trailing = getattr(error, "trailing_metadata", None)
+    for key, value in (trailing() if callable(trailing) else None) or ():
+        if key == ERROR_CLASS_METADATA:
+            return str(value)
+    return ""
+
+
 class ExchangeClient:
     """A connection to the exchange service, signing every call with the owner's key.
 
@@ -177,32 +207,52 @@ class ExchangeClient:
         details: str = error.details() or ""
         where = self.connection.server
         if code is grpc.StatusCode.UNAVAILABLE:
-            if not self.connection.insecure and any(m in details.lower() for m in _TLS_MARKERS):
-                return TlsError(
-                    f"the TLS handshake with {where} failed: the server's certificate does not"
-                    f" verify against --ca {self.connection.ca} (or the server wants a client"
-                    " certificate); check that you were given this server's ca.pem"
-                )
-            if (
-                not self.connection.insecure
-                and self.connection.tls_cert is None
-                and not self._ever_ready
-                and "socket closed" in details.lower()
-            ):
-                # What a client without a certificate sees when the server requires one.
-                return TlsError(
-                    f"{where} closed the TLS handshake: it probably requires mutual TLS; give"
-                    " --tls-cert and --tls-key issued by the aggregator"
-                )
+            if not self.connection.insecure:
+                tls = self._tls_error(details.lower())
+                if tls is not None:
+                    return tls
             return ServerUnavailable(
                 f"cannot reach the exchange service at {where} ({details or 'unavailable'}):"
                 " check --server and that `free-server start` runs there"
             )
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+            refused_as = _error_class(error)
+            if not refused_as and details == _CALL_LIMIT_DETAILS:
+                return ServerBusy(
+                    f"{where} is serving as many calls as it allows ({details}); try again later",
+                    code.name,
+                )
+            if refused_as == StoreFull.__name__:
+                return ServerBusy(f"the server refused {what}: {details} ({code.name})", code.name)
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
             return ServerUnavailable(f"{where} did not finish {what} in time; try again later")
         if code is grpc.StatusCode.CANCELLED:
             return ServerUnavailable(f"{what} was cancelled before it finished ({details})")
         return ServerRefused(f"the server refused {what}: {details} ({code.name})", code.name)
+
+    def _tls_error(self, details: str) -> TlsError | None:
+        """Return the TLS failure that UNAVAILABLE `details` (lower-case) mean, if any."""
+        where = self.connection.server
+        if any(m in details for m in _CERTIFICATE_MARKERS):
+            return TlsError(
+                f"the TLS handshake with {where} failed: the server's certificate does not"
+                f" verify against --ca {self.connection.ca} (or the server wants a client"
+                " certificate); check that you were given this server's ca.pem"
+            )
+        # A server that dies mid-upload also closes the socket, but after the channel was
+        # READY: that is an outage, retried as one.
+        if self._ever_ready or not any(m in details for m in _DROPPED_MARKERS):
+            return None
+        if self.connection.tls_cert is None:
+            return HandshakeDropped(
+                f"{where} closed the TLS handshake: it probably requires mutual TLS (give"
+                " --tls-cert and --tls-key issued by the aggregator), or it is overloaded"
+                " (try again later)"
+            )
+        return HandshakeDropped(
+            f"{where} closed the TLS handshake: it is overloaded (try again later), or it"
+            f" does not accept --tls-cert {self.connection.tls_cert} (ask the aggregator)"
+        )
 
     def _call(self, what: str, call: Callable[[], _T]) -> _T:
         try:

@@ -3,8 +3,9 @@
 Steps: the task metadata comes from the model's ``metadata_props`` (written by
 `free-client export`), with flags winning field by field; local intake runs the
 same checks as the server, so a model the server would refuse is never sent;
-the upload streams in chunks with a progress bar and retries an unavailable
-server; the receipt is checked (and its signature verified with
+the upload streams in chunks with a progress bar and retries, with backoff, a
+server that is unavailable, busy (its call limit, its full disk) or dropping
+TLS handshakes; the receipt is checked (and its signature verified with
 ``--server-pub``); then the command polls for the verdict unless ``--no-wait``.
 
 Exit status 0 only when the model was accepted (or, with ``--no-wait``,
@@ -175,7 +176,8 @@ def submit(
         float, typer.Option("--wait-timeout", help="Seconds to wait for the verdict.")
     ] = 600.0,
     retries: Annotated[
-        int, typer.Option("--retries", help="Upload attempts while the server is unavailable.")
+        int,
+        typer.Option("--retries", help="Upload attempts while the server is unavailable or busy."),
     ] = 5,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     insecure: InsecureOption = False,

@@ -4,8 +4,11 @@ Retrying is safe because the server is idempotent: the same bytes from the same
 owner get the original receipt back whatever the nonce, so an upload whose
 reply was lost is never stored twice. Each attempt signs a fresh manifest (new
 time, new nonce), so a retry late in the backoff is never refused as stale.
-Only `ServerUnavailable` (no connection, no answer in time) is retried, with
-exponential backoff and full jitter; a refusal is final.
+What is retried, with exponential backoff and full jitter, is what may pass:
+`ServerUnavailable` (no connection, no answer in time), `ServerBusy` (the
+server's call limit, or its full disk) and `HandshakeDropped` (a TLS handshake
+the server closed, which an overloaded server does too; after the last attempt
+it is reported as the `TlsError` it is). Any other refusal is final.
 """
 
 from __future__ import annotations
@@ -21,7 +24,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from free_client.stub import ExchangeClient
 from free_common.console import err_console, progress
-from free_common.errors import ConfigError, ServerUnavailable, SignatureError, VerdictTimeout
+from free_common.errors import (
+    ConfigError,
+    HandshakeDropped,
+    ServerBusy,
+    ServerUnavailable,
+    SignatureError,
+    VerdictTimeout,
+)
 from free_common.security.call_auth import now_ms
 from free_common.security.keys import key_id
 from free_common.security.signing import sign, verify
@@ -46,6 +56,8 @@ __all__ = [
 
 Notify = Callable[[str], None]
 
+_TRANSIENT = (ServerUnavailable, ServerBusy, HandshakeDropped)
+
 
 def _say(message: str) -> None:
     err_console.print(message, highlight=False, soft_wrap=True)
@@ -53,7 +65,7 @@ def _say(message: str) -> None:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How often and how patiently to retry an unavailable server.
+    """How often and how patiently to retry an unavailable or busy server.
 
     Attributes
     ----------
@@ -159,7 +171,7 @@ def upload(
     server_pub
         The pinned server key; when given, the receipt's signature must verify.
     retry
-        Backoff policy for an unavailable server.
+        Backoff policy for an unavailable or busy server.
     chunk_bytes
         Bytes per stream message.
     timeout_s
@@ -171,8 +183,8 @@ def upload(
 
     Raises
     ------
-    ServerUnavailable
-        Still unavailable after the last attempt.
+    ServerUnavailable, ServerBusy, HandshakeDropped
+        Still unavailable, busy, or dropping the handshake after the last attempt.
     FreeError
         A refusal (`ServerRefused`, `TlsError`) or a receipt that does not check out.
     """
@@ -187,7 +199,7 @@ def upload(
                 reply = client.submit(
                     signed, _chunks(data, chunk_bytes, advance), timeout_s=timeout_s
                 )
-        except ServerUnavailable as exc:
+        except _TRANSIENT as exc:
             if attempt + 1 >= policy.attempts:
                 raise
             wait = policy.delay_s(attempt, jitter)
@@ -211,8 +223,8 @@ def wait_for_verdict(
 ) -> Verdict:
     """Poll the server until the submission is accepted or refused.
 
-    A server that is briefly unavailable (restarting) is waited out like a
-    pending verdict; the submission is durable there.
+    A server that is briefly unavailable (restarting) or busy is waited out
+    like a pending verdict; the submission is durable there.
 
     Raises
     ------
@@ -228,7 +240,7 @@ def wait_for_verdict(
             verdict = client.verdict(submission_id)
             if verdict.state is not VerdictState.PENDING:
                 return verdict
-        except ServerUnavailable:
+        except (ServerUnavailable, ServerBusy):
             pass
         if clock() + interval > deadline:
             raise VerdictTimeout(

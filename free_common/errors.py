@@ -22,6 +22,7 @@ answers with, so the CLIs and the servicer never invent their own mapping::
     │   ├── ReplayError        a nonce already used, with other bytes
     │   ├── StaleRequest       a manifest or call signed outside the server's time window
     │   ├── TlsError           a TLS handshake that failed (certificate not trusted)
+    │   │   └── HandshakeDropped  a server closed the handshake (mutual TLS wanted, or overloaded)
     │   ├── AppBundleRefused   a Flower run that ships another app than the installed round app
     │   └── NodeNotAdmitted    a SuperNode whose node key the SuperLink does not accept
     ├── WireError              a protobuf message that does not make a valid record
@@ -33,7 +34,8 @@ answers with, so the CLIs and the servicer never invent their own mapping::
     │   ├── StoreVersionError  a store made by a newer free-server
     │   ├── RecordNotFound     no client, submission or release by that name
     │   ├── DuplicateRecord    a client name or key that is already registered
-    │   └── DamagedRecord      a stored release or blob that no longer matches its signature
+    │   ├── DamagedRecord      a stored release or blob that no longer matches its signature
+    │   └── StoreFull          the disk under the store is full (transient for the owner)
     ├── IntakeError            an untrusted model refused by `models` intake
     │   ├── NotOnnxError       not a parseable ONNX model (other bytes, truncated, other proto)
     │   ├── ModelTooLarge      file, node count or metadata over the caps
@@ -62,20 +64,25 @@ answers with, so the CLIs and the servicer never invent their own mapping::
     ├── ExchangeError          the client's view of the exchange service
     │   ├── ServerUnavailable  no connection or no answer in time (worth retrying)
     │   ├── ServerRefused      the server answered with an error status
+    │   │   └── ServerBusy     a refusal for now (call limit, full disk): worth retrying
     │   └── VerdictTimeout     no verdict arrived within the wait
     ├── FlowerError            the Flower control plane: a SuperLink, SuperNode or run failed
     └── DemoError              a step of `make demo` failed (a command, or a wait that ran out)
 
 `grpc_status` holds the *name* of a `grpc.StatusCode` member, so this module (and
 every algorithm layer that raises these errors) stays free of grpc; the server
-resolves the name with `getattr(grpc.StatusCode, name)`.
+resolves the name with `getattr(grpc.StatusCode, name)`. The server also names
+the error's class in the trailing metadata key `ERROR_CLASS_METADATA`, so a
+client can tell a transient refusal (`StoreFull`) from a final one that shares
+its status (`PayloadTooLarge`, also ``RESOURCE_EXHAUSTED``).
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Final
 
 __all__ = [
+    "ERROR_CLASS_METADATA",
     "AppBundleRefused",
     "ArchitectureMismatch",
     "CanonicalFormError",
@@ -94,6 +101,7 @@ __all__ = [
     "FontPackageMissing",
     "FontUnreadable",
     "FreeError",
+    "HandshakeDropped",
     "HomeError",
     "IdxFormatError",
     "InputShapeError",
@@ -121,12 +129,14 @@ __all__ = [
     "RevokedClient",
     "RuntimeProbeError",
     "SecurityError",
+    "ServerBusy",
     "ServerRefused",
     "ServerUnavailable",
     "SignatureError",
     "SplitError",
     "StaleRequest",
     "StoreError",
+    "StoreFull",
     "StoreVersionError",
     "SubgraphError",
     "TensorLimitError",
@@ -138,6 +148,9 @@ __all__ = [
     "VerdictTimeout",
     "WireError",
 ]
+
+ERROR_CLASS_METADATA: Final = "free-error-class"
+"""Trailing-metadata key in which the server names the `FreeError` class it refused with."""
 
 
 class FreeError(Exception):
@@ -466,3 +479,30 @@ class DemoError(FreeError):
     """A step of the demo failed: a command exited nonzero, or a wait ran out of time."""
 
     exit_code = 8
+
+
+class StoreFull(StoreError):
+    """The disk under the server's store is full; the write was undone and may be retried.
+
+    Answered ``RESOURCE_EXHAUSTED`` with a line that names no path: for the owner it
+    is transient (the client retries it with backoff), for the operator it means
+    freeing disk space in the server home.
+    """
+
+    grpc_status = "RESOURCE_EXHAUSTED"
+
+
+class HandshakeDropped(TlsError):
+    """The server closed a TLS handshake before it finished, without a certificate reason.
+
+    A server that requires a client certificate does this, and so does one too
+    loaded to finish handshakes; the uploader retries it a few times before
+    reporting it.
+    """
+
+
+class ServerBusy(ServerRefused):
+    """A refusal for now: the server's call limit is reached, or its disk is full.
+
+    The uploader retries it with backoff, like `ServerUnavailable`.
+    """

@@ -11,27 +11,56 @@ Each writer holds an exclusive `flock` on its temporary file for its whole life.
 The lock dies with the process, so a temporary file whose lock can be taken
 belongs to a writer that is gone (killed, crashed) and is safe to delete, even
 while other processes are uploading.
+
+A full disk (``ENOSPC``, or ``EDQUOT`` for a quota) while writing, syncing or
+placing a blob is a `StoreFull`: the write is undone like any refused upload,
+and the path goes to the server log, not to the peer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
+import logging
 import os
 import re
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Final
 
 from free_common.durable import fsync_dir
-from free_common.errors import PayloadTooLarge, StoreError
+from free_common.errors import PayloadTooLarge, StoreError, StoreFull
 
-__all__ = ["BlobStore", "BlobWriter", "StagedBlob"]
+__all__ = ["DISK_FULL_MESSAGE", "BlobStore", "BlobWriter", "StagedBlob"]
+
+log = logging.getLogger("free_server.store")
 
 _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 _TMP_SUFFIX = ".part"
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+DISK_FULL_MESSAGE: Final = (
+    "the server's store is out of disk space: try again later (the aggregator must free"
+    " disk space in the server home)"
+)
+"""The line a peer gets when the store's disk is full; it names no path."""
+
+
+@contextlib.contextmanager
+def _full_disk_refused(where: Path) -> Iterator[None]:
+    """Turn a full disk under `where` into `StoreFull`; other OS errors pass unchanged."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _DISK_FULL:
+            raise
+        log.warning("the disk under %s is full (%s): free space there", where, exc.strerror)
+        raise StoreFull(DISK_FULL_MESSAGE) from exc
 
 
 @dataclass(frozen=True)
@@ -94,11 +123,12 @@ class BlobStore:
             staged.path.unlink(missing_ok=True)
             return target
         folder = target.parent
-        if not folder.is_dir():
-            folder.mkdir()
-            fsync_dir(self.blobs_dir)
-        os.replace(staged.path, target)
-        fsync_dir(folder)
+        with _full_disk_refused(self.root):
+            if not folder.is_dir():
+                folder.mkdir()
+                fsync_dir(self.blobs_dir)
+            os.replace(staged.path, target)
+            fsync_dir(folder)
         return target
 
     def remove(self, sha256: str) -> None:
@@ -162,8 +192,10 @@ class BlobWriter:
         self.max_bytes = max_bytes
         self.size = 0
         self._hash = hashlib.sha256()
+        self._root = blobs.root
         self.path = blobs.tmp_dir / f"{os.getpid()}-{secrets.token_hex(8)}{_TMP_SUFFIX}"
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with _full_disk_refused(self._root):
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         fcntl.flock(fd, fcntl.LOCK_EX)
         self._file = os.fdopen(fd, "wb")
         self._staged: StagedBlob | None = None
@@ -187,15 +219,17 @@ class BlobWriter:
             raise PayloadTooLarge(
                 f"upload exceeds the server's cap of {self.max_bytes} bytes: send a smaller model"
             )
-        self._file.write(chunk)
+        with _full_disk_refused(self._root):
+            self._file.write(chunk)
         self._hash.update(chunk)
         self.size += len(chunk)
 
     def finish(self) -> StagedBlob:
         """Flush and fsync the bytes; return the staged blob (the lock is kept)."""
         if self._staged is None:
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            with _full_disk_refused(self._root):
+                self._file.flush()
+                os.fsync(self._file.fileno())
             self._staged = StagedBlob(self.path, self._hash.hexdigest(), self.size)
         return self._staged
 
@@ -205,4 +239,7 @@ class BlobWriter:
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         if not self._file.closed:
-            self._file.close()
+            # The bytes are thrown away: a flush that fails on a full disk must not hide
+            # why the upload stopped (the file is closed either way).
+            with contextlib.suppress(OSError):
+                self._file.close()

@@ -2,9 +2,9 @@
 
 `ExchangeService` answers the four calls of ``proto/.../exchange.proto`` from
 the store: `submit` (see `free_server.submission`), `verdict` (only the
-submitting owner may read a verdict; others get "not found", so ids reveal
-nothing), `release` (checks the stored release before serving it, and the blob
-while streaming it) and `status`.
+submitting owner may read a verdict, with any of its keys since rotation; others
+get "not found", so ids reveal nothing), `release` (checks the stored release
+before serving it, and the blob while streaming it) and `status`.
 """
 
 from __future__ import annotations
@@ -136,7 +136,11 @@ class ExchangeService:
         return upload.receipt
 
     def verdict(self, submission_id: str, caller: str) -> Verdict:
-        """Return the verdict on one of the caller's own submissions.
+        """Return the verdict on one of the caller's owner's submissions.
+
+        The owner, not the exact key, is compared: after `clients rotate` the new
+        key reads the verdicts of submissions signed with the old one. Names
+        identify owners (a name is never given to another owner).
 
         Raises
         ------
@@ -153,7 +157,10 @@ class ExchangeService:
         except RecordNotFound:
             raise missing from None
         if row.client_key_id != caller:
-            raise missing
+            submitter = self.store.client_by_key_id(row.client_key_id)
+            asker = self.store.client_by_key_id(caller)
+            if submitter is None or asker is None or submitter.name != asker.name:
+                raise missing
         return _verdict(row)
 
     def release(self, version: int | None) -> ReleaseDownload:

@@ -157,8 +157,12 @@ class IntakePool:
             try:
                 self._judge_one(submission_id)
             except Exception:
-                # The store itself failed: the row stays "received" and the rescan retries.
-                log.exception("recording the verdict of submission %d failed", submission_id)
+                if self._stopping.is_set():
+                    # The store closed under a judgement that outlived the grace period.
+                    log.info("submission %d is judged after the next start", submission_id)
+                else:
+                    # The store itself failed: the row stays "received" and the rescan retries.
+                    log.exception("recording the verdict of submission %d failed", submission_id)
             finally:
                 with self._idle:
                     self._known.discard(submission_id)

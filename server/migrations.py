@@ -12,7 +12,7 @@ from __future__ import annotations
 import sqlite3
 from datetime import UTC, datetime
 
-from free_common.errors import StoreVersionError
+from free_common.errors import StoreError, StoreVersionError
 
 __all__ = ["MIGRATIONS", "SCHEMA_VERSION", "current_version", "migrate"]
 
@@ -92,7 +92,42 @@ _V1 = (
     """,
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1,)
+# Version 2: key rotation and withdrawn submissions. A rotated owner gets a new row for
+# its new key (submissions name the exact key that signed them, as a foreign key of
+# clients.key_id), so the rows of one owner share its name: only the current row's name
+# and node key stay unique. SQLite cannot drop a UNIQUE constraint, so the table is
+# rebuilt as its documentation says (`migrate` runs with foreign keys off and checks
+# them before the commit).
+_V2 = (
+    """
+    CREATE TABLE clients_v2 (
+        id              INTEGER PRIMARY KEY,
+        name            TEXT NOT NULL,
+        key_id          TEXT NOT NULL UNIQUE,
+        public_key_pem  TEXT NOT NULL,
+        node_public_key TEXT,
+        added_at        TEXT NOT NULL,
+        revoked_at      TEXT,
+        -- When `clients rotate` replaced this key by the owner's next row.
+        replaced_at     TEXT
+    )
+    """,
+    "INSERT INTO clients_v2 (id, name, key_id, public_key_pem, node_public_key, added_at,"
+    " revoked_at) SELECT id, name, key_id, public_key_pem, node_public_key, added_at,"
+    " revoked_at FROM clients",
+    "DROP TABLE clients",
+    "ALTER TABLE clients_v2 RENAME TO clients",
+    "CREATE UNIQUE INDEX clients_current_name ON clients (name) WHERE replaced_at IS NULL",
+    # A rotation that keeps the node key carries it to the new row; Flower still needs
+    # one owner per node key.
+    "CREATE UNIQUE INDEX clients_current_node_key ON clients (node_public_key)"
+    " WHERE replaced_at IS NULL",
+    # Set by `clients revoke` (unless --keep-submissions): the row keeps its verdict and
+    # its verdict_seq, and no later round reads it.
+    "ALTER TABLE submissions ADD COLUMN withdrawn_at TEXT",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
 """Migration ``i`` (0-based) takes the schema from version ``i`` to ``i + 1``."""
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -116,7 +151,8 @@ def migrate(conn: sqlite3.Connection, where: str) -> int:
     ----------
     conn
         A connection inside ``BEGIN IMMEDIATE``, so two processes opening a new
-        store at once do not both migrate it.
+        store at once do not both migrate it, with foreign keys off (a migration
+        may rebuild a table that others reference; they are checked at the end).
     where
         The store's path, for the error message.
 
@@ -141,5 +177,11 @@ def migrate(conn: sqlite3.Connection, where: str) -> int:
             conn.execute(statement)
         conn.execute(
             "INSERT INTO schema_version (version, applied_at) VALUES (?, ?)", (version, now)
+        )
+    broken = conn.execute("PRAGMA foreign_key_check").fetchall()
+    if broken:
+        raise StoreError(
+            f"migrating the store at {where} would leave {len(broken)} row(s) naming a missing"
+            " record; nothing was changed: restore the store from a backup"
         )
     return found

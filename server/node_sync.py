@@ -5,9 +5,9 @@ OpenSSH line. With ``--enable-supernode-auth`` the SuperLink admits only
 registered keys, so the supervisor calls `sync_node_keys` at start and every
 few seconds: keys of active clients that are missing get registered (named
 after the client, so rounds can report evaluations by owner name), and every
-registered key that is not on the allow-list, revoked owners' included, is
-unregistered. The SuperLink compares keys as PEM bytes, as `flwr supernode
-register` sends them.
+registered key that is not on the allow-list, revoked owners' and node keys
+replaced by `clients rotate --node-pub` included, is unregistered. The
+SuperLink compares keys as PEM bytes, as `flwr supernode register` sends them.
 """
 
 from __future__ import annotations

@@ -14,24 +14,34 @@ from typing import Any, Literal
 
 __all__ = [
     "ClientRow",
+    "ClientState",
     "EvaluationRow",
     "RecoveryReport",
     "ReleaseRow",
+    "Revocation",
     "RoundRow",
     "RoundState",
     "StoreSummary",
+    "SubmissionCount",
     "SubmissionResult",
     "SubmissionRow",
     "SubmissionState",
 ]
 
 SubmissionState = Literal["received", "accepted", "refused"]
+SubmissionCount = Literal["received", "accepted", "refused", "withdrawn"]
+"""What status counts: withdrawn submissions apart, whatever their verdict."""
+ClientState = Literal["active", "revoked", "replaced"]
 RoundState = Literal["requested", "running", "finished", "failed"]
 
 
 @dataclass(frozen=True)
 class ClientRow:
-    """One data owner on the allow-list."""
+    """One key of a data owner on the allow-list.
+
+    An owner has one row per key it was given (`Store.rotate_client` adds one), all
+    under its name; only the newest, whose `replaced_at` is None, can be active.
+    """
 
     name: str
     key_id: str
@@ -39,11 +49,19 @@ class ClientRow:
     node_public_key: str | None
     added_at: datetime
     revoked_at: datetime | None
+    replaced_at: datetime | None
 
     @property
     def active(self) -> bool:
-        """Whether the owner may submit (not revoked)."""
-        return self.revoked_at is None
+        """Whether this key may be used (the owner is not revoked, the key not replaced)."""
+        return self.revoked_at is None and self.replaced_at is None
+
+    @property
+    def state(self) -> ClientState:
+        """``active``, ``revoked`` (the owner), or ``replaced`` (this key, by a newer one)."""
+        if self.replaced_at is not None:
+            return "replaced"
+        return "active" if self.revoked_at is None else "revoked"
 
 
 @dataclass(frozen=True)
@@ -62,6 +80,8 @@ class SubmissionRow:
     state: SubmissionState
     reason: str | None
     verdict_at: datetime | None
+    withdrawn_at: datetime | None
+    """Set when its owner was revoked: no round started later reads it."""
 
     @property
     def task_metadata(self) -> dict[str, Any]:
@@ -85,6 +105,22 @@ class SubmissionResult:
 
     row: SubmissionRow
     duplicate: bool
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """What `Store.revoke_client` did.
+
+    Attributes
+    ----------
+    client
+        The owner's current row, now revoked.
+    withdrawn
+        How many of its received or accepted submissions were withdrawn now.
+    """
+
+    client: ClientRow
+    withdrawn: int
 
 
 @dataclass(frozen=True)
@@ -129,7 +165,7 @@ class StoreSummary:
 
     schema_version: int
     clients: list[ClientRow]
-    submission_counts: dict[SubmissionState, int]
+    submission_counts: dict[SubmissionCount, int]
     submissions: list[SubmissionRow]
     rounds: list[RoundRow]
     releases: list[ReleaseRow]

@@ -3,7 +3,8 @@
 A `FreeError` ends as the status its class names (`free_common.errors`) with its
 one-line message, which says what to fix. Errors whose status is ``INTERNAL``
 (store failures) and unexpected exceptions are logged with their detail and
-answered with a generic line, so no path or stack reaches a remote peer.
+answered with a generic line, so no path or stack reaches a remote peer. The
+error's class name travels in the trailing metadata (`ERROR_CLASS_METADATA`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from contextlib import contextmanager
 
 import grpc
 
-from free_common.errors import FreeError
+from free_common.errors import ERROR_CLASS_METADATA, FreeError
 
 __all__ = ["internal_message", "public_message", "rpc_error_translator", "status_code"]
 
@@ -56,6 +57,9 @@ def rpc_error_translator(context: grpc.ServicerContext, rpc_name: str) -> Iterat
     try:
         yield
     except FreeError as error:
+        # The class name lets a client retry a transient refusal (`StoreFull`) and not a
+        # final one with the same status; a class name carries no path or detail.
+        context.set_trailing_metadata(((ERROR_CLASS_METADATA, type(error).__name__),))
         context.abort(*public_message(error, rpc_name))
     except grpc.RpcError:
         # Reading the request stream raises this when the client cancelled or vanished;

@@ -20,6 +20,7 @@ the threads of the gRPC server on the single connection.
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping
@@ -35,24 +36,29 @@ from free_common.errors import (
     ReplayError,
     RevokedClient,
     StoreError,
+    StoreFull,
     UnknownClient,
 )
-from free_server.blobs import BlobStore, BlobWriter, StagedBlob
+from free_server.blobs import DISK_FULL_MESSAGE, BlobStore, BlobWriter, StagedBlob
 from free_server.migrations import SCHEMA_VERSION, current_version, migrate
 from free_server.records import (
     ClientRow,
     EvaluationRow,
     RecoveryReport,
     ReleaseRow,
+    Revocation,
     RoundRow,
     RoundState,
     StoreSummary,
+    SubmissionCount,
     SubmissionResult,
     SubmissionRow,
     SubmissionState,
 )
 
 __all__ = ["DB_NAME", "Store"]
+
+log = logging.getLogger("free_server.store")
 
 DB_NAME = "store.db"
 
@@ -77,11 +83,15 @@ def _req_dt(value: str) -> datetime:
     return datetime.fromisoformat(value)
 
 
-_CLIENT_COLS = "name, key_id, public_key_pem, node_public_key, added_at, revoked_at"
+_CLIENT_COLS = "name, key_id, public_key_pem, node_public_key, added_at, revoked_at, replaced_at"
 _SUBMISSION_COLS = (
     "id, client_key_id, sha256, size, manifest, signature, nonce, task_metadata,"
-    " received_at, state, reason, verdict_at"
+    " received_at, state, reason, verdict_at, withdrawn_at"
 )
+# Withdrawal is a mark beside the verdict, not a verdict: the row keeps its state and
+# its verdict_seq, so the rounds' watermarks still count every other model exactly once,
+# and status can say what a withdrawn model's verdict was.
+_IN_POOL = "withdrawn_at IS NULL"
 _ROUND_COLS = "id, requested_at, started_at, finished_at, state, preset, error"
 _RELEASE_COLS = "version, round_id, sha256, size, manifest, signature, created_at"
 _EVALUATION_COLS = "round_id, node_id, metrics, created_at"
@@ -95,6 +105,7 @@ def _client(row: sqlite3.Row) -> ClientRow:
         node_public_key=row["node_public_key"],
         added_at=_req_dt(row["added_at"]),
         revoked_at=_dt(row["revoked_at"]),
+        replaced_at=_dt(row["replaced_at"]),
     )
 
 
@@ -112,6 +123,7 @@ def _submission(row: sqlite3.Row) -> SubmissionRow:
         state=cast(SubmissionState, row["state"]),
         reason=row["reason"],
         verdict_at=_dt(row["verdict_at"]),
+        withdrawn_at=_dt(row["withdrawn_at"]),
     )
 
 
@@ -198,9 +210,13 @@ class Store:
                 found = current_version(conn)
             if found != SCHEMA_VERSION:
                 # Only a store that needs migrating (or refusing) takes the write lock,
-                # so opening never waits for a busy server.
+                # so opening never waits for a busy server. Foreign keys are off while
+                # migrating (SQLite ignores the pragma inside a transaction): a migration
+                # may rebuild a referenced table; `migrate` checks them before committing.
+                self._conn.execute("PRAGMA foreign_keys = OFF")
                 with self._write() as conn:
                     migrate(conn, str(root))
+                self._conn.execute("PRAGMA foreign_keys = ON")
         except BaseException:
             self._conn.close()
             raise
@@ -238,6 +254,11 @@ class Store:
         try:
             yield
         except sqlite3.OperationalError as exc:
+            # SQLite rolls the transaction back itself when the disk is full, so nothing
+            # half-written stays; the owner may retry once the operator freed space.
+            if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_FULL:
+                log.warning("the disk under %s is full (%s): free space there", self.db_path, exc)
+                raise StoreFull(DISK_FULL_MESSAGE) from exc
             raise StoreError(
                 f"the store {self.db_path} is busy or unreadable ({exc}): retry, and check"
                 " that the disk is not full"
@@ -251,7 +272,9 @@ class Store:
             try:
                 yield self._conn
             except BaseException:
-                self._conn.execute("ROLLBACK")
+                # A full disk may already have rolled it back; keep that error, not ROLLBACK's.
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
                 raise
             self._conn.execute("COMMIT")
 
@@ -323,46 +346,105 @@ class Store:
         ------
         DuplicateRecord
             The name, the key or the node key is already registered (revoked
-            ones included: a revoked key never comes back, and names stay
+            and replaced ones included: a key never comes back, and names stay
             unambiguous in logs).
         """
         with self._write() as conn:
-            checks = [("name", name, "name"), ("key_id", key_id, "key")]
+            self._check_unused(conn, "name", name, "name")
+            self._check_unused(conn, "key_id", key_id, "key")
             if node_public_key is not None:
-                checks.append(("node_public_key", node_public_key, "node key"))
-            for column, value, what in checks:
-                hit = conn.execute(
-                    f"SELECT name FROM clients WHERE {column} = ?",
-                    (value,),
-                ).fetchone()
-                if hit is not None:
-                    raise DuplicateRecord(
-                        f"a client with this {what} is already registered (as {hit[0]!r}):"
-                        " use another name, or a new key"
-                    )
+                self._check_unused(conn, "node_public_key", node_public_key, "node key")
             conn.execute(
-                f"INSERT INTO clients ({_CLIENT_COLS}) VALUES (?, ?, ?, ?, ?, NULL)",
+                f"INSERT INTO clients ({_CLIENT_COLS}) VALUES (?, ?, ?, ?, ?, NULL, NULL)",
                 (name, key_id, public_key_pem, node_public_key, self._now()),
             )
-            return self._client_by(conn, "name", name)
+            return self._current_client(conn, name)
 
-    def revoke_client(self, name: str) -> ClientRow:
-        """Revoke an owner: its key is refused from now on; revoking twice is a no-op."""
+    def rotate_client(
+        self,
+        name: str,
+        *,
+        key_id: str,
+        public_key_pem: str,
+        node_public_key: str | None = None,
+    ) -> ClientRow:
+        """Give an owner a new key: it keeps its name and its submissions.
+
+        The current key is marked replaced and refused from now on; the new key
+        gets a row of its own under the same name (submissions keep naming the
+        key that signed them). The node key is replaced when `node_public_key`
+        is given, carried over otherwise.
+
+        Raises
+        ------
+        RecordNotFound
+            No owner has this name.
+        RevokedClient
+            The owner was revoked: a revoked owner gets no new key.
+        DuplicateRecord
+            The new key (or node key) is the current one, or was ever registered.
+        """
         with self._write() as conn:
+            current = self._current_client(conn, name)
+            if current.revoked_at is not None:
+                raise RevokedClient(
+                    f"client {name!r} was revoked: a revoked owner gets no new key; enroll"
+                    " the owner again under a new name with `free-server clients add`"
+                )
+            if key_id == current.key_id:
+                raise DuplicateRecord(
+                    f"this key is already the current key of {name!r}: give the client.pub"
+                    " of the owner's new key (`free-client keygen` into a new folder)"
+                )
+            self._check_unused(conn, "key_id", key_id, "key")
+            if node_public_key is None or node_public_key == current.node_public_key:
+                node_public_key = current.node_public_key
+            else:
+                self._check_unused(conn, "node_public_key", node_public_key, "node key")
+            now = self._now()
             conn.execute(
-                "UPDATE clients SET revoked_at = ? WHERE name = ? AND revoked_at IS NULL",
-                (self._now(), name),
+                "UPDATE clients SET replaced_at = ? WHERE key_id = ?", (now, current.key_id)
             )
-            return self._client_by(conn, "name", name)
+            conn.execute(
+                f"INSERT INTO clients ({_CLIENT_COLS}) VALUES (?, ?, ?, ?, ?, NULL, NULL)",
+                (name, key_id, public_key_pem, node_public_key, now),
+            )
+            return self._current_client(conn, name)
+
+    def revoke_client(self, name: str, *, withdraw: bool = True) -> Revocation:
+        """Revoke an owner: its key is refused from now on; revoking twice is a no-op.
+
+        With `withdraw` (the default, for a stolen key), the owner's received
+        and accepted submissions, under any of its keys, are withdrawn in the
+        same transaction: no round started afterwards reads them, and intake
+        skips those not judged yet. Without it they stay in the pool (a key
+        lost, not stolen); revoking again with `withdraw` withdraws them later.
+        """
+        with self._write() as conn:
+            now = self._now()
+            current = self._current_client(conn, name)
+            conn.execute(
+                "UPDATE clients SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
+                (now, current.key_id),
+            )
+            withdrawn = 0
+            if withdraw:
+                withdrawn = conn.execute(
+                    f"UPDATE submissions SET withdrawn_at = ? WHERE {_IN_POOL}"
+                    " AND state IN ('received', 'accepted')"
+                    " AND client_key_id IN (SELECT key_id FROM clients WHERE name = ?)",
+                    (now, name),
+                ).rowcount
+            return Revocation(self._current_client(conn, name), withdrawn)
 
     def list_clients(self) -> list[ClientRow]:
-        """Return every client, in the order they were added."""
+        """Return every client key, in the order they were added."""
         with self._read() as conn:
             rows = conn.execute(f"SELECT {_CLIENT_COLS} FROM clients ORDER BY id").fetchall()
         return [_client(row) for row in rows]
 
     def client_by_key_id(self, key_id: str) -> ClientRow | None:
-        """Return the client with this key fingerprint, revoked or not; None if unknown."""
+        """Return the client row of this key fingerprint, whatever its state; None if unknown."""
         with self._read() as conn:
             row = conn.execute(
                 f"SELECT {_CLIENT_COLS} FROM clients WHERE key_id = ?", (key_id,)
@@ -381,21 +463,34 @@ class Store:
                 f"key {key_id} is not on this server's allow-list: ask the aggregator to run"
                 " `free-server clients add` with your client.pub"
             )
-        if not client.active:
+        if client.replaced_at is not None:
+            raise RevokedClient(
+                f"key {key_id} of client {client.name!r} was replaced by a newer key: use the"
+                " client.key the aggregator enrolled with `free-server clients rotate`"
+            )
+        if client.revoked_at is not None:
             raise RevokedClient(
                 f"key {key_id} (client {client.name!r}) was revoked by the aggregator"
             )
         return client
 
-    def _client_by(self, conn: sqlite3.Connection, column: str, value: str) -> ClientRow:
+    @staticmethod
+    def _check_unused(conn: sqlite3.Connection, column: str, value: str, what: str) -> None:
+        hit = conn.execute(f"SELECT name FROM clients WHERE {column} = ?", (value,)).fetchone()
+        if hit is not None:
+            raise DuplicateRecord(
+                f"a client with this {what} is already registered (as {hit[0]!r}):"
+                " use another name, or a new key"
+            )
+
+    @staticmethod
+    def _current_client(conn: sqlite3.Connection, name: str) -> ClientRow:
         row = conn.execute(
-            f"SELECT {_CLIENT_COLS} FROM clients WHERE {column} = ?",
-            (value,),
+            f"SELECT {_CLIENT_COLS} FROM clients WHERE name = ? AND replaced_at IS NULL",
+            (name,),
         ).fetchone()
         if row is None:
-            raise RecordNotFound(
-                f"no client with {column} {value!r}: `free-server clients list` shows them"
-            )
+            raise RecordNotFound(f"no client named {name!r}: `free-server clients list` shows them")
         return _client(row)
 
     # -- submissions --------------------------------------------------------------
@@ -492,7 +587,8 @@ class Store:
 
         A verdict is final: a submission already accepted or refused keeps its
         first verdict (an intake worker restarted mid-job may judge it twice),
-        and the stored row is returned unchanged.
+        and the stored row is returned unchanged. A submission withdrawn while
+        a worker held it still gets its verdict, and stays out of every round.
         """
         if not accepted and not reason:
             raise ValueError("a refusal needs a reason for the owner")
@@ -517,10 +613,11 @@ class Store:
             return self._submission_by_id(conn, submission_id)
 
     def pending_intake(self) -> list[SubmissionRow]:
-        """Return submissions received but not yet judged, oldest first."""
+        """Return submissions received but not yet judged (nor withdrawn), oldest first."""
         with self._read() as conn:
             rows = conn.execute(
-                f"SELECT {_SUBMISSION_COLS} FROM submissions WHERE state = 'received' ORDER BY id"
+                f"SELECT {_SUBMISSION_COLS} FROM submissions"
+                f" WHERE state = 'received' AND {_IN_POOL} ORDER BY id"
             ).fetchall()
         return [_submission(row) for row in rows]
 
@@ -529,7 +626,7 @@ class Store:
 
         "Newer" means judged after that round started, so a model accepted while
         a round was gathering its inputs is counted by the next round, never lost
-        and never counted twice.
+        and never counted twice. Withdrawn submissions are left out.
         """
         with self._read() as conn:
             watermark = 0
@@ -542,7 +639,8 @@ class Store:
                 watermark = row[0] or 0
             rows = conn.execute(
                 f"SELECT {_SUBMISSION_COLS} FROM submissions"
-                " WHERE state = 'accepted' AND verdict_seq > ? ORDER BY verdict_seq",
+                f" WHERE state = 'accepted' AND {_IN_POOL} AND verdict_seq > ?"
+                " ORDER BY verdict_seq",
                 (watermark,),
             ).fetchall()
         return [_submission(row) for row in rows]
@@ -732,11 +830,17 @@ class Store:
     def summary(self, recent: int = 50) -> StoreSummary:
         """Return everything status shows, from one snapshot; lists keep the `recent` newest."""
         with self._read() as conn:
-            counts: dict[SubmissionState, int] = {"received": 0, "accepted": 0, "refused": 0}
+            counts: dict[SubmissionCount, int] = {
+                "received": 0,
+                "accepted": 0,
+                "refused": 0,
+                "withdrawn": 0,
+            }
             for state, count in conn.execute(
-                "SELECT state, COUNT(*) FROM submissions GROUP BY state"
+                "SELECT CASE WHEN withdrawn_at IS NULL THEN state ELSE 'withdrawn' END AS s,"
+                " COUNT(*) FROM submissions GROUP BY s"
             ):
-                counts[cast(SubmissionState, state)] = int(count)
+                counts[cast(SubmissionCount, state)] = int(count)
 
             def newest(cols: str, table: str, key: str) -> list[sqlite3.Row]:
                 return conn.execute(

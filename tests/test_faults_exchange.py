@@ -36,9 +36,11 @@ from exchange_harness import (
     Owner,
     ServerProcess,
     enroll,
+    error_lines,
     good_model,
     make_owner,
     new_home,
+    run_cli,
     start_server_process,
     wait_until,
 )
@@ -47,12 +49,14 @@ from onnx_builders import init, make
 
 from free_client.stub import Connection, ExchangeClient
 from free_client.uploader import RetryPolicy, upload
-from free_common.errors import ServerRefused
+from free_common.errors import ServerBusy, StoreFull
 from free_common.security.keys import load_public_key
 from free_common.types import Receipt, Signed, SubmissionManifest
 from free_server.home import ServerHome
 
 pytestmark = pytest.mark.slow
+
+SHORT_RETRY = RetryPolicy(attempts=2, base_delay_s=0.01)
 
 
 def wide_model(size: int) -> bytes:
@@ -86,7 +90,13 @@ def _connect(server: ServerProcess | int, home: ServerHome, owner: Owner) -> Exc
 
 
 def _quiet_upload(
-    server: ServerProcess, home: ServerHome, owner: Owner, data: bytes
+    server: ServerProcess,
+    home: ServerHome,
+    owner: Owner,
+    data: bytes,
+    *,
+    retry: RetryPolicy | None = None,
+    notices: list[str] | None = None,
 ) -> Signed[Receipt]:
     with _connect(server, home, owner) as connection:
         return upload(
@@ -95,7 +105,8 @@ def _quiet_upload(
             data,
             TASK,
             server_pub=load_public_key(home.signing_pub),
-            notify=lambda _line: None,
+            retry=retry,
+            notify=(lambda _line: None) if notices is None else notices.append,
         )
 
 
@@ -322,11 +333,15 @@ def test_disk_full_while_storing_is_a_clean_refusal(tmp_path: Path) -> None:
             for data, leave in ((big, None), (good_model(seed=24), 0)):
                 if leave is not None:
                     _fill(disk, leave_bytes=leave)
-                with pytest.raises(ServerRefused) as refused:
-                    _quiet_upload(server, home, alice, data)
-                # Nothing leaks (no path, no errno text) and nothing half-written stays.
-                assert refused.value.status in ("RESOURCE_EXHAUSTED", "INTERNAL")
+                notices: list[str] = []
+                with pytest.raises(ServerBusy) as refused:
+                    _quiet_upload(server, home, alice, data, retry=SHORT_RETRY, notices=notices)
+                # Retried like an outage, then one clear line; nothing leaks (no path,
+                # no errno text) and nothing half-written stays.
+                assert len(notices) == SHORT_RETRY.attempts - 1
+                assert refused.value.status == "RESOURCE_EXHAUSTED"
                 message = refused.value.message
+                assert "store is out of disk space: try again later" in message
                 assert "\n" not in message and str(disk) not in message
                 assert _rows(home) == rows_before
                 assert wait_until(lambda: not _blobs_and_temp(home)[1], 10)
@@ -334,9 +349,46 @@ def test_disk_full_while_storing_is_a_clean_refusal(tmp_path: Path) -> None:
             assert server.process.poll() is None
             with _connect(server, home, alice) as connection:
                 assert connection.status().server_key_id == server.first_line.split()[-1]
+            _cli_submit_is_refused_in_one_line(server, home, alice, tmp_path)
+            assert _rows(home) == rows_before
             filler.unlink()
             # Space again: the same upload is stored, without a restart.
             second = _quiet_upload(server, home, alice, big)
             assert_acknowledged_intact(home, [first, second])
             with home.open_store() as store:
                 assert store.recover().orphan_blobs == []
+
+
+def _cli_submit_is_refused_in_one_line(
+    server: ServerProcess, home: ServerHome, owner: Owner, folder: Path
+) -> None:
+    """`free-client submit` on the full disk: one retry notice, then one line, exit 7."""
+    model = folder / "cli-model.onnx"
+    model.write_bytes(good_model(seed=25))
+    done = run_cli(
+        "free-client", "submit", str(model), "--server", server.address,
+        "--key", str(owner.key_path), "--ca", str(home.ca_cert), "--retries", "2", "--no-wait",
+    )  # fmt: skip
+    assert done.returncode == ServerBusy.exit_code == 7, done.stderr
+    assert "Traceback" not in done.stderr
+    notice, line = error_lines(done.stderr)
+    assert "retrying in" in notice and "(2/2)" in notice
+    assert "store is out of disk space: try again later" in line and "RESOURCE_EXHAUSTED" in line
+
+
+def test_disk_full_under_the_database_is_store_full_and_undone(tmp_path: Path) -> None:
+    with _small_disk(tmp_path / "disk", "2m") as disk:
+        home = new_home(disk / "home")
+        with home.open_store() as store:
+            store.add_client("alice", key_id="a" * 64, public_key_pem="alice's key")
+            filler = _fill(disk, leave_bytes=0)
+            # SQLite cannot append the commit to its write-ahead log.
+            with pytest.raises(StoreFull) as full:
+                store.add_client("bob", key_id="b" * 64, public_key_pem="bob's key")
+            assert full.value.grpc_status == "RESOURCE_EXHAUSTED"
+            assert str(disk) not in full.value.message
+            filler.unlink()
+            # Nothing of bob's stayed, and the same connection writes again.
+            assert [c.name for c in store.list_clients()] == ["alice"]
+            store.add_client("bob", key_id="b" * 64, public_key_pem="bob's key")
+            assert [c.name for c in store.list_clients()] == ["alice", "bob"]

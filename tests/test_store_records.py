@@ -82,8 +82,8 @@ def test_duplicate_name_key_or_node_key_is_refused(
 
 
 def test_revocation_is_idempotent_and_blocks_the_key(store: Store) -> None:
-    first = store.revoke_client("alice")
-    again = store.revoke_client("alice")
+    first = store.revoke_client("alice").client
+    again = store.revoke_client("alice").client
     assert first.revoked_at is not None and again.revoked_at == first.revoked_at
     with pytest.raises(RevokedClient) as caught:
         store.active_client(KEY_A)
@@ -242,7 +242,8 @@ def test_evaluations_and_summary(store: Store) -> None:
     store.set_verdict(refused.id, accepted=False, reason="two outputs")
     summary = store.summary(recent=2)
     assert summary.schema_version == SCHEMA_VERSION
-    assert summary.submission_counts == {"received": 1, "accepted": 1, "refused": 1}
+    counts = {"received": 1, "accepted": 1, "refused": 1, "withdrawn": 0}
+    assert summary.submission_counts == counts
     assert [s.id for s in summary.submissions] == [refused.id, refused.id + 1]
     assert [c.name for c in summary.clients] == ["alice", "bob"]
     (evaluation,) = summary.evaluations

@@ -1,4 +1,4 @@
-"""`free-server clients add|list|revoke`: the allow-list of data owners.
+"""`free-server clients add|list|revoke|rotate`: the allow-list of data owners.
 
 These commands write the store directly, so they work while the server runs:
 the server reads the allow-list on every request.
@@ -93,7 +93,7 @@ def list_(
     home: HomeOption,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Show every registered owner, revoked ones included."""
+    """Show every registered owner key, revoked and replaced ones included."""
     with ServerHome.open(home).open_store() as store:
         clients = store.list_clients()
     if as_json:
@@ -102,7 +102,8 @@ def list_(
     table = Table("name", "node key", "added", "state")
     table.add_column("key id", overflow="fold")  # ids are copied by hand: never cut them
     for client in clients:
-        state = "active" if client.active else f"revoked {client.revoked_at:%Y-%m-%d %H:%M}"
+        since = client.replaced_at or client.revoked_at
+        state = client.state if since is None else f"{client.state} {since:%Y-%m-%d %H:%M}"
         table.add_row(
             client.name,
             "yes" if client.node_public_key else "no",
@@ -117,11 +118,56 @@ def list_(
 def revoke(
     name: Annotated[str, typer.Argument(help="The owner's name.", show_default=False)],
     home: HomeOption,
+    keep_submissions: Annotated[
+        bool,
+        typer.Option(
+            "--keep-submissions",
+            help="Keep the owner's models in later rounds (a key lost, not stolen).",
+        ),
+    ] = False,
 ) -> None:
-    """Refuse an owner's key from now on (its stored submissions stay)."""
+    """Refuse an owner's key from now on and withdraw its models from later rounds."""
     with ServerHome.open(home).open_store() as store:
-        row = store.revoke_client(name)
-    out_console.print(f"revoked client {row.name} (key id {row.key_id})", highlight=False)
+        done = store.revoke_client(name, withdraw=not keep_submissions)
+    row = done.client
+    if keep_submissions:
+        kept = "its submissions stay in the pool (--keep-submissions)"
+    else:
+        kept = f"{done.withdrawn} submission(s) withdrawn from later rounds"
+    out_console.print(f"revoked client {row.name} (key id {row.key_id}); {kept}", highlight=False)
+
+
+@app.command("rotate")
+def rotate(
+    name: Annotated[str, typer.Argument(help="The owner's name.", show_default=False)],
+    client_pub: Annotated[
+        Path, typer.Argument(help="The owner's new client.pub (Ed25519 PEM).", show_default=False)
+    ],
+    home: HomeOption,
+    node_pub: Annotated[
+        Path | None,
+        typer.Option("--node-pub", help="The owner's new node.pub (the old one is dropped)."),
+    ] = None,
+) -> None:
+    """Give an owner a new key: it keeps its name and submissions, the old key is refused."""
+    public_key = load_public_key(client_pub)
+    node_line = None if node_pub is None else _node_public_key(node_pub)
+    with ServerHome.open(home).open_store() as store:
+        row = store.rotate_client(
+            name,
+            key_id=key_id(public_key),
+            public_key_pem=public_key_pem(public_key).decode("ascii"),
+            node_public_key=node_line,
+        )
+    if node_pub is not None:
+        node = "; node key replaced"
+    else:
+        node = "; node key kept" if row.node_public_key else ""
+    out_console.print(
+        f"rotated client {row.name} to key id {row.key_id}; the previous key is refused"
+        f" from now on{node}",
+        highlight=False,
+    )
 
 
 def _client_json(client: ClientRow) -> dict[str, Any]:
@@ -132,5 +178,7 @@ def _client_json(client: ClientRow) -> dict[str, Any]:
         "node_public_key": client.node_public_key,
         "added_at": client.added_at.isoformat(),
         "revoked_at": None if client.revoked_at is None else client.revoked_at.isoformat(),
+        "replaced_at": None if client.replaced_at is None else client.replaced_at.isoformat(),
         "active": client.active,
+        "state": client.state,
     }

@@ -2,11 +2,13 @@
 
 ``--json`` prints one object::
 
-    {"schema_version": 1,
-     "clients": [{"name", "key_id", "active", "node_key", "added_at", "revoked_at"}],
-     "submissions": {"received": n, "accepted": n, "refused": n,
+    {"schema_version": 2,
+     "clients": [{"name", "key_id", "active", "state", "node_key", "added_at",
+                  "revoked_at", "replaced_at"}],
+     "submissions": {"received": n, "accepted": n, "refused": n, "withdrawn": n,
                      "recent": [{"id", "client", "client_key_id", "sha256", "size",
-                                 "state", "reason", "received_at", "verdict_at"}]},
+                                 "state", "reason", "received_at", "verdict_at",
+                                 "withdrawn_at"}]},
      "rounds": [{"id", "state", "preset", "requested_at", "started_at", "finished_at",
                  "error"}],
      "releases": [{"version", "round_id", "sha256", "size", "created_at",
@@ -14,6 +16,9 @@
      "evaluations": [{"round_id", "node_id", "metrics", "created_at"}]}
 
 Times are ISO 8601 in UTC; lists hold the newest ``--recent`` entries, oldest first.
+A client is one key of an owner: ``state`` is ``active``, ``revoked`` or ``replaced``
+(by `clients rotate`). A withdrawn submission (its owner was revoked) is counted under
+``withdrawn`` only, and keeps its verdict ``state`` in ``recent``.
 """
 
 from __future__ import annotations
@@ -69,9 +74,11 @@ def summary_to_json(summary: StoreSummary) -> dict[str, Any]:
                 "name": c.name,
                 "key_id": c.key_id,
                 "active": c.active,
+                "state": c.state,
                 "node_key": c.node_public_key is not None,
                 "added_at": _iso(c.added_at),
                 "revoked_at": _iso(c.revoked_at),
+                "replaced_at": _iso(c.replaced_at),
             }
             for c in summary.clients
         ],
@@ -88,6 +95,7 @@ def summary_to_json(summary: StoreSummary) -> dict[str, Any]:
                     "reason": s.reason,
                     "received_at": _iso(s.received_at),
                     "verdict_at": _iso(s.verdict_at),
+                    "withdrawn_at": _iso(s.withdrawn_at),
                 }
                 for s in summary.submissions
             ],
@@ -123,13 +131,15 @@ def _short(moment: str | None) -> str:
 
 def _print(report: dict[str, Any]) -> None:
     show = out_console.print
-    clients = report["clients"]
-    active = sum(1 for c in clients if c["active"])
-    show(f"[bold]clients[/] {active} active, {len(clients) - active} revoked")
+    states = [c["state"] for c in report["clients"]]
+    show(
+        f"[bold]clients[/] {states.count('active')} active, {states.count('revoked')} revoked,"
+        f" {states.count('replaced')} replaced keys"
+    )
     subs = report["submissions"]
     show(
         f"[bold]submissions[/] {subs['received']} waiting for intake, {subs['accepted']} accepted,"
-        f" {subs['refused']} refused"
+        f" {subs['refused']} refused, {subs['withdrawn']} withdrawn"
     )
     if subs["recent"]:
         table = Table("id", "client", "size", "received", "state")
@@ -140,7 +150,7 @@ def _print(report: dict[str, Any]) -> None:
                 s["client"] or s["client_key_id"][:12],
                 f"{s['size']:,}",
                 _short(s["received_at"]),
-                s["state"],
+                s["state"] + (", withdrawn" if s["withdrawn_at"] else ""),
                 s["reason"] or "",
             )
         show(table)
