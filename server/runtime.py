@@ -18,6 +18,7 @@ import os
 import signal
 import threading
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from types import FrameType
 from typing import TYPE_CHECKING, Protocol
 
@@ -197,6 +198,12 @@ class ServerRuntime:
         self._lock_home()
         try:
             self.store = self.home.open_store()
+            # A nonce only guards manifests inside the time window: older ones are
+            # refused on their timestamp, so their nonces need not be kept.
+            window = timedelta(seconds=self.home.config.limits.time_window_s)
+            pruned = self.store.prune_nonces(before=datetime.now(UTC) - 2 * window)
+            if pruned:
+                log.info("forgot %d nonces older than twice the time window", pruned)
             for component in self._components(self.store):
                 component.start()
                 self._started.append(component)

@@ -12,8 +12,10 @@ import hashlib
 import itertools
 import secrets
 import socket
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -53,6 +55,7 @@ from free_common.types import Signed, SubmissionManifest, VerdictState
 from free_server.config import LimitSettings
 from free_server.home import ServerHome
 from free_server.runtime import ServerRuntime, StartOptions
+from free_server.store import DB_NAME
 
 MAX_UPLOAD = 4096
 
@@ -484,3 +487,24 @@ def test_plaintext_only_when_asked(tmp_path: Path) -> None:
             c.status()
     with pytest.raises(ConfigError, match="--ca"):
         Connection("localhost:9091")
+
+
+def test_a_start_forgets_nonces_older_than_twice_the_time_window(tmp_path: Path) -> None:
+    home = new_home(tmp_path / "home")
+    alice = enroll(home, make_owner(tmp_path, "alice"))
+    with serving(home) as runtime, client(runtime, alice) as c:
+        upload(c, alice.key, good_model(seed=30), TASK)
+        upload(c, alice.key, good_model(seed=31), TASK)
+    window_s = home.config.limits.time_window_s
+    now = datetime.now(UTC)
+    ages = (timedelta(seconds=2 * window_s + 60), timedelta(seconds=2 * window_s - 60))
+    with sqlite3.connect(home.store_dir / DB_NAME) as db:
+        # Age one nonce past twice the window, the other to just inside it.
+        rowids = [r[0] for r in db.execute("SELECT rowid FROM nonces ORDER BY rowid")]
+        for rowid, age in zip(rowids, ages, strict=True):
+            seen = (now - age).isoformat(timespec="microseconds")
+            db.execute("UPDATE nonces SET seen_at = ? WHERE rowid = ?", (seen, rowid))
+    with serving(home):
+        pass
+    with sqlite3.connect(home.store_dir / DB_NAME) as db:
+        assert db.execute("SELECT COUNT(*) FROM nonces").fetchone()[0] == 1
