@@ -13,11 +13,10 @@ JSON on stdout and in ``--out``:
   the common start to the receipt (busy retries included);
 - ``busy_retries``: calls the server refused with RESOURCE_EXHAUSTED because its
   concurrent-call limit (`free_server.grpc_server.MAX_CONCURRENT_CALLS`) was
-  reached; the benchmark retries those with jittered backoff (``free-client
-  submit`` does not); ``unavailable_retries`` and ``handshake_retries`` count
-  connections that timed out or whose TLS handshake the loaded server dropped
-  (the client reports the latter as `TlsError`, which ``free-client submit``
-  does not retry either);
+  reached; ``unavailable_retries`` and ``handshake_retries`` count connections
+  that timed out or whose TLS handshake the loaded server dropped. The benchmark
+  retries all three with jittered backoff, as ``free-client submit`` does
+  (`free_client.uploader`), and counts them by kind;
 - ``verdict_s``: time from the start until every acknowledged model has its
   intake verdict, and the verdict counts;
 - ``server_rss_growth_mb``: peak RSS of the exchange server process during the
@@ -303,7 +302,7 @@ def run_owner(
                 outcome.error = exc.message
             except TlsError as exc:
                 # Under load a handshake can fail for want of server time ("handshaker
-                # shutdown"); the client calls any handshake failure a TlsError.
+                # shutdown"): HandshakeDropped, a TlsError the uploader retries too.
                 outcome.handshake_retries += 1
                 outcome.error = exc.message
             except FreeError as exc:
