@@ -13,21 +13,24 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
 
 from free_common.console import out_console
 from free_common.errors import ConfigError
-from free_common.models.backbones import BACKBONES, build_backbone
-from free_common.models.checkpoint import read_checkpoint
-from free_common.models.export import to_onnx
-from free_common.models.intake import IntakeResult, run_intake
-from free_common.models.metadata import task_from_dict, task_to_dict
 from free_common.types import TaskMetadata
 
-__all__ = ["ExportOptions", "export", "export_checkpoint"]
+if TYPE_CHECKING:
+    import torch
+
+    from free_common.models.intake import IntakeResult
+
+__all__ = ["ARCHITECTURES", "ExportOptions", "export", "export_checkpoint"]
+
+ARCHITECTURES = ("conv4", "resnet10", "resnet18", "mlp")
+"""The names in `free_common.models.backbones.BACKBONES`, for ``--help`` without loading
+torch (a test checks that the two agree)."""
 
 
 @dataclass(frozen=True)
@@ -54,10 +57,15 @@ def _per_channel(values: tuple[float, ...], channels: int, flag: str) -> list[fl
 
 
 def _resolve_task(
-    options: ExportOptions, base: TaskMetadata | None, state: dict[str, torch.Tensor], arch: str
+    options: ExportOptions,
+    base: TaskMetadata | None,
+    state: dict[str, torch.Tensor],
+    stem_key: str,
 ) -> TaskMetadata:
+    from free_common.models.metadata import task_from_dict, task_to_dict
+
     fields: dict[str, Any] = task_to_dict(base) if base else {}
-    stem = state.get(BACKBONES[arch].stem_key)
+    stem = state.get(stem_key)
     head = state.get("head.weight")
     num_classes = options.num_classes or fields.get("num_classes")
     if num_classes is None and head is not None:
@@ -119,13 +127,18 @@ def export_checkpoint(checkpoint: Path, out: Path, options: ExportOptions) -> Ta
     ConfigError
         Unknown architecture, weights that do not fit it, or missing metadata.
     """
+    # torch (and onnx) load only when a command exports, not with the command line.
+    from free_common.models.backbones import BACKBONES, build_backbone
+    from free_common.models.checkpoint import read_checkpoint
+    from free_common.models.export import to_onnx
+
     loaded = read_checkpoint(checkpoint)
     arch = options.arch or loaded.arch
     if arch is None or arch not in BACKBONES:
         raise ConfigError(
             f"unknown or missing architecture {arch!r}; pass --arch, one of {', '.join(BACKBONES)}"
         )
-    task = _resolve_task(options, loaded.task, loaded.state, arch)
+    task = _resolve_task(options, loaded.task, loaded.state, BACKBONES[arch].stem_key)
     stem = loaded.state.get(BACKBONES[arch].stem_key)
     width = options.width or loaded.width or (None if stem is None else int(stem.shape[0]))
     model = build_backbone(
@@ -171,7 +184,9 @@ def _print_verdict(result: IntakeResult) -> None:
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="safetensors file of your model's weights")],
     out: Annotated[Path, typer.Option("--out", "-o", help="ONNX file to write")],
-    arch: Annotated[str | None, typer.Option(help=f"architecture: {', '.join(BACKBONES)}")] = None,
+    arch: Annotated[
+        str | None, typer.Option(help=f"architecture: {', '.join(ARCHITECTURES)}")
+    ] = None,
     width: Annotated[int | None, typer.Option(help="backbone width if not the default")] = None,
     num_classes: Annotated[int | None, typer.Option(help="default: from the weights")] = None,
     channels: Annotated[int | None, typer.Option(help="1 (grey) or 3 (colour)")] = None,
@@ -202,6 +217,8 @@ def export(
         f"{task.channel_order.value}, mean {list(task.mean)}, std {list(task.std)}"
     )
     if check:
+        from free_common.models.intake import run_intake
+
         result = run_intake(out.read_bytes())
         _print_verdict(result)
         if not result.accepted:

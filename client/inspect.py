@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from free_common.console import out_console
-from free_common.models.intake import IntakeResult, run_intake
-from free_common.models.onnx_static import IntakeLimits, peek
+
+if TYPE_CHECKING:
+    from free_common.models.intake import IntakeResult
+    from free_common.models.onnx_static import IntakeLimits
 
 __all__ = ["inspect", "inspect_file"]
 
@@ -33,6 +35,10 @@ def inspect_file(
         The verdict, and a JSON-able report: the verdict's fields plus, for a
         refused model that parses, what it declares (inputs, outputs, metadata).
     """
+    # Intake loads torch and onnxruntime: only when a model is inspected.
+    from free_common.models.intake import run_intake
+    from free_common.models.onnx_static import IntakeLimits, peek
+
     limits = limits or IntakeLimits()
     with path.open("rb") as handle:
         # One byte over the cap is enough for intake to refuse the size.

@@ -42,7 +42,6 @@ import typer
 from free_client.node_settings import JoinSettings
 from free_common.console import out_console
 from free_common.errors import ConfigError, FlowerError, NodeNotAdmitted, TlsError
-from free_common.flower_app import flower_environment
 from free_common.security.keys import load_public_key
 from free_common.security.node_keys import load_node_private_key
 
@@ -160,6 +159,9 @@ def prepare(
 
 def supernode_command(options: JoinOptions) -> tuple[list[str], dict[str, str]]:
     """Return the ``flower-supernode`` command line and environment for `options`."""
+    # flower_app loads flwr: only when a node is started, not with the command line.
+    from free_common.flower_app import flower_environment
+
     state = options.state_dir
     env = flower_environment(state / "flwr-home", path_first=[state / "bin"])
     binary = shutil.which("flower-supernode", path=env["PATH"])

@@ -17,8 +17,9 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from free_client.cli import app
+from free_client.export import ARCHITECTURES
 from free_common.errors import ConfigError
-from free_common.models.backbones import build_backbone
+from free_common.models.backbones import BACKBONES, build_backbone
 from free_common.models.checkpoint import read_checkpoint, save_checkpoint
 from free_common.models.export import INPUT_NAME
 from free_common.models.metadata import read_metadata
@@ -95,6 +96,14 @@ def test_export_refuses_weights_of_another_architecture(folder: Path) -> None:
     assert result.exit_code != 0
     assert "does not hold conv4 weights" in str(result.exception)
     assert not (folder / "x.onnx").exists()
+
+
+def test_export_help_names_every_backbone() -> None:
+    """--help lists the architectures without importing torch: the list must stay in step."""
+    assert tuple(BACKBONES) == ARCHITECTURES
+    result = runner.invoke(app, ["export", "--help"], env={"COLUMNS": "200", "NO_COLOR": "1"})
+    assert result.exit_code == 0
+    assert f"architecture: {', '.join(BACKBONES)}" in result.output
 
 
 class _Payload:

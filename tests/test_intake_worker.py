@@ -29,8 +29,8 @@ from free_common.errors import (
     TensorLimitError,
 )
 from free_common.models.intake import IntakeResult, load_teacher, run_intake
-from free_common.models.intake_worker import header_for
 from free_common.models.onnx_static import IntakeLimits
+from free_common.models.static_worker import header_for
 from free_common.types import ChannelOrder, TaskMetadata
 
 

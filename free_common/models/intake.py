@@ -22,9 +22,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
-
-import torch
+from typing import IO, TYPE_CHECKING, Any
 
 from free_common import errors
 from free_common.errors import (
@@ -33,12 +31,15 @@ from free_common.errors import (
     IntakeTimeout,
     RuntimeProbeError,
 )
-from free_common.models.convert import OnnxModule, convert
-from free_common.models.intake_worker import header_for
 from free_common.models.metadata import task_from_dict, task_to_dict
 from free_common.models.onnx_static import IntakeLimits, check_static
-from free_common.models.static_worker import out_of_memory_reason
+from free_common.models.static_worker import header_for, out_of_memory_reason
 from free_common.types import TaskMetadata
+
+if TYPE_CHECKING:
+    import torch
+
+    from free_common.models.convert import OnnxModule
 
 __all__ = [
     "IntakeResult",
@@ -214,11 +215,15 @@ class Teacher:
     @property
     def mean(self) -> torch.Tensor:
         """Per-channel normalization mean, shaped ``[1, C, 1, 1]``."""
+        import torch  # here, not at the top: `free-client submit` runs intake without torch
+
         return torch.tensor(self.task.mean).view(1, -1, 1, 1)
 
     @property
     def std(self) -> torch.Tensor:
         """Per-channel normalization std, shaped ``[1, C, 1, 1]``."""
+        import torch
+
         return torch.tensor(self.task.std).view(1, -1, 1, 1)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -402,4 +407,6 @@ def load_teacher(
             raise refusal
         summary = result.summary
     report = check_static(data, task=task, limits=limits)
+    from free_common.models.convert import convert  # torch: only when a teacher is loaded
+
     return Teacher(module=convert(report.model), task=report.task, summary=summary)

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -43,7 +42,7 @@ from free_common.models.onnx_static import IntakeLimits, StaticReport, check_sta
 from free_common.models.static_worker import limit_process, out_of_memory_reason, refusal_reply
 from free_common.types import TaskMetadata
 
-__all__ = ["examine", "header_for", "main"]
+__all__ = ["examine", "main"]
 
 _ALLOCATION_MARKERS = ("alloc", "out of memory", "cannot allocate memory")
 
@@ -211,14 +210,6 @@ def main() -> None:
     sys.stdout.flush()
     # Skip interpreter teardown: nothing is left to flush, and it costs time.
     os._exit(0)
-
-
-def header_for(task: TaskMetadata | None, limits: IntakeLimits) -> bytes:
-    """Encode what `main` reads before the model bytes."""
-    header = json.dumps(
-        {"limits": asdict(limits), "task": None if task is None else task_to_dict(task)}
-    ).encode()
-    return len(header).to_bytes(8, "big") + header
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ one JSON reply per line on stdout, ``{"ok": true, "warnings": [...]}`` or
 worker caps its own address space, file writes and core dumps before it reads
 any request; the server enforces the time limit by killing it.
 
-The helpers `limit_process` and `refusal_reply` are shared with the full intake
-worker; this module imports no torch or onnxruntime, so it starts in a fraction
-of a second and stays small.
+The helpers `limit_process`, `refusal_reply` and `header_for` are shared with the
+full intake worker and its caller; this module imports no torch or onnxruntime,
+so it starts in a fraction of a second and stays small, and so does a client
+that only starts workers.
 """
 
 from __future__ import annotations
@@ -24,14 +25,23 @@ from __future__ import annotations
 import json
 import resource
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from free_common.errors import IntakeError, IntakeResourceError
-from free_common.models.metadata import task_from_dict
+from free_common.models.metadata import task_from_dict, task_to_dict
 from free_common.models.onnx_static import IntakeLimits, check_static
+from free_common.types import TaskMetadata
 
-__all__ = ["check_file", "limit_process", "main", "out_of_memory_reason", "refusal_reply"]
+__all__ = [
+    "check_file",
+    "header_for",
+    "limit_process",
+    "main",
+    "out_of_memory_reason",
+    "refusal_reply",
+]
 
 
 def out_of_memory_reason(memory_bytes: int, detail: str) -> str:
@@ -45,6 +55,18 @@ def out_of_memory_reason(memory_bytes: int, detail: str) -> str:
 def refusal_reply(error: IntakeError) -> dict[str, Any]:
     """Return the JSON reply of a worker that refuses a model."""
     return {"ok": False, "refusal": type(error).__name__, "reason": error.message}
+
+
+def header_for(task: TaskMetadata | None, limits: IntakeLimits) -> bytes:
+    """Encode what the full intake worker reads before the model bytes.
+
+    ``<header length: 8 bytes, big-endian><header JSON>``, the JSON holding the limits
+    and the task metadata (`free_common.models.intake_worker.main`).
+    """
+    header = json.dumps(
+        {"limits": asdict(limits), "task": None if task is None else task_to_dict(task)}
+    ).encode()
+    return len(header).to_bytes(8, "big") + header
 
 
 def limit_process(memory_bytes: int, cpu_s: int | None) -> None:
