@@ -146,6 +146,23 @@ def stored(home: ServerHome) -> Stored:
         )
 
 
+def child_pids(module: str) -> list[int]:
+    """Pids of this process's children running ``python -m <module>`` (worker processes)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == os.getpid() and module.encode() in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
 def wait_until(predicate: object, timeout_s: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

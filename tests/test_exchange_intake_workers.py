@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from exchange_harness import (
     TASK,
+    child_pids,
     client,
     enroll,
     good_model,
@@ -79,29 +80,15 @@ def test_received_submissions_are_judged_after_a_restart(tmp_path: Path) -> None
         assert not orphan.exists()
 
 
-def _intake_worker_pids() -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        if parent == os.getpid() and b"free_common.models.intake_worker" in cmdline:
-            pids.append(int(entry.name))
-    return pids
-
-
 def test_a_killed_worker_is_a_refusal_and_the_pool_goes_on(tmp_path: Path) -> None:
     home = new_home(tmp_path / "home")
     alice = enroll(home, make_owner(tmp_path, "alice"))
     with serving(home) as runtime, client(runtime, alice) as c:
         doomed = upload(c, alice.key, good_model(seed=2), TASK).record.submission_id
         found: list[int] = []
-        assert wait_until(lambda: bool(found.extend(_intake_worker_pids()) or found), 20)
+        assert wait_until(
+            lambda: bool(found.extend(child_pids("free_common.models.intake_worker")) or found), 20
+        )
         os.kill(found[0], signal.SIGKILL)
         verdict = wait_for_verdict(c, doomed, timeout_s=30, poll_s=0.1)
         assert verdict.state is VerdictState.REFUSED

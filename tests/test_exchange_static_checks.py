@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from exchange_harness import wait_until
+from exchange_harness import child_pids, wait_until
 from onnx_builders import TINY_TASK, copy, point_to_external, tiny_model
 
 from free_common.errors import (
@@ -29,20 +29,7 @@ from free_server.static_checks import StaticCheckPool
 
 
 def _worker_pids() -> list[int]:
-    """Pids of the static check workers started by this test process."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            command = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        if parent == os.getpid() and b"free_common.models.static_worker" in command:
-            pids.append(int(entry.name))
-    return pids
+    return child_pids("free_common.models.static_worker")
 
 
 def _state(pid: int) -> str:
