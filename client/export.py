@@ -10,7 +10,6 @@ verdict before uploading.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from free_common.console import out_console
+from free_common.durable import write_synced
 from free_common.errors import ConfigError
 from free_common.types import TaskMetadata
 
@@ -153,9 +153,7 @@ def export_checkpoint(checkpoint: Path, out: Path, options: ExportOptions) -> Ta
             f"({task.num_classes} classes, input {list(task.input_shape)}): {detail}"
         ) from None
     data = to_onnx(model, task)
-    partial = out.with_name(out.name + ".partial")
-    partial.write_bytes(data)
-    os.replace(partial, out)
+    write_synced(out, data)
     return task
 
 

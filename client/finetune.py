@@ -39,13 +39,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from free_common.console import out_console, progress
+from free_common.durable import write_synced
 from free_common.errors import ConfigError, SplitError
 from free_common.security.keys import load_public_key
 from free_common.types import ReleaseManifest
@@ -77,9 +77,7 @@ def release_architecture(release: ReleaseManifest) -> dict[str, Any]:
 def _write_atomic(path: Path, data: bytes) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial")
-        partial.write_bytes(data)
-        os.replace(partial, path)
+        write_synced(path, data)
     except OSError as exc:
         raise ConfigError(f"cannot write --export {path}: {exc.strerror or exc}") from None
 

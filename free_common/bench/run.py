@@ -40,6 +40,7 @@ from free_common.bench.measure import (
 )
 from free_common.bench.report import render_markdown
 from free_common.data import EpisodeSampler, ImageSet, load_fashion_mnist, load_split, to_tensor
+from free_common.durable import write_synced
 from free_common.engine import (
     EngineConfig,
     EngineEvent,
@@ -432,6 +433,4 @@ def _draw(
 
 def _write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(path.name + ".tmp")
-    temp.write_text(text)
-    os.replace(temp, path)
+    write_synced(path, text.encode())

@@ -16,7 +16,6 @@ so one zoo holds heterogeneous teachers.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -30,6 +29,7 @@ from torch import nn
 
 from free_common.data.episodes import to_tensor
 from free_common.data.imageset import ImageSet
+from free_common.durable import write_synced
 from free_common.errors import ConfigError, SplitError
 from free_common.models.backbones import BACKBONES, Backbone, build_backbone
 from free_common.models.checkpoint import save_checkpoint
@@ -204,12 +204,6 @@ def train_teacher(
     return model.eval(), best[0], best[1]
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(data)
-    os.replace(partial, path)
-
-
 def train_zoo(
     data: ImageSet,
     out: Path,
@@ -278,7 +272,7 @@ def train_zoo(
         )
         name = f"teacher-{index:03d}-{arch}"
         width = BACKBONES[arch].default_width
-        _write_atomic(out / f"{name}.onnx", to_onnx(model, task))
+        write_synced(out / f"{name}.onnx", to_onnx(model, task))
         save_checkpoint(out / "checkpoints" / f"{name}.safetensors", model, arch=arch,
                         width=width, task=task)  # fmt: skip
         record = TeacherRecord(
@@ -296,7 +290,7 @@ def train_zoo(
             train_seconds=round(time.perf_counter() - started, 3),
         )
         text = json.dumps(asdict(record), indent=2, ensure_ascii=False) + "\n"
-        _write_atomic(out / f"{name}.json", text.encode())
+        write_synced(out / f"{name}.json", text.encode())
         records.append(record)
         if on_teacher is not None:
             on_teacher(record)

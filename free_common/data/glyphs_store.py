@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import numpy.typing as npt
 
 from free_common.data.glyphs_chars import class_label
 from free_common.data.imageset import ImageSet, canonical_split
+from free_common.durable import write_synced
 from free_common.errors import DatasetLayoutError, SplitError
 
 __all__ = [
@@ -69,15 +69,6 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _replace(path: Path, data: bytes) -> None:
-    temp = path.with_name(f".{path.name}.tmp")
-    with temp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    temp.replace(path)
-
-
 def write_split_arrays(path: Path, arrays: SplitArrays) -> None:
     """Write the arrays of one split as a deterministic compressed ``.npz``."""
     buffer = io.BytesIO()
@@ -91,13 +82,13 @@ def write_split_arrays(path: Path, arrays: SplitArrays) -> None:
                 payload, np.ascontiguousarray(arrays[name]), allow_pickle=False
             )
             archive.writestr(entry, payload.getvalue(), compresslevel=6)
-    _replace(path, buffer.getvalue())
+    write_synced(path, buffer.getvalue())
 
 
 def write_json(path: Path, document: dict[str, Any]) -> None:
     """Write a JSON document with sorted keys, so equal content gives equal bytes."""
     text = json.dumps(document, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
-    _replace(path, text.encode("utf-8"))
+    write_synced(path, text.encode("utf-8"))
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:

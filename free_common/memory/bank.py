@@ -15,7 +15,6 @@ With no folder the bank lives in RAM; with one, each pseudo-class is a memory-ma
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from free_common.durable import write_synced
 from free_common.errors import ConfigError, MemoryBankError
 from free_common.memory.config import MemoryConfig
 from free_common.memory.episode import Episode
@@ -298,6 +298,6 @@ class MemoryBank:
             ],
         }
         # Write then rename: a crash leaves the old index, never half of a new one.
-        temp = self.root / (INDEX_FILE + ".tmp")
-        temp.write_text(json.dumps(index, ensure_ascii=False, indent=1))
-        os.replace(temp, self.root / INDEX_FILE)
+        write_synced(
+            self.root / INDEX_FILE, json.dumps(index, ensure_ascii=False, indent=1).encode()
+        )
