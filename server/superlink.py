@@ -40,6 +40,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -281,6 +282,11 @@ class SuperLinkSupervisor:
                 " (pip install 'flwr>=1.41,<1.42')"
             )
         return [
+            # Ends with the server even when the server is SIGKILLed (see die_with_parent).
+            sys.executable,
+            "-m",
+            "free_server.die_with_parent",
+            str(os.getpid()),
             binary,
             "--host",
             LOOPBACK,
