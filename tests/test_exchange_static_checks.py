@@ -7,8 +7,11 @@ that dies or runs out of time costs only the upload it was checking, at most
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,3 +158,51 @@ def test_a_stopped_pool_refuses_with_a_retryable_error_and_leaves_no_process(
     assert _worker_pids() == []
     with pytest.raises(ServerUnavailable, match="shutting down"):
         checks.check(good, TINY_TASK)
+
+
+def test_a_busy_worker_dies_with_a_server_killed_outright(tmp_path: Path) -> None:
+    # A server killed by SIGKILL runs no cleanup, and a worker busy on a model does not
+    # read its closed stdin: the kernel's parent-death signal must end it. A FIFO
+    # keeps the worker inside its check.
+    fifo = tmp_path / "stuck.onnx"
+    os.mkfifo(fifo)
+    script = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from free_common.models.onnx_static import IntakeLimits\n"
+        "from free_server.static_checks import StaticCheckPool\n"
+        "pool = StaticCheckPool(IntakeLimits(), workers=1)\n"
+        "pool.start()\n"
+        "pool.check(Path(sys.argv[1]), None)\n"
+    )
+    server = subprocess.Popen([sys.executable, "-c", script, str(fifo)])
+    workers: list[int] = []
+    try:
+
+        def started() -> bool:
+            workers[:] = [
+                int(entry.name)
+                for entry in Path("/proc").iterdir()
+                if entry.name.isdigit() and _parent(int(entry.name)) == server.pid
+            ]
+            return bool(workers)
+
+        assert wait_until(started, 20)
+        server.kill()
+        server.wait(10)
+        assert wait_until(lambda: _parent(workers[0]) is None, 10), "the worker outlived it"
+    finally:
+        server.kill()
+        server.wait(10)
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _parent(pid: int) -> int | None:
+    """Parent pid of a live process; None once it is gone (or a zombie)."""
+    try:
+        fields = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else int(fields[1])

@@ -34,6 +34,7 @@ LAYERS = {
     "config": 1,
     "types": 1,
     "durable": 1,
+    "lifetime": 1,
     "data": 2,
     "models": 2,
     "security": 2,

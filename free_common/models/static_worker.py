@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from free_common.errors import IntakeError, IntakeResourceError
+from free_common.lifetime import die_with_parent
 from free_common.models.metadata import task_from_dict, task_to_dict
 from free_common.models.onnx_static import IntakeLimits, check_static
 from free_common.types import TaskMetadata
@@ -74,7 +75,9 @@ def limit_process(memory_bytes: int, cpu_s: int | None) -> None:
 
     An allocation bomb in an untrusted model then fails in the worker, not in the
     server, and a worker cannot write files even if a parser bug were exploited.
+    A worker whose parent is killed outright dies with it.
     """
+    die_with_parent()
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
     if cpu_s is not None:
         resource.setrlimit(resource.RLIMIT_CPU, (cpu_s, cpu_s))
