@@ -46,6 +46,7 @@ from free_common.types import Receipt, Signed
 from free_server.exchange import ExchangeService
 from free_server.grpc_server import ExchangeServer, Listen
 from free_server.home import ServerHome
+from free_server.store import Store
 from free_server.submission import SubmissionPolicy
 
 MAX_UPLOAD = 20_000
@@ -59,6 +60,13 @@ class World:
     temp_dir: Path
 
 
+def _exchange(home: ServerHome, store: Store, listen: Listen, **options: int) -> ExchangeServer:
+    """An exchange server on `home` taking uploads up to `MAX_UPLOAD` bytes."""
+    policy = SubmissionPolicy(MAX_UPLOAD, 300_000, IntakeLimits())
+    service = ExchangeService(store, load_private_key(home.signing_key), policy, chunk_bytes=1024)
+    return ExchangeServer(service, home, listen, time_window_s=300, **options)
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     """An exchange server that serves one call at a time and takes uploads up to 20 kB."""
@@ -66,13 +74,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     home = new_home(root / "home")
     alice = enroll(home, make_owner(root, "alice"))
     with home.open_store() as store:
-        policy = SubmissionPolicy(MAX_UPLOAD, 300_000, IntakeLimits())
-        service = ExchangeService(
-            store, load_private_key(home.signing_key), policy, chunk_bytes=1024
-        )
-        server = ExchangeServer(
-            service, home, Listen("127.0.0.1", 0), time_window_s=300, max_concurrent_calls=1
-        )
+        server = _exchange(home, store, Listen("127.0.0.1", 0), max_concurrent_calls=1)
         server.start()
         try:
             yield World(home, alice, server, store.blobs.tmp_dir)
@@ -255,13 +257,7 @@ def test_a_server_that_wants_a_client_certificate_ends_as_a_tls_error(tmp_path: 
     home = new_home(tmp_path / "mtls", mutual_tls=True)
     alice = enroll(home, make_owner(tmp_path, "alice"))
     with home.open_store() as store:
-        policy = SubmissionPolicy(MAX_UPLOAD, 300_000, IntakeLimits())
-        service = ExchangeService(
-            store, load_private_key(home.signing_key), policy, chunk_bytes=1024
-        )
-        server = ExchangeServer(
-            service, home, Listen("127.0.0.1", 0, mutual_tls=True), time_window_s=300
-        )
+        server = _exchange(home, store, Listen("127.0.0.1", 0, mutual_tls=True))
         server.start()
         waits: list[float] = []
         try:
