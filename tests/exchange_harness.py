@@ -146,19 +146,28 @@ def stored(home: ServerHome) -> Stored:
         )
 
 
-def child_pids(module: str) -> list[int]:
-    """Pids of this process's children running ``python -m <module>`` (worker processes)."""
+def process_stat(pid: int) -> tuple[str, int] | None:
+    """(state, parent pid) of a process from ``/proc``; None once it is gone."""
+    try:
+        fields = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
+
+
+def child_pids(module: str, parent: int | None = None) -> list[int]:
+    """Pids of `parent`'s (default: this process's) children running ``python -m <module>``."""
+    parent = os.getpid() if parent is None else parent
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
+        stat = process_stat(int(entry.name))
         try:
-            stat = (entry / "stat").read_text()
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        if parent == os.getpid() and module.encode() in cmdline:
+        if stat is not None and stat[1] == parent and module.encode() in cmdline:
             pids.append(int(entry.name))
     return pids
 

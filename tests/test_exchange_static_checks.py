@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from exchange_harness import child_pids, wait_until
+from exchange_harness import child_pids, process_stat, wait_until
 from onnx_builders import TINY_TASK, copy, point_to_external, tiny_model
 
 from free_common.errors import (
@@ -33,10 +33,6 @@ from free_server.static_checks import StaticCheckPool
 
 def _worker_pids() -> list[int]:
     return child_pids("free_common.models.static_worker")
-
-
-def _state(pid: int) -> str:
-    return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
 @pytest.fixture
@@ -178,19 +174,14 @@ def test_a_busy_worker_dies_with_a_server_killed_outright(tmp_path: Path) -> Non
     server = subprocess.Popen([sys.executable, "-c", script, str(fifo)])
     workers: list[int] = []
     try:
-
-        def started() -> bool:
-            workers[:] = [
-                int(entry.name)
-                for entry in Path("/proc").iterdir()
-                if entry.name.isdigit() and _parent(int(entry.name)) == server.pid
-            ]
-            return bool(workers)
-
-        assert wait_until(started, 20)
+        worker = "free_common.models.static_worker"
+        assert wait_until(
+            lambda: bool(workers.extend(child_pids(worker, server.pid)) or workers), 20
+        )
         server.kill()
         server.wait(10)
-        assert wait_until(lambda: _parent(workers[0]) is None, 10), "the worker outlived it"
+        exited = wait_until(lambda: _state(workers[0]) in (None, "Z", "X"), 10)
+        assert exited, "the worker outlived it"
     finally:
         server.kill()
         server.wait(10)
@@ -199,10 +190,7 @@ def test_a_busy_worker_dies_with_a_server_killed_outright(tmp_path: Path) -> Non
                 os.kill(pid, signal.SIGKILL)
 
 
-def _parent(pid: int) -> int | None:
-    """Parent pid of a live process; None once it is gone (or a zombie)."""
-    try:
-        fields = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return None if fields[0] in ("Z", "X") else int(fields[1])
+def _state(pid: int) -> str | None:
+    """A process's state letter ("Z": exited, not yet reaped); None once it is gone."""
+    stat = process_stat(pid)
+    return None if stat is None else stat[0]
