@@ -44,10 +44,10 @@ from typing import Annotated, Any
 
 import typer
 
+from free_client.options import pinned_key
 from free_common.console import out_console, progress
 from free_common.durable import write_synced
 from free_common.errors import ConfigError, SplitError
-from free_common.security.keys import load_public_key
 from free_common.types import ReleaseManifest
 
 __all__ = ["finetune", "release_architecture"]
@@ -143,7 +143,7 @@ def finetune(
 
     if not lr > 0:
         raise ConfigError(f"--lr {lr} must be positive")
-    pinned = None if server_pub is None else load_public_key(server_pub)
+    pinned = pinned_key(server_pub)
     release, weights = load_release(release_dir, pinned)
     architecture = release_architecture(release)
     model, spec = load_learner(None if random_init else weights, architecture, seed=seed)
