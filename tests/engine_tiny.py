@@ -84,3 +84,9 @@ def validation_episodes(count: int = 3, seed: int = 99) -> list[Episode]:
             )
         )
     return episodes
+
+
+def pinned_config(**changes: object) -> EngineConfig:
+    """`config` choosing the learner's scale between 1 and 0.3 and pinning its norms."""
+    base = config(**{"init_scales": (1.0, 0.3), **changes})
+    return dataclasses.replace(base, bell=dataclasses.replace(base.bell, pin_norms=True))

@@ -79,7 +79,7 @@ def _results() -> dict[str, Any]:
             "mean": v,
             "ci95": 0.02,
         }
-        for m, v in zip(METHODS, (0.80, 0.75, 0.70, 0.60, 0.65), strict=True)
+        for m, v in zip(METHODS, (0.80, 0.79, 0.70, 0.72, 0.60, 0.65), strict=True)
         for s in (1, 5)
     ]
     recovery = {
@@ -106,6 +106,10 @@ def _results() -> dict[str, Any]:
         "cross_domain": {"dataset": "fashion-mnist", "skipped": "not installed"},
         "methods": list(METHODS),
         "skipped_methods": {},
+        "averaged_teachers": 3,
+        "init_scale": {"free": 0.3},
+        "init_scale_scores": {"1": 0.6, "0.3": 0.65},
+        "curves": {"free": [[0, 0.65], [4, 0.8], [8, 0.78]]},
         "timings": {"free round": 1.0, "total_seconds": 60.0},
         "teachers": {"count": 4, "loaded": 4, "used": 4, "skipped": []},
         "data": {"dir": "d", "classes": {"meta-train": 9, "meta-val": 6, "meta-test": 6}},
@@ -120,7 +124,13 @@ def test_the_report_shows_every_method_the_speed_and_the_targets() -> None:
     assert "| FREE (FIVE + BELL with iGA) | 80.00 ± 2.00 | 80.00 ± 2.00 |" in text
     assert "| random initialization | 65.00 ± 2.00 | 65.00 ± 2.00 |" in text
     assert "**40.0x**" in text and "free-bench run --preset cpu" in text
-    assert "beats random initialization by at least 10 points: met (+15.00 points)" in text
+    assert "1-shot, FREE above random initialization: met (+15.00 points, needs > 2.00)" in text
+    assert "FREE above weight averaging: met (+20.00 points" in text
+    # 0.80 vs 0.79 with intervals of 2 points: level, not above.
+    assert "level with FREE without iGA: met (+1.00 points, within -2.00); above it: NOT met" in text
+    assert "last point within 1.5 points of its best: NOT met (2.00 below)" in text
+    assert "| distillation on FIVE's images, no meta-learning | 72.00 ± 2.00 |" in text
+    assert "started from x0.3" in text and "used the 3 teachers" in text
     assert "Not run: not installed" in text
     assert "![meta-val curves](figures/meta-val-curves.png)" in text
 
@@ -182,8 +192,9 @@ def test_smoke_benchmark_end_to_end(tmp_path_factory: pytest.TempPathFactory) ->
     free = [r for r in rows if r["method"] == "free"]
     assert all(r["mean"] - r["ci95"] > 0.2 for r in free)  # FREE above chance
     assert results["cross_domain"]["accuracy"], results["cross_domain"]
-    assert set(results["curves"]) == {"free", "free-no-iga", "scratch"}
-    assert all(results["curves"][m] for m in results["curves"])
+    assert set(results["curves"]) == {"free", "free-no-iga", "scratch", "distill"}
+    assert all(results["curves"][m][0][0] == 0 for m in results["curves"])  # step 0 scored
+    assert set(results["init_scale"].values()) == {results["init_scale"]["free"]}
     report = (out / "results.md").read_text()
     assert "| method | 1-shot | 5-shot |" in report and results["command"] in report
     for path in results["figures"].values():

@@ -58,7 +58,8 @@ def test_round_reports_each_step_evaluation_and_checkpoint(tmp_path: Path) -> No
     assert any(e.replay_tasks > 0 for e in steps[2:])
     assert all(0 <= e.teacher_accuracy <= 1 and e.recovery_seconds > 0 for e in steps)
     evals = [e for e in events if isinstance(e, Evaluated)]
-    assert [e.step for e in evals] == [4, 6] and {e.split for e in evals} == {"meta-val"}
+    # Step 0, the initialization itself, is scored (and a candidate) like any later state.
+    assert [e.step for e in evals] == [0, 4, 6] and {e.split for e in evals} == {"meta-val"}
     assert [e.step for e in events if isinstance(e, CheckpointSaved)] == [1, 2, 3, 4, 5, 6]
     best = max(evals, key=lambda e: (e.mean, -e.step))
     assert result.selected_step == best.step

@@ -136,3 +136,42 @@ def test_iga_leaves_theta_alone_until_the_outer_step_and_is_deterministic() -> N
     second, _ = iga_displacement(model, batches, IgaConfig())
     assert torch.equal(_flat(dict(model.named_parameters())).detach(), before)
     assert torch.equal(_flat(first), _flat(second))
+
+
+def _grad_at(model: nn.Module, params: Params, batch: KdBatch) -> list[Tensor]:
+    with batch_stat_mode(model):
+        logits = call(model, params, batch.inputs)
+    loss = distillation_loss(logits, batch.teacher_logits, "log")
+    return list(torch.autograd.grad(loss, list(params.values())))
+
+
+def test_the_presets_iga_update_matches_adam_written_out_in_float64() -> None:
+    """Adam inner steps (lr 1e-3, as the presets) on each teacher in turn, then ONE step of
+    the main Adam on 67 * (theta - theta~): each written out from Adam's formulas."""
+    model, batches = _model(), _batches()
+    # The conv bias has no true gradient under batch norm: its float noise, divided by
+    # Adam's tiny second moment, is not a reference to compare with.
+    model[0] = nn.Conv2d(1, 3, 3, padding=1, bias=False).double()
+    lr, outer_lr, b1, b2, eps = 1e-3, 1e-3, 0.9, 0.999, 1e-8
+    theta = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fast = {n: t.clone().requires_grad_() for n, t in theta.items()}
+    m = {n: torch.zeros_like(t) for n, t in theta.items()}
+    v = {n: torch.zeros_like(t) for n, t in theta.items()}
+    for t, batch in enumerate(batches, start=1):
+        grads = _grad_at(model, fast, batch)
+        with torch.no_grad():
+            for (name, p), g in zip(fast.items(), grads, strict=True):
+                m[name] = b1 * m[name] + (1 - b1) * g
+                v[name] = b2 * v[name] + (1 - b2) * g * g
+                m_hat, v_hat = m[name] / (1 - b1**t), v[name] / (1 - b2**t)
+                p -= lr * m_hat / (v_hat.sqrt() + eps)
+    expected = {}
+    for name, start in theta.items():
+        pseudo = SCALE * (start - fast[name].detach())  # the gradient the main Adam sees
+        expected[name] = start - outer_lr * pseudo / (pseudo.abs() + eps)  # Adam's first step
+
+    net = copy.deepcopy(model)
+    outer = torch.optim.Adam(net.parameters(), lr=outer_lr)
+    iga_step(net, outer, batches, IgaConfig(lr, "adam", SCALE, "log"))
+    for name, param in net.named_parameters():
+        torch.testing.assert_close(param.detach(), expected[name], rtol=1e-10, atol=1e-12)

@@ -181,8 +181,10 @@ def measure_recovery(
     )
     rng = torch.Generator().manual_seed(config.seed + 2)
     generator = free.meta_generator.generator
-    with_adv = MetaGenerator(generator, config.five)
-    ce_only = MetaGenerator(generator, dataclasses.replace(config.five, adv_weight=0.0))
+    # The same batch for both: FIVE is timed at scratch inversion's images per class.
+    five = dataclasses.replace(config.five, images_per_class=config.scratch.images_per_class)
+    with_adv = MetaGenerator(generator, five)
+    ce_only = MetaGenerator(generator, dataclasses.replace(five, adv_weight=0.0))
     student = as_student(free.learner)
     # One untimed adaptation first: the first call pays one-off allocation costs.
     with_adv.adapt(pool.view(0, rng).teacher, rng, student)

@@ -6,11 +6,16 @@ The methods (DESIGN.md section 4), all from the same random initialization:
 ``free-no-iga``  the same, with the teachers' distillation gradients summed instead;
 ``scratch``      each teacher inverted once by a fresh generator (200 steps), then the
                  same BELL training on those images for as many steps;
+``distill``      FIVE's recovered images, the teachers distilled into the learner
+                 (summed gradients) with no MAML replay: what meta-learning adds;
 ``average``      the mean of the weights of the teachers that share the meta-learner's
-                 architecture and input (skipped, with the reason, when none does);
-``random``       the initialization itself, untrained.
+                 architecture and input (skipped, with the reason, when none does; on a
+                 mixed zoo the teachers of the learner's architecture only, counted);
+``random``       the initialization itself, untrained, at the scale the rounds chose.
 
-The three trained methods select their state on meta-val episodes; meta-test episodes
+Every trained method starts from the same random initialization, whose scale-free
+weights are rescaled to the scale meta-val prefers (`EngineConfig.init_scales`), and
+selects its state on meta-val episodes, step 0 included; meta-test episodes
 (the same for every method) are only read for the final table, and Fashion-MNIST gives
 a cross-domain reading. Output: ``results.json``, ``results.md``, ``figures/*.png``,
 and each round's folder under ``work/`` (its checkpoints and initialization).
@@ -54,6 +59,8 @@ from free_common.engine import (
 from free_common.errors import ArchitectureMismatch, ConfigError, DataError
 from free_common.meta.baselines import random_init, weight_average
 from free_common.meta.config import EvalConfig
+from free_common.meta.norms import rescale_weights, scale_free_weights
+from free_common.models.backbones import BACKBONES
 from free_common.models.intake import load_teacher
 
 __all__ = [
@@ -66,7 +73,7 @@ __all__ = [
     "run_benchmark",
 ]
 
-METHODS = ("free", "free-no-iga", "scratch", "average", "random")
+METHODS = ("free", "free-no-iga", "scratch", "distill", "average", "random")
 _SHOTS = (1, 5)
 _QUERIES = 15
 
@@ -124,6 +131,7 @@ class ZooTeacher:
     teacher: EngineTeacher
     arch: str | None
     class_names: tuple[str, ...]
+    width: int | None = None
 
 
 Notify = Callable[[str, EngineEvent | str], None]
@@ -153,7 +161,7 @@ def load_zoo(folder: Path, limit: int | None = None) -> list[ZooTeacher]:
         record: dict[str, Any] = json.loads(sidecar.read_text()) if sidecar.exists() else {}
         names = tuple(record.get("class_names") or converted.task.class_names)
         teacher = EngineTeacher(path.stem, converted.module, converted.task)
-        loaded.append(ZooTeacher(teacher, record.get("arch"), names))
+        loaded.append(ZooTeacher(teacher, record.get("arch"), names, record.get("width")))
     return loaded
 
 
@@ -209,6 +217,7 @@ def run_benchmark(request: BenchRequest, notify: Notify | None = None) -> dict[s
         "free": config,
         "free-no-iga": config.with_iga(False),
         "scratch": config.with_recovery("scratch"),
+        "distill": config.distillation_only(),
     }
     for method, variant in variants.items():
         clock = time.perf_counter()
@@ -235,8 +244,8 @@ def run_benchmark(request: BenchRequest, notify: Notify | None = None) -> dict[s
     if isinstance(average, str):
         skipped["average"] = average
     else:
-        models["average"] = average
-    models["random"] = random_init(lambda: build_learner(config.learner), config.seed)
+        models["average"], averaged = average
+    models["random"] = _random_at_scale(config, rounds["free"].init_scale)
 
     base = dataclasses.replace(config.validation, queries=_QUERIES, episodes=settings.test_episodes)
     clock = time.perf_counter()
@@ -270,6 +279,11 @@ def run_benchmark(request: BenchRequest, notify: Notify | None = None) -> dict[s
         "cross_domain": cross,
         "methods": [m for m in METHODS if m in models],
         "skipped_methods": skipped,
+        "averaged_teachers": 0 if "average" in skipped else averaged,
+        "init_scale": {m: r.init_scale for m, r in rounds.items()},
+        "init_scale_scores": rounds["free"].initialization.manifest["metrics"][
+            "init_scale_scores"
+        ],
         "curves": {m: [[p.step, p.mean] for p in r.curve] for m, r in rounds.items()},
         "selected_steps": {m: r.selected_step for m, r in rounds.items()},
         "timings": timings,
@@ -311,17 +325,29 @@ def _forward(tell: Notify, method: str) -> Callable[[EngineEvent], None]:
     return on_event
 
 
+def _random_at_scale(config: EngineConfig, scale: float) -> nn.Module:
+    """The rounds' starting point: the seed's learner with its scale-free weights rescaled."""
+    model = random_init(lambda: build_learner(config.learner), config.seed)
+    rescale_weights(model, scale_free_weights(model), scale)
+    return model
+
+
 def _weight_average(
     zoo: list[ZooTeacher], config: EngineConfig, used: tuple[str, ...]
-) -> nn.Module | str:
-    """Average the teachers that share the learner's architecture and input, or say why not."""
+) -> tuple[nn.Module, int] | str:
+    """Average the teachers that share the learner's architecture and input, or say why not.
+
+    Returns the averaged model and how many teachers went into it.
+    """
     spec = config.learner
     shape = (spec.channels, spec.image_size, spec.image_size)
+    width = BACKBONES[spec.arch].default_width if spec.width is None else spec.width
     same = [
         z.teacher.module
         for z in zoo
         if z.teacher.teacher_id in used
         and z.arch == spec.arch
+        and z.width in (None, width)
         and z.teacher.task.input_shape == shape
         and z.teacher.task.num_classes == spec.ways
     ]
@@ -332,9 +358,10 @@ def _weight_average(
         )
     try:
         # Teachers normalize their inputs; batch norm on batch statistics absorbs that shift.
-        return weight_average(same, random_init(lambda: build_learner(spec), config.seed))
+        model = weight_average(same, random_init(lambda: build_learner(spec), config.seed))
     except ArchitectureMismatch as err:
         return err.message
+    return model, len(same)
 
 
 def _cross_domain(

@@ -10,13 +10,16 @@ held-out accuracy) side by side at the top of the output folder, with the
 safetensors weights under ``checkpoints/``.
 
 ``--arch mix`` cycles Conv4, ResNet-10 and the MLP with different input sizes,
-so one zoo holds heterogeneous teachers.
+so one zoo holds heterogeneous teachers. ``--mix SPEC`` says exactly which: a JSON or
+TOML file of teacher groups (architecture, width, classes, input side, count) and
+whether label spaces are disjoint (`read_mix_spec`, `docs/zoo-mix.md`).
 """
 
 from __future__ import annotations
 
 import json
 import time
+import tomllib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,13 +40,113 @@ from free_common.models.export import to_onnx
 from free_common.models.metadata import task_to_dict
 from free_common.types import ChannelOrder, TaskMetadata
 
-__all__ = ["ZOO_ARCHS", "TeacherRecord", "ZooConfig", "teacher_plan", "train_teacher", "train_zoo"]
+__all__ = [
+    "ZOO_ARCHS",
+    "MixGroup",
+    "MixSpec",
+    "TeacherPlan",
+    "TeacherRecord",
+    "ZooConfig",
+    "read_mix_spec",
+    "teacher_plan",
+    "teacher_plans",
+    "train_teacher",
+    "train_zoo",
+]
 
 ZOO_ARCHS = ("conv4", "resnet", "mlp", "mix")
 _SINGLE = {"conv4": "conv4", "resnet": "resnet10", "mlp": "mlp"}
 _MIX = ("conv4", "resnet10", "mlp")
 # Input side of each architecture in a mixed zoo, relative to the data's own side.
 _MIX_SCALE = {"conv4": 1.0, "resnet10": 1.25, "mlp": 0.75}
+
+
+@dataclass(frozen=True)
+class MixGroup:
+    """`count` teachers of one architecture, width, label count and input side.
+
+    ``image_size`` None keeps the data's own side; ``width`` None the backbone's default.
+    """
+
+    arch: str
+    count: int
+    ways: int = 5
+    image_size: int | None = None
+    width: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.arch not in BACKBONES:
+            raise ConfigError(
+                f"mix spec: unknown architecture {self.arch!r}; use one of {', '.join(BACKBONES)}"
+            )
+        if self.count < 1 or self.ways < 2:
+            raise ConfigError(f"mix spec: group {self.arch} needs count >= 1 and ways >= 2")
+        if self.image_size is not None and self.image_size < 16:
+            raise ConfigError(f"mix spec: image_size must be at least 16, got {self.image_size}")
+        if self.width is not None and self.width < 1:
+            raise ConfigError(f"mix spec: width must be positive, got {self.width}")
+
+
+@dataclass(frozen=True)
+class MixSpec:
+    """A heterogeneous zoo: its groups, and whether teachers share no class.
+
+    Teachers are laid out round-robin over the groups (teacher 0 from the first group,
+    1 from the second, ...), so any prefix of the zoo by name is mixed too.
+    """
+
+    groups: tuple[MixGroup, ...]
+    disjoint: bool = True
+
+    @property
+    def models(self) -> int:
+        """Number of teachers the spec describes."""
+        return sum(g.count for g in self.groups)
+
+
+_MIX_KEYS = {"arch", "count", "ways", "image_size", "width"}
+
+
+def read_mix_spec(path: Path) -> MixSpec:
+    """Read a mix spec from ``.json`` or ``.toml``: ``{"disjoint": bool, "groups": [...]}``.
+
+    Raises
+    ------
+    ConfigError
+        Unreadable file, unknown keys or values out of range; the message names the fix.
+    """
+    try:
+        text = path.read_text()
+        raw = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except OSError as err:
+        raise ConfigError(f"cannot read the mix spec {path}: {err.strerror}") from None
+    except (ValueError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"the mix spec {path} is not valid {path.suffix[1:] or 'JSON'}: {err}") from None
+    groups = raw.get("groups") if isinstance(raw, dict) else None
+    if not isinstance(groups, list) or not groups:
+        raise ConfigError(f"the mix spec {path} needs a non-empty list 'groups' (docs/zoo-mix.md)")
+    parsed = []
+    for index, group in enumerate(groups):
+        if not isinstance(group, dict) or set(group) - _MIX_KEYS or "arch" not in group:
+            raise ConfigError(
+                f"mix spec group {index} must be a table with 'arch', 'count' and optionally "
+                f"{', '.join(sorted(_MIX_KEYS - {'arch', 'count'}))}"
+            )
+        try:
+            parsed.append(MixGroup(**group))
+        except TypeError as err:
+            raise ConfigError(f"mix spec group {index}: {err}") from None
+    return MixSpec(tuple(parsed), bool(raw.get("disjoint", True)))
+
+
+@dataclass(frozen=True)
+class TeacherPlan:
+    """What teacher `index` of a zoo is: architecture, width, label count, input side."""
+
+    arch: str
+    width: int
+    ways: int
+    side: int
 
 
 @dataclass(frozen=True)
@@ -71,6 +174,8 @@ class ZooConfig:
         Seeds class draws, splits, initialization and training order.
     class_names
         Declare class names in the metadata (owners who share names share classes).
+    mix
+        A heterogeneous zoo's groups (`read_mix_spec`); it overrides `arch` and `ways`.
     """
 
     models: int
@@ -82,6 +187,7 @@ class ZooConfig:
     holdout: float = 0.2
     seed: int = 0
     class_names: bool = True
+    mix: MixSpec | None = None
 
     def __post_init__(self) -> None:
         if self.arch not in ZOO_ARCHS:
@@ -90,6 +196,11 @@ class ZooConfig:
             raise ConfigError("models, epochs and batch size must be positive and ways at least 2")
         if not 0.0 < self.holdout < 1.0:
             raise ConfigError(f"holdout must be between 0 and 1; got {self.holdout}")
+        if self.mix is not None and self.mix.models != self.models:
+            raise ConfigError(
+                f"the mix spec describes {self.mix.models} teachers but {self.models} were asked "
+                "for: leave --models out with --mix, or make them agree"
+            )
 
 
 @dataclass(frozen=True)
@@ -112,11 +223,47 @@ class TeacherRecord:
 
 
 def teacher_plan(config: ZooConfig, index: int, image_side: int) -> tuple[str, int]:
-    """Architecture and input side of teacher `index` in a zoo."""
+    """Architecture and input side of teacher `index` in a zoo without a mix spec."""
     if config.arch != "mix":
         return _SINGLE[config.arch], image_side
     arch = _MIX[index % len(_MIX)]
     return arch, max(16, round(image_side * _MIX_SCALE[arch]))
+
+
+def teacher_plans(config: ZooConfig, image_side: int) -> list[TeacherPlan]:
+    """Every teacher of the zoo, in index order (the mix spec's round-robin when given)."""
+    if config.mix is None:
+        plans = []
+        for index in range(config.models):
+            arch, side = teacher_plan(config, index, image_side)
+            plans.append(TeacherPlan(arch, BACKBONES[arch].default_width, config.ways, side))
+        return plans
+    left = [g.count for g in config.mix.groups]
+    plans = []
+    while any(left):
+        for position, group in enumerate(config.mix.groups):
+            if left[position]:
+                left[position] -= 1
+                width = BACKBONES[group.arch].default_width if group.width is None else group.width
+                plans.append(TeacherPlan(group.arch, width, group.ways, group.image_size or image_side))
+    return plans
+
+
+def _disjoint_draws(
+    config: ZooConfig, plans: list[TeacherPlan], num_classes: int
+) -> list[np.ndarray] | None:
+    """Disjoint chunks of one seeded permutation of the classes, when the mix spec asks."""
+    if config.mix is None or not config.mix.disjoint:
+        return None
+    needed = sum(plan.ways for plan in plans)
+    if needed > num_classes:
+        raise SplitError(
+            f"the mix spec's {len(plans)} teachers need {needed} disjoint classes but the split "
+            f"has {num_classes}: lower the counts or ways, or set disjoint = false"
+        )
+    order = np.random.default_rng([config.seed, 1_000_003]).permutation(num_classes)
+    cuts = np.cumsum([0] + [plan.ways for plan in plans])
+    return [order[start:end] for start, end in zip(cuts[:-1], cuts[1:], strict=True)]
 
 
 def _split_indices(
@@ -167,13 +314,13 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def train_teacher(
-    arch: str,
+    plan: TeacherPlan,
     train: tuple[torch.Tensor, torch.Tensor],
     heldout: tuple[torch.Tensor, torch.Tensor],
     config: ZooConfig,
     seed: int,
 ) -> tuple[Backbone, float, int]:
-    """Train one classifier on normalized images; keep the best held-out epoch.
+    """Train one classifier of `plan` on normalized images; keep the best held-out epoch.
 
     Returns
     -------
@@ -182,8 +329,8 @@ def train_teacher(
     """
     x, y = train
     torch.manual_seed(seed)
-    model = build_backbone(arch, config.ways, x.shape[1], x.shape[-1])
-    optimizer = _optimizer(arch, model, config.lr)
+    model = build_backbone(plan.arch, plan.ways, x.shape[1], x.shape[-1], width=plan.width)
+    optimizer = _optimizer(plan.arch, model, config.lr)
     order = torch.Generator().manual_seed(seed)
     best = (-1.0, 0, {k: v.clone() for k, v in model.state_dict().items()})
     for epoch in range(1, config.epochs + 1):
@@ -233,19 +380,24 @@ def train_zoo(
     SplitError
         Fewer classes than `config.ways`, or a class with fewer than 2 images.
     """
-    if data.num_classes < config.ways:
-        raise SplitError(
-            f"the split has {data.num_classes} classes; a {config.ways}-way teacher needs "
-            f"at least {config.ways}"
-        )
     side = data.image_size[0]
+    plans = teacher_plans(config, side)
+    most = max(plan.ways for plan in plans)
+    if data.num_classes < most:
+        raise SplitError(
+            f"the split has {data.num_classes} classes; a {most}-way teacher needs at least {most}"
+        )
+    disjoint = _disjoint_draws(config, plans, data.num_classes)
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
     records = []
-    for index in range(config.models):
+    for index, plan in enumerate(plans):
         seed = config.seed * 100_003 + index
         rng = np.random.default_rng([config.seed, index])
-        arch, teacher_side = teacher_plan(config, index, side)
-        classes = rng.choice(data.num_classes, config.ways, replace=False)
+        if disjoint is None:
+            classes = rng.choice(data.num_classes, plan.ways, replace=False)
+        else:
+            classes = disjoint[index]
+        arch, teacher_side = plan.arch, plan.side
         train_idx, train_y, held_idx, held_y = _split_indices(data, classes, config.holdout, rng)
         raw_train = _images(data, train_idx, teacher_side)
         # Each owner normalizes with the statistics of its own training images.
@@ -255,7 +407,7 @@ def train_zoo(
         scale = torch.tensor(std).view(1, -1, 1, 1)
         names = tuple(data.class_names[c] for c in classes)
         task = TaskMetadata(
-            num_classes=config.ways,
+            num_classes=plan.ways,
             input_shape=(data.channels, teacher_side, teacher_side),
             channel_order=ChannelOrder.GRAY if data.channels == 1 else ChannelOrder.RGB,
             mean=mean,
@@ -264,14 +416,15 @@ def train_zoo(
         )
         started = time.perf_counter()
         model, accuracy, best_epoch = train_teacher(
-            arch,
+            plan,
             ((raw_train - shift) / scale, torch.from_numpy(train_y)),
             ((_images(data, held_idx, teacher_side) - shift) / scale, torch.from_numpy(held_y)),
             config,
             seed,
         )
-        name = f"teacher-{index:03d}-{arch}"
-        width = BACKBONES[arch].default_width
+        suffix = "" if plan.width == BACKBONES[arch].default_width else f"-w{plan.width}"
+        name = f"teacher-{index:03d}-{arch}{suffix}"
+        width = plan.width
         write_synced(out / f"{name}.onnx", to_onnx(model, task))
         save_checkpoint(out / "checkpoints" / f"{name}.safetensors", model, arch=arch,
                         width=width, task=task)  # fmt: skip

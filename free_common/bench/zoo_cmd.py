@@ -4,6 +4,7 @@ Example::
 
     free-bench data build --size small --out data-cache/small
     free-bench zoo --data data-cache/small --models 8 --arch mix --out data-cache/zoo
+    free-bench zoo --data data-cache/benchmark --mix benchmarks/zoo-mixed.toml --out data-cache/zoo-mixed
 """
 
 from __future__ import annotations
@@ -13,17 +14,24 @@ from typing import Annotated
 
 import typer
 
-from free_common.bench.zoo import ZOO_ARCHS, ZooConfig, train_zoo
+from free_common.bench.zoo import ZOO_ARCHS, ZooConfig, read_mix_spec, train_zoo
 from free_common.console import out_console, progress
 from free_common.data.glyphs_store import load_glyph_split
+from free_common.errors import ConfigError
 
 __all__ = ["zoo"]
 
 
 def zoo(
     data: Annotated[Path, typer.Option(help="glyph set folder (free-bench data build)")],
-    models: Annotated[int, typer.Option(help="number of teachers")],
     out: Annotated[Path, typer.Option(help="folder for <name>.onnx and <name>.json")],
+    models: Annotated[
+        int | None, typer.Option(help="number of teachers (the mix spec's count with --mix)")
+    ] = None,
+    mix: Annotated[
+        Path | None,
+        typer.Option(help="JSON or TOML spec of teacher groups (docs/zoo-mix.md); overrides --arch"),
+    ] = None,
     arch: Annotated[str, typer.Option(help=f"one of {', '.join(ZOO_ARCHS)}")] = "conv4",
     ways: Annotated[int, typer.Option(help="classes per teacher")] = 5,
     epochs: Annotated[int, typer.Option(help="training epochs per teacher")] = 20,
@@ -35,8 +43,13 @@ def zoo(
     ] = True,
 ) -> None:
     """Train one classifier per random class subset of meta-train and export each to ONNX."""
+    spec = read_mix_spec(mix) if mix is not None else None
+    if models is None and spec is None:
+        raise ConfigError("say how many teachers: --models N, or a spec with --mix SPEC")
+    count = models if models is not None else spec.models if spec is not None else 0
     config = ZooConfig(
-        models=models,
+        models=count,
+        mix=spec,
         arch=arch,
         ways=ways,
         epochs=epochs,
@@ -46,7 +59,7 @@ def zoo(
         class_names=class_names,
     )
     split = load_glyph_split(data, "meta-train")
-    with progress("training teachers", models) as advance:
+    with progress("training teachers", count) as advance:
         records = train_zoo(split, out, config, on_teacher=lambda _record: advance(1))
     for record in records:
         side = record.task["input_shape"][1]

@@ -7,14 +7,17 @@
     400 images per pseudo-class, meta-val every 20 steps on 600 episodes. For a GPU.
 ``cpu``
     The same method sized for a 2-core CPU: a narrower generator (ngf 32), 10 images
-    per class, replay capped at a few batches, fewer steps and smaller evaluations,
-    so that `free-bench run --preset cpu` (every method) ends within about 40 minutes.
+    per class (16 for scratch inversion, one task's worth), replay capped at a few
+    batches, 84 steps and smaller evaluations, so that `free-bench run --preset cpu`
+    (every method, one zoo) ends within 2 hours on 2 cores.
 ``smoke``
     Tiny everything: the whole benchmark, every baseline included, in a few minutes.
 
 Where our method departs from the official code on purpose (DESIGN.md section 4), the
 presets take our side: KL terms on log-probabilities (``kl_form="log"``; ``"prob"`` is
-the official form), every recovered teacher feeds the memory, selection on meta-val.
+the official form), every recovered teacher feeds the memory under the teacher's own
+labels, selection on meta-val with step 0 a candidate, the learner's initial scale
+chosen on meta-val and its scale-free norms pinned (`docs/engine-findings.md`).
 """
 
 from __future__ import annotations
@@ -104,6 +107,12 @@ class EngineConfig:
         Steps between meta-val evaluations after warm-up (the last step always is one).
     checkpoint_every
         Steps between checkpoints (the last step always is one).
+    init_scales
+        Candidate scales of the scale-free weights (`free_common.meta.norms`) of a fresh
+        meta-learner. With meta-val episodes, a fresh round scores the seed's
+        initialization at each scale before its first step and starts from the best;
+        batch norm makes the scale invisible to the forward pass but not to
+        fine-tuning. Without episodes the first scale is used.
     seed
         Seeds the learner's and the generator's initialization and every draw.
     """
@@ -123,6 +132,7 @@ class EngineConfig:
     validation: EvalConfig = field(default_factory=lambda: EvalConfig(episodes=600))
     validate_every: int = 20
     checkpoint_every: int = 20
+    init_scales: tuple[float, ...] = (1.0,)
     seed: int = 42
 
     def __post_init__(self) -> None:
@@ -143,6 +153,8 @@ class EngineConfig:
             raise ConfigError("checkpoint_every must be at least 1")
         if self.recovery not in ("five", "scratch"):
             raise ConfigError(f"recovery must be five or scratch, got {self.recovery!r}")
+        if not self.init_scales or min(self.init_scales) <= 0:
+            raise ConfigError("init_scales must list at least one positive scale")
 
     def for_input(self, channels: int, image_size: int) -> EngineConfig:
         """Return this config for another input format (learner and generator together)."""
@@ -160,6 +172,11 @@ class EngineConfig:
         """Return this config recovering by FIVE or by scratch inversion."""
         return dataclasses.replace(self, recovery=recovery)
 
+    def distillation_only(self) -> EngineConfig:
+        """Return this config distilling the teachers (summed gradients) with no MAML replay."""
+        bell = dataclasses.replace(self.bell, use_iga=False, replay_enabled=False)
+        return dataclasses.replace(self, bell=bell)
+
 
 def config_to_dict(config: EngineConfig) -> dict[str, Any]:
     """JSON-able form of `config` (tuples become lists); recorded in checkpoints and manifests."""
@@ -175,23 +192,33 @@ def _lists(value: Any) -> Any:
     return value
 
 
+# Scale-free weights of a fresh learner are tried at these scales on meta-val (step 0).
+_INIT_SCALES = (1.0, 0.5, 0.3, 0.2, 0.1)
+
+
 def _paper() -> EngineConfig:
-    return EngineConfig(preset="paper")
+    return EngineConfig(
+        preset="paper", bell=BellConfig(pin_norms=True), init_scales=_INIT_SCALES
+    )
 
 
 def _cpu() -> EngineConfig:
-    images_per_class = 10
     return EngineConfig(
         preset="cpu",
         generator=GeneratorConfig(width=32),
-        five=FiveConfig(images_per_class=images_per_class),
-        scratch=ScratchConfig(images_per_class=images_per_class),
-        bell=BellConfig(replay=ReplayConfig(episode_batch=5, patience=3, max_batches=6)),
+        five=FiveConfig(images_per_class=10),
+        # A replayed task needs shots + queries = 16 images of a class; scratch inverts
+        # each teacher once, so it recovers 16 (FIVE's memory fills over repeated draws).
+        scratch=ScratchConfig(images_per_class=16),
+        bell=BellConfig(
+            replay=ReplayConfig(episode_batch=5, patience=3, max_batches=6), pin_norms=True
+        ),
+        init_scales=_INIT_SCALES,
         memory=MemoryConfig(capacity_per_class=100),
-        steps=140,
+        steps=84,
         warmup_steps=6,
         validation=EvalConfig(episodes=100),
-        validate_every=14,
+        validate_every=13,
         checkpoint_every=10,
     )
 
@@ -206,7 +233,9 @@ def _smoke() -> EngineConfig:
         bell=BellConfig(
             maml=MamlConfig(queries=4),
             replay=ReplayConfig(episode_batch=2, patience=1, max_batches=2),
+            pin_norms=True,
         ),
+        init_scales=(1.0, 0.3),
         memory=MemoryConfig(capacity_per_class=20),
         steps=12,
         warmup_steps=3,

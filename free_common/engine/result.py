@@ -227,6 +227,8 @@ class RoundResult:
         The meta-generator after the last step.
     scratch
         Scratch recoveries by teacher id (empty for FIVE rounds).
+    init_scale
+        Scale the fresh meta-learner's scale-free weights started at (chosen on meta-val).
     """
 
     round: int
@@ -240,3 +242,4 @@ class RoundResult:
     learner: Backbone
     meta_generator: MetaGenerator
     scratch: dict[str, Recovery] = field(default_factory=dict)
+    init_scale: float = 1.0

@@ -24,6 +24,7 @@ random draw comes from one CPU generator.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -64,13 +65,14 @@ from free_common.engine.teachers import EngineTeacher, TeacherPool, TeacherView
 from free_common.errors import CheckpointError, ConfigError, NonFiniteLoss
 from free_common.inversion.five import Recovery
 from free_common.inversion.scratch import scratch_invert
-from free_common.inversion.teacher import distillation_targets
+from free_common.inversion.teacher import distillation_targets, teacher_labels
 from free_common.memory.episode import Episode
 from free_common.meta.bell import bell_update
 from free_common.meta.episodes import EpisodeLike
-from free_common.meta.evaluate import evaluate
+from free_common.meta.evaluate import EvalResult, evaluate
 from free_common.meta.functional import as_student
 from free_common.meta.iga import KdBatch
+from free_common.meta.norms import NormPin, rescale_weights, scale_free_weights, weight_norms
 from free_common.meta.selection import VALIDATION_SPLIT
 
 __all__ = ["resolve_device", "run_round"]
@@ -216,17 +218,59 @@ class _Round:
                 warm_start=warm_start,
             )
         )
-        if config.recovery == "scratch" and not state.scratch:
-            self._recover_from_scratch()
-        while state.step < config.steps:
-            state.step += 1
-            self._step()
-            last = state.step == config.steps
-            if self._validation_due(last):
-                self._validate()
-            if last or state.step % config.checkpoint_every == 0:
-                self._checkpoint(finished=last)
+        if not state.started:
+            self._start()
+        handle = NormPin(state.learner, state.pinned).attach(state.optimizer)
+        try:
+            if config.recovery == "scratch" and not state.scratch:
+                self._recover_from_scratch()
+            while state.step < config.steps:
+                state.step += 1
+                self._step()
+                last = state.step == config.steps
+                if self._validation_due(last):
+                    self._validate()
+                if last or state.step % config.checkpoint_every == 0:
+                    self._checkpoint(finished=last)
+        finally:
+            handle.remove()
         return self._result()
+
+    def _start(self) -> None:
+        """Before the first step: choose a fresh learner's scale, pin norms, score step 0.
+
+        Step 0 (the initialization itself, or the state a warm start carried in) is a
+        candidate of the selection like any later state, so a round never hands back
+        a model that meta-val scores below where it began.
+        """
+        state, config = self.state, self.config
+        names = scale_free_weights(state.learner)
+        scored: EvalResult | None = None
+        if state.round == 1:
+            scale, scored = self._choose_scale(names)
+            rescale_weights(state.learner, names, scale)
+            state.init_scale = scale
+        if config.bell.pin_norms and not state.pinned:
+            state.pinned = weight_norms(state.learner, names)
+        if self.validation is not None:
+            self._validate(scored)
+        state.started = True
+
+    def _choose_scale(self, names: list[str]) -> tuple[float, EvalResult | None]:
+        """The candidate scale whose rescaled initialization scores best on meta-val."""
+        scales = self.config.init_scales
+        if self.validation is None or len(scales) == 1:
+            return scales[0], None
+        best: tuple[float, EvalResult] | None = None
+        for scale in scales:
+            candidate = copy.deepcopy(self.state.learner)
+            rescale_weights(candidate, names, scale)
+            result = evaluate(candidate, self.validation, self.config.validation, VALIDATION_SPLIT)
+            self.state.scale_scores[f"{scale:g}"] = result.mean
+            if best is None or result.mean > best[1].mean:
+                best = (scale, result)
+        assert best is not None
+        return best
 
     # -- steps ------------------------------------------------------------------------------
 
@@ -296,10 +340,13 @@ class _Round:
         )
 
     def _remember(self, views: list[TeacherView], recoveries: list[Recovery]) -> None:
-        """Every recovered batch feeds the memory (the official code kept only the last)."""
+        """Every recovered batch feeds the memory (the official code kept only the last).
+
+        Images go in under the teacher's own reading of them, not their target class.
+        """
         state = self.state
         for view, recovery in zip(views, recoveries, strict=True):
-            labels = view.original_labels(recovery.labels)
+            labels = view.original_labels(teacher_labels(view.teacher, recovery.images))
             state.memory.add(view.teacher_id, recovery.images, labels, view.class_names)
             state.recoveries.append(
                 RecoveryRecord(
@@ -360,9 +407,8 @@ class _Round:
             )
             self._check_finite("scratch inversion loss", recovery.losses)
             state.scratch[teacher.teacher_id] = recovery
-            state.memory.add(
-                teacher.teacher_id, recovery.images, recovery.labels, teacher.task.class_names
-            )
+            labels = teacher_labels(teacher, recovery.images)
+            state.memory.add(teacher.teacher_id, recovery.images, labels, teacher.task.class_names)
             state.recoveries.append(
                 RecoveryRecord(
                     0, teacher.teacher_id, "scratch", recovery.seconds, recovery.teacher_accuracy
@@ -390,10 +436,13 @@ class _Round:
             return False
         return last or (state.step - state.warmup) % self.config.validate_every == 0
 
-    def _validate(self) -> None:
+    def _validate(self, scored: EvalResult | None = None) -> None:
+        """Score the learner on meta-val (or take `scored`, its score already) and offer it."""
         state = self.state
         assert self.validation is not None
-        result = evaluate(state.learner, self.validation, self.config.validation, VALIDATION_SPLIT)
+        result = scored or evaluate(
+            state.learner, self.validation, self.config.validation, VALIDATION_SPLIT
+        )
         best = state.selector.offer(result, state.learner, state.step)
         state.curve.append(EvalPoint(state.step, result.mean, result.ci95, result.episodes))
         self._emit(
@@ -461,6 +510,9 @@ class _Round:
             else None,
             "recoveries": len(records),
             "round_seconds": state.seconds,
+            "init_scale": state.init_scale,
+            "init_scale_scores": dict(state.scale_scores),
+            "pinned_norms": bool(state.pinned),
         }
         init = make_initialization(
             chosen,
@@ -492,12 +544,15 @@ class _Round:
             learner=state.learner,
             meta_generator=state.meta_generator,
             scratch=dict(state.scratch),
+            init_scale=state.init_scale,
         )
 
 
 def _method(config: EngineConfig) -> str:
     if config.recovery == "scratch":
         return "scratch"
+    if not config.bell.replay_enabled:
+        return "distill"
     return "free" if config.bell.use_iga else "free-no-iga"
 
 

@@ -59,6 +59,14 @@ class TrainingState:
         Scratch baseline: the images recovered before training, by teacher id.
     seconds
         Wall time spent, summed over resumptions.
+    init_scale
+        The scale the fresh meta-learner's scale-free weights started at.
+    pinned
+        The norms those weights are kept at (empty: not pinned), by parameter name.
+    scale_scores
+        Meta-val accuracy of each candidate scale (a fresh round with validation only).
+    started
+        The round's start is done: scale chosen, norms pinned, step 0 scored.
     """
 
     round: int
@@ -74,6 +82,10 @@ class TrainingState:
     recoveries: list[RecoveryRecord] = field(default_factory=list)
     scratch: dict[str, Recovery] = field(default_factory=dict)
     seconds: float = 0.0
+    init_scale: float = 1.0
+    pinned: dict[str, float] = field(default_factory=dict)
+    scale_scores: dict[str, float] = field(default_factory=dict)
+    started: bool = False
 
 
 def round_rng(config: EngineConfig, round_index: int) -> torch.Generator:
@@ -107,6 +119,10 @@ def state_record(state: TrainingState) -> tuple[dict[str, Tensor], dict[str, Any
         "step": state.step,
         "warmup": state.warmup,
         "seconds": state.seconds,
+        "init_scale": state.init_scale,
+        "pinned": dict(state.pinned),
+        "scale_scores": dict(state.scale_scores),
+        "started": state.started,
         "learner": pack(state.learner.state_dict(), "learner", tensors),
         "optimizer": pack(state.optimizer.state_dict(), "optimizer", tensors),
         "generator": pack(state.meta_generator.state_dict(), "generator", tensors),
@@ -141,6 +157,8 @@ def restore_state(
     try:
         state.round, state.step = int(record["round"]), int(record["step"])
         state.warmup, state.seconds = int(record["warmup"]), float(record["seconds"])
+        state.scale_scores = {str(k): float(v) for k, v in record.get("scale_scores", {}).items()}
+        state.started = bool(record.get("started", state.step > 0))
         state.rng.set_state(unpack(record["rng"], tensors))
         saved = record["selector"]
         if saved["best"] is not None:
@@ -173,6 +191,9 @@ def carry_state(
         state.meta_generator.load_state_dict(unpack(record["generator"], tensors))
         state.memory = _restore_memory(state.memory, record["memory"], tensors)
         state.round = int(record["round"]) + 1
+        # Checkpoints from before pinning existed hold neither: unpinned, scale 1.
+        state.init_scale = float(record.get("init_scale", 1.0))
+        state.pinned = {str(k): float(v) for k, v in record.get("pinned", {}).items()}
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise CheckpointError(
             f"the saved state does not fit this configuration ({str(err).splitlines()[0]:.200}); "

@@ -19,7 +19,7 @@ from free_common.inversion.augment import augment
 from free_common.inversion.config import AugmentConfig
 from free_common.types import ChannelOrder, TaskMetadata
 
-__all__ = ["AdaptedTeacher", "distillation_targets", "teacher_accuracy"]
+__all__ = ["AdaptedTeacher", "distillation_targets", "teacher_accuracy", "teacher_labels"]
 
 _T = TypeVar("_T", bound="AdaptedTeacher")
 
@@ -96,6 +96,18 @@ def _convert_channels(images: Tensor, order: ChannelOrder) -> Tensor:
 
 
 @torch.no_grad()
+def teacher_labels(teacher: nn.Module, images: Tensor) -> Tensor:
+    """(B,) the class the teacher gives each of `images` ((B, C_s, S, S) in [0, 1]).
+
+    Recovered images are stored in memory under these labels, not under the class they
+    were generated for: where the two differ (about one image in eight after FIVE's
+    five steps), the target is a label the teacher itself does not give.
+    """
+    with torch.no_grad():
+        labels: Tensor = teacher(images).argmax(dim=1)
+    return labels
+
+
 def teacher_accuracy(teacher: AdaptedTeacher, images: Tensor, labels: Tensor) -> float:
     """Share of `images` the teacher classifies as the label they were generated for.
 

@@ -54,13 +54,14 @@ def bell_update(
     sample_task
         Draws a task from the memory bank; None skips replay (e.g. memory not ready).
     config
-        iGA or not, its settings, MAML and replay settings.
+        iGA or not, its settings, MAML and replay settings (``replay_enabled=False``
+        skips replay: distillation alone).
     """
     if config.use_iga:
         distill = iga_step(model, optimizer, batches, config.iga)
     else:
         distill = summed_gradient_step(model, optimizer, batches, config.iga.kl_form)
     replayed = None
-    if sample_task is not None:
+    if sample_task is not None and config.replay_enabled:
         replayed = replay(model, optimizer, sample_task, config.maml, config.replay)
     return BellStats(distill, replayed)

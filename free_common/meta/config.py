@@ -84,6 +84,11 @@ class BellConfig:
 
     outer_lr: float = 1e-3  # the main Adam, shared by the distillation step and replay
     use_iga: bool = True  # False: FREE without iGA (summed per-teacher gradients)
+    # False: distillation alone, no MAML replay (the baseline that shows what meta-learning adds)
+    replay_enabled: bool = True
+    # Keep the weights that batch norm makes scale-free at their starting norms
+    # (`free_common.meta.norms`); the official code lets them grow.
+    pin_norms: bool = False
     iga: IgaConfig = IgaConfig()
     maml: MamlConfig = MamlConfig()
     replay: ReplayConfig = ReplayConfig()
