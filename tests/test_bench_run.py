@@ -127,7 +127,9 @@ def test_the_report_shows_every_method_the_speed_and_the_targets() -> None:
     assert "1-shot, FREE above random initialization: met (+15.00 points, needs > 2.00)" in text
     assert "FREE above weight averaging: met (+20.00 points" in text
     # 0.80 vs 0.79 with intervals of 2 points: level, not above.
-    assert "level with FREE without iGA: met (+1.00 points, within -2.00); above it: NOT met" in text
+    assert (
+        "level with FREE without iGA: met (+1.00 points, within -2.00); above it: NOT met" in text
+    )
     assert "last point within 1.5 points of its best: NOT met (2.00 below)" in text
     assert "| distillation on FIVE's images, no meta-learning | 72.00 ± 2.00 |" in text
     assert "started from x0.3" in text and "used the 3 teachers" in text

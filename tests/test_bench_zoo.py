@@ -10,7 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from free_common.bench.zoo import TeacherRecord, ZooConfig, teacher_plan, train_zoo
+from free_common.bench.zoo import TeacherRecord, ZooConfig, read_mix_spec, teacher_plan, train_zoo
 from free_common.data.glyphs_store import MANIFEST, split_file, write_json, write_split_arrays
 from free_common.data.imageset import ImageSet
 from free_common.errors import ConfigError, SplitError
@@ -132,3 +132,96 @@ def test_zoo_command_trains_from_a_glyph_folder(tmp_path: Path) -> None:
     assert "held-out accuracy" in result.output
     stored = json.loads((out / "teacher-000-conv4.json").read_text())
     assert stored["class_names"][0].startswith("U+00")
+
+
+_SPEC = """
+disjoint = true
+[[groups]]
+arch = "conv4"
+count = 2
+ways = 2
+[[groups]]
+arch = "conv4"
+width = 4
+count = 1
+ways = 3
+image_size = 20
+[[groups]]
+arch = "mlp"
+count = 1
+ways = 2
+image_size = 16
+"""
+
+
+def test_a_mix_spec_builds_its_groups_round_robin_on_disjoint_classes(tmp_path: Path) -> None:
+    spec_path = tmp_path / "mix.toml"
+    spec_path.write_text(_SPEC)
+    spec = read_mix_spec(spec_path)
+    assert spec.models == 4 and spec.disjoint
+    records = train_zoo(
+        _easy_set(classes=10), tmp_path / "zoo", ZooConfig(models=4, mix=spec, epochs=1, seed=3)
+    )
+    # Round-robin: the first of each group, then the rest, so any prefix is mixed.
+    assert [(r.arch, r.width, len(r.classes)) for r in records] == [
+        ("conv4", 32, 2),
+        ("conv4", 4, 3),
+        ("mlp", 256, 2),
+        ("conv4", 32, 2),
+    ]
+    assert [r.name for r in records][1] == "teacher-001-conv4-w4"
+    assert [r.task["input_shape"][1] for r in records] == [16, 20, 16, 16]
+    assert [r.task["num_classes"] for r in records] == [2, 3, 2, 2]
+    drawn = [c for r in records for c in r.classes]
+    assert len(drawn) == len(set(drawn)) == 9  # no class shared
+    teacher = load_teacher((tmp_path / "zoo" / "teacher-001-conv4-w4.onnx").read_bytes())
+    assert teacher.task.num_classes == 3
+    again = train_zoo(
+        _easy_set(classes=10), tmp_path / "again", ZooConfig(models=4, mix=spec, epochs=1, seed=3)
+    )
+    assert [r.classes for r in again] == [r.classes for r in records]
+
+
+def test_a_json_spec_reads_the_same(tmp_path: Path) -> None:
+    path = tmp_path / "mix.json"
+    path.write_text(json.dumps({"groups": [{"arch": "resnet10", "count": 2, "ways": 10}]}))
+    spec = read_mix_spec(path)
+    assert spec.groups[0].ways == 10 and spec.disjoint and spec.models == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("groups = []", "non-empty list 'groups'"),
+        ('[[groups]]\narch = "vgg"\ncount = 1', "unknown architecture 'vgg'"),
+        ('[[groups]]\narch = "conv4"\ncount = 1\ncolour = 1', "must be a table with 'arch'"),
+        ('[[groups]]\narch = "conv4"\ncount = 0', "count >= 1"),
+        ('[[groups]]\narch = "conv4"\ncount = 1\nimage_size = 8', "at least 16"),
+        ("groups = [", "not valid toml"),
+    ],
+)
+def test_a_bad_spec_is_one_clear_error(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "mix.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        read_mix_spec(path)
+
+
+def test_a_spec_asking_more_disjoint_classes_than_there_are_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "mix.toml"
+    path.write_text('[[groups]]\narch = "conv4"\ncount = 3\nways = 3')
+    config = ZooConfig(models=3, mix=read_mix_spec(path), epochs=1)
+    with pytest.raises(SplitError, match="need 9 disjoint classes but the split has 8"):
+        train_zoo(_easy_set(), tmp_path / "zoo", config)
+
+
+def test_zoo_cli_takes_a_mix_spec_and_says_what_is_missing(tmp_path: Path) -> None:
+    from free_common.bench.cli import app
+
+    runner = CliRunner()
+    done = runner.invoke(app, ["zoo", "--data", str(tmp_path), "--out", str(tmp_path / "z")])
+    assert done.exit_code != 0 and "--models N, or a spec with --mix SPEC" in str(done.exception)
+    path = tmp_path / "mix.toml"
+    path.write_text('[[groups]]\narch = "conv4"\ncount = 2')
+    with pytest.raises(ConfigError, match="describes 2 teachers but 3"):
+        ZooConfig(models=3, mix=read_mix_spec(path))

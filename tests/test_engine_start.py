@@ -1,4 +1,4 @@
-"""A round's start: step 0 is a candidate, the initial scale is chosen on meta-val, norms stay pinned.
+"""A round's start: step 0 is a candidate, the scale is chosen on meta-val, norms stay pinned.
 
 Also the two other defects the engine findings fixed: recovered images enter memory under
 the teacher's own label, and the distillation baseline takes no replay step.
@@ -13,23 +13,25 @@ import engine_tiny as tiny
 import pytest
 import torch
 
-from free_common.engine import Evaluated, EngineEvent, StepFinished, run_round
+from free_common.engine import EngineEvent, Evaluated, RoundResult, StepFinished, run_round
 from free_common.engine.checkpoint import read_checkpoint
+from free_common.engine.config import EngineConfig
 from free_common.engine.result import build_learner
 from free_common.engine.teachers import TeacherPool
 from free_common.errors import ConfigError
-from free_common.engine.config import EngineConfig
 from free_common.meta.baselines import random_init
 from free_common.meta.norms import scale_free_weights, weight_norms
 
 
-def _run(workdir: Path, config: EngineConfig, **kwargs: object):  # type: ignore[no-untyped-def]
+def _run(
+    workdir: Path, config: EngineConfig, validation: bool = True
+) -> tuple[RoundResult, list[EngineEvent]]:
     events: list[EngineEvent] = []
     result = run_round(
         tiny.teachers(),
         config,
         workdir,
-        validation=kwargs.pop("validation", tiny.validation_episodes()),  # type: ignore[arg-type]
+        validation=tiny.validation_episodes() if validation else None,
         device="cpu",
         on_event=events.append,
     )
@@ -51,7 +53,7 @@ def test_step_zero_is_scored_and_can_be_chosen(tmp_path: Path) -> None:
 
 def test_the_initial_scale_is_the_one_meta_val_scores_best(tmp_path: Path) -> None:
     config = tiny.pinned_config()
-    result, events = _run(tmp_path, config)
+    result, _events = _run(tmp_path, config)
     scores = result.initialization.manifest["metrics"]["init_scale_scores"]
     assert set(scores) == {"1", "0.3"}
     best = max(scores, key=lambda s: scores[s])
@@ -81,7 +83,7 @@ def test_unpinned_norms_drift_and_pinned_ones_do_not(tmp_path: Path) -> None:
 
 
 def test_a_warm_started_round_keeps_its_scale_and_pins(tmp_path: Path) -> None:
-    first, _ = _run(tmp_path, tiny.pinned_config())
+    first, _events = _run(tmp_path, tiny.pinned_config())
     second, events = _run(tmp_path, tiny.pinned_config())
     assert second.round == 2 and second.init_scale == first.init_scale
     names = scale_free_weights(first.learner)
@@ -89,11 +91,11 @@ def test_a_warm_started_round_keeps_its_scale_and_pins(tmp_path: Path) -> None:
         weight_norms(first.learner, names), rel=1e-5
     )
     # The carried state is round 2's step 0.
-    assert [e.step for e in events if isinstance(e, Evaluated)][0] == 0
+    assert next(e.step for e in events if isinstance(e, Evaluated)) == 0
 
 
 def test_memory_holds_images_under_the_teachers_own_labels(tmp_path: Path) -> None:
-    result, _ = _run(tmp_path, tiny.config(), validation=None)
+    result, _ = _run(tmp_path, tiny.config(), validation=False)
     # The old labels (the generation targets) disagree with the teacher this often:
     assert min(r.teacher_accuracy for r in result.recoveries) < 0.9
     saved = read_checkpoint(tmp_path)
@@ -103,7 +105,7 @@ def test_memory_holds_images_under_the_teachers_own_labels(tmp_path: Path) -> No
     teachers = {pool.full(i).teacher_id: pool.full(i) for i in range(len(pool))}
     checked = 0
     for entry in record["memory"]:
-        (teacher_id, label), = entry["sources"]
+        ((teacher_id, label),) = entry["sources"]
         images = tensors[entry["tensor"]].float()
         predicted = teachers[teacher_id](images).argmax(1)
         # float16 storage may move an image across a boundary; the labels were read before.

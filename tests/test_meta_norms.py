@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_tiny import validation_episodes
 from torch import nn
 
-from free_common.meta.evaluate import finetune_accuracy
 from free_common.meta.config import EvalConfig
+from free_common.meta.evaluate import finetune_accuracy
 from free_common.meta.functional import batch_stat_mode
 from free_common.meta.norms import NormPin, rescale_weights, scale_free_weights, weight_norms
 from free_common.models.backbones import build_backbone
-
-from engine_tiny import validation_episodes
 
 
 @pytest.mark.parametrize(

@@ -44,7 +44,9 @@ def main() -> None:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--zoo", type=Path, required=True)
     parser.add_argument("--preset", default="cpu")
-    parser.add_argument("--method", default="free", choices=["free", "free-no-iga", "scratch", "distill"])
+    parser.add_argument(
+        "--method", default="free", choices=["free", "free-no-iga", "scratch", "distill"]
+    )
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--set", action="append", default=[], help="dotted.path=JSON value")
     parser.add_argument("--out", type=Path, required=True)
@@ -80,8 +82,13 @@ def main() -> None:
 
     started = time.perf_counter()
     result = run_round(
-        [z.teacher for z in zoo], config, args.out.with_suffix(".work"), validation=validation,
-        device="cpu", on_event=on_event, fresh=True,
+        [z.teacher for z in zoo],
+        config,
+        args.out.with_suffix(".work"),
+        validation=validation,
+        device="cpu",
+        on_event=on_event,
+        fresh=True,
     )
     learner = result.learner
     names = scale_free_weights(learner)

@@ -68,7 +68,9 @@ def main() -> None:
         rows[f"random x{c}"] = score(model)
         print(f"random x{c}", rows[f"random x{c}"], flush=True)
     zoo = load_zoo(args.zoo, args.teachers)
-    avg = weight_average([z.teacher.module for z in zoo], random_init(lambda: build_learner(spec), 42))
+    avg = weight_average(
+        [z.teacher.module for z in zoo], random_init(lambda: build_learner(spec), 42)
+    )
     rows["average norms"] = conv_norms(avg)
     rows["average"] = score(avg)
     print("average", rows["average"], rows["average norms"], flush=True)

@@ -97,7 +97,7 @@ def _targets(results: dict[str, Any]) -> list[str]:
 
 
 def _start(results: dict[str, Any]) -> list[str]:
-    """The initialization every method starts from, and what weight averaging averaged."""
+    """Describe the initialization every method starts from, and what averaging averaged."""
     scores = results.get("init_scale_scores") or {}
     lines = ["## The starting point", ""]
     if scores:

@@ -281,9 +281,7 @@ def run_benchmark(request: BenchRequest, notify: Notify | None = None) -> dict[s
         "skipped_methods": skipped,
         "averaged_teachers": 0 if "average" in skipped else averaged,
         "init_scale": {m: r.init_scale for m, r in rounds.items()},
-        "init_scale_scores": rounds["free"].initialization.manifest["metrics"][
-            "init_scale_scores"
-        ],
+        "init_scale_scores": rounds["free"].initialization.manifest["metrics"]["init_scale_scores"],
         "curves": {m: [[p.step, p.mean] for p in r.curve] for m, r in rounds.items()},
         "selected_steps": {m: r.selected_step for m, r in rounds.items()},
         "timings": timings,
@@ -326,7 +324,7 @@ def _forward(tell: Notify, method: str) -> Callable[[EngineEvent], None]:
 
 
 def _random_at_scale(config: EngineConfig, scale: float) -> nn.Module:
-    """The rounds' starting point: the seed's learner with its scale-free weights rescaled."""
+    """Build the rounds' starting point: the seed's learner, scale-free weights rescaled."""
     model = random_init(lambda: build_learner(config.learner), config.seed)
     rescale_weights(model, scale_free_weights(model), scale)
     return model

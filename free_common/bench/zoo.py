@@ -17,6 +17,7 @@ whether label spaces are disjoint (`read_mix_spec`, `docs/zoo-mix.md`).
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import tomllib
@@ -121,7 +122,9 @@ def read_mix_spec(path: Path) -> MixSpec:
     except OSError as err:
         raise ConfigError(f"cannot read the mix spec {path}: {err.strerror}") from None
     except (ValueError, tomllib.TOMLDecodeError) as err:
-        raise ConfigError(f"the mix spec {path} is not valid {path.suffix[1:] or 'JSON'}: {err}") from None
+        raise ConfigError(
+            f"the mix spec {path} is not valid {path.suffix[1:] or 'JSON'}: {err}"
+        ) from None
     groups = raw.get("groups") if isinstance(raw, dict) else None
     if not isinstance(groups, list) or not groups:
         raise ConfigError(f"the mix spec {path} needs a non-empty list 'groups' (docs/zoo-mix.md)")
@@ -245,7 +248,9 @@ def teacher_plans(config: ZooConfig, image_side: int) -> list[TeacherPlan]:
             if left[position]:
                 left[position] -= 1
                 width = BACKBONES[group.arch].default_width if group.width is None else group.width
-                plans.append(TeacherPlan(group.arch, width, group.ways, group.image_size or image_side))
+                plans.append(
+                    TeacherPlan(group.arch, width, group.ways, group.image_size or image_side)
+                )
     return plans
 
 
@@ -263,7 +268,7 @@ def _disjoint_draws(
         )
     order = np.random.default_rng([config.seed, 1_000_003]).permutation(num_classes)
     cuts = np.cumsum([0] + [plan.ways for plan in plans])
-    return [order[start:end] for start, end in zip(cuts[:-1], cuts[1:], strict=True)]
+    return [order[start:end] for start, end in itertools.pairwise(cuts)]
 
 
 def _split_indices(

@@ -4,7 +4,7 @@ Example::
 
     free-bench data build --size small --out data-cache/small
     free-bench zoo --data data-cache/small --models 8 --arch mix --out data-cache/zoo
-    free-bench zoo --data data-cache/benchmark --mix benchmarks/zoo-mixed.toml --out data-cache/zoo-mixed
+    free-bench zoo --data data-cache/benchmark --mix benchmarks/zoo-mixed.toml --out DIR
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ def zoo(
     ] = None,
     mix: Annotated[
         Path | None,
-        typer.Option(help="JSON or TOML spec of teacher groups (docs/zoo-mix.md); overrides --arch"),
+        typer.Option(
+            help="JSON or TOML spec of teacher groups (docs/zoo-mix.md); overrides --arch"
+        ),
     ] = None,
     arch: Annotated[str, typer.Option(help=f"one of {', '.join(ZOO_ARCHS)}")] = "conv4",
     ways: Annotated[int, typer.Option(help="classes per teacher")] = 5,

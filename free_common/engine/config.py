@@ -197,9 +197,7 @@ _INIT_SCALES = (1.0, 0.5, 0.3, 0.2, 0.1)
 
 
 def _paper() -> EngineConfig:
-    return EngineConfig(
-        preset="paper", bell=BellConfig(pin_norms=True), init_scales=_INIT_SCALES
-    )
+    return EngineConfig(preset="paper", bell=BellConfig(pin_norms=True), init_scales=_INIT_SCALES)
 
 
 def _cpu() -> EngineConfig:

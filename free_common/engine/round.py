@@ -257,7 +257,7 @@ class _Round:
         state.started = True
 
     def _choose_scale(self, names: list[str]) -> tuple[float, EvalResult | None]:
-        """The candidate scale whose rescaled initialization scores best on meta-val."""
+        """Return the candidate scale whose rescaled initialization scores best on meta-val."""
         scales = self.config.init_scales
         if self.validation is None or len(scales) == 1:
             return scales[0], None

@@ -16,6 +16,7 @@ network's function as the step made it and the adaptation rate as it was chosen.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,7 +40,7 @@ def scale_free_weights(model: nn.Module) -> list[str]:
     """
     leaves = [(name, m) for name, m in model.named_modules() if not list(m.children())]
     found = []
-    for (name, layer), (_, after) in zip(leaves, leaves[1:], strict=False):
+    for (name, layer), (_, after) in itertools.pairwise(leaves):
         if not isinstance(layer, _LAYERS) or not isinstance(after, _NORMS):
             continue
         channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
