@@ -2,6 +2,7 @@
 #   make test   install everything, then run the whole test suite (slow tests included)
 #   make demo   install everything, then run the demo
 #   make lint   ruff (lint + format check) and mypy
+#   make benchmark-data   the benchmark fonts (Debian) and the glyph benchmark set
 #   make proto  regenerate free_common/proto from proto/
 
 SHELL := /bin/bash
@@ -18,7 +19,7 @@ EXTRAS ?= $(ORT_EXTRA),dev
 export FLWR_TELEMETRY_ENABLED=0
 export FLWR_DISABLE_UPDATE_CHECK=1
 
-.PHONY: install system-deps test test-fast lint format proto demo clean
+.PHONY: install system-deps benchmark-data test test-fast lint format proto demo clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -39,6 +40,16 @@ system-deps: $(VENV)/.project
 		echo "installing Debian packages: $$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
+
+# The benchmark glyph set: every missing benchmark font package (about 440), then the build.
+BENCHMARK_DATA ?= data-cache/benchmark
+benchmark-data: install
+	@missing="$$($(PY) -m free_common.data.debian_packages --missing benchmark)"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing $$(echo $$missing | wc -w) Debian packages for the benchmark glyph set"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	$(VENV)/bin/free-bench data build --size benchmark --out $(BENCHMARK_DATA)
 
 # The editable install is "strict" (a link tree mypy and pytest follow), so new modules
 # need a re-install: it is cheap when nothing changed.
