@@ -127,3 +127,34 @@ def test_init_scales_must_be_positive() -> None:
         tiny.config(init_scales=())
     with pytest.raises(ConfigError, match="init_scales"):
         tiny.config(init_scales=(1.0, 0.0))
+
+
+def test_relative_rates_step_scale_free_weights_at_lr_times_the_scale(tmp_path: Path) -> None:
+    base = tiny.pinned_config(init_scales=(0.3,))
+    config = dataclasses.replace(base, bell=dataclasses.replace(base.bell, relative_lr=True))
+    first, _events = _run(tmp_path, config)
+    saved = read_checkpoint(tmp_path)
+    assert saved is not None
+    text = str(saved[1]["optimizer"])  # the packed Adam state: its groups in plain JSON
+    assert "['scale_free', True]" in text and "['lr_scale', 0.3]" in text
+    assert f"['lr', {1e-3 * 0.3!r}]" in text
+    # A warm start rebuilds the same rates from the carried scale.
+    second, _events = _run(tmp_path, config)
+    assert second.round == 2 and second.init_scale == pytest.approx(0.3)
+
+
+def test_relative_rates_group_the_scale_free_weights() -> None:
+    from free_common.meta.bell import outer_optimizer, set_outer_lr
+    from free_common.meta.config import BellConfig
+
+    model = build_learner(tiny.config().learner)
+    config = BellConfig(relative_lr=True)
+    optimizer = outer_optimizer(model, config)
+    set_outer_lr(optimizer, config, 0.2)
+    free, rest = optimizer.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [names[id(p)] for p in free["params"]] == scale_free_weights(model)
+    assert free["lr"] == pytest.approx(2e-4) and rest["lr"] == pytest.approx(1e-3)
+    assert (free["lr_scale"], rest["lr_scale"]) == (0.2, 1.0)
+    plain = outer_optimizer(model, BellConfig())
+    assert len(plain.param_groups) == 1

@@ -175,3 +175,20 @@ def test_the_presets_iga_update_matches_adam_written_out_in_float64() -> None:
     iga_step(net, outer, batches, IgaConfig(lr, "adam", SCALE, "log"))
     for name, param in net.named_parameters():
         torch.testing.assert_close(param.detach(), expected[name], rtol=1e-10, atol=1e-12)
+
+
+def test_inner_rates_follow_the_outer_groups_lr_scale() -> None:
+    """With SGD inner steps and one teacher, Delta = -a * s * g: s from the outer group."""
+    model, batches = _model(), _batches(1)
+    plain, _ = iga_displacement(model, batches, IgaConfig(1e-2, "sgd", SCALE, "log"))
+    scaled, _ = iga_displacement(
+        model, batches, IgaConfig(1e-2, "sgd", SCALE, "log"), {"0.weight": 0.25}
+    )
+    torch.testing.assert_close(scaled["0.weight"], 0.25 * plain["0.weight"])
+    torch.testing.assert_close(scaled["4.weight"], plain["4.weight"])
+    # iga_step reads the scale from the main optimizer's groups.
+    conv, rest = [model[0].weight], [p for n, p in model.named_parameters() if n != "0.weight"]
+    outer = torch.optim.SGD([{"params": conv, "lr_scale": 0.25}, {"params": rest}], lr=1.0 / SCALE)
+    before = model[0].weight.detach().clone()
+    iga_step(model, outer, batches, IgaConfig(1e-2, "sgd", SCALE, "log"))
+    torch.testing.assert_close(model[0].weight.detach() - before, scaled["0.weight"])

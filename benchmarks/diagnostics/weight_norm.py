@@ -78,7 +78,9 @@ def main() -> None:
     for c in SCALES:
         targets = {n: c * v for n, v in base.items()}
         report[f"random x{c}"] = score(at_norms(fresh(), targets))
-        report[f"average at random x{c}"] = score(at_norms(weight_average(modules, fresh()), targets))
+        report[f"average at random x{c}"] = score(
+            at_norms(weight_average(modules, fresh()), targets)
+        )
         for i in range(args.singles):
             single = weight_average([modules[i]], fresh())
             report[f"teacher {i} at random x{c}"] = score(at_norms(single, targets))

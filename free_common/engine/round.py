@@ -67,7 +67,7 @@ from free_common.inversion.five import Recovery
 from free_common.inversion.scratch import scratch_invert
 from free_common.inversion.teacher import distillation_targets, teacher_labels
 from free_common.memory.episode import Episode
-from free_common.meta.bell import bell_update
+from free_common.meta.bell import bell_update, set_outer_lr
 from free_common.meta.episodes import EpisodeLike
 from free_common.meta.evaluate import EvalResult, evaluate
 from free_common.meta.functional import as_student
@@ -250,6 +250,7 @@ class _Round:
             scale, scored = self._choose_scale(names)
             rescale_weights(state.learner, names, scale)
             state.init_scale = scale
+            set_outer_lr(state.optimizer, config.bell, scale)
         if config.bell.pin_norms and not state.pinned:
             state.pinned = weight_norms(state.learner, names)
         if self.validation is not None:

@@ -24,7 +24,7 @@ from free_common.inversion.five import MetaGenerator, Recovery
 from free_common.inversion.generator import build_generator
 from free_common.memory.bank import MemoryBank
 from free_common.meta.baselines import random_init
-from free_common.meta.bell import outer_optimizer
+from free_common.meta.bell import outer_optimizer, set_outer_lr
 from free_common.meta.evaluate import EvalResult
 from free_common.meta.selection import ValidationSelector
 from free_common.models.backbones import Backbone
@@ -186,13 +186,12 @@ def carry_state(
     try:
         state.learner.load_state_dict(unpack(record["learner"], tensors))
         state.optimizer.load_state_dict(unpack(record["optimizer"], tensors))
-        for group in state.optimizer.param_groups:
-            group["lr"] = config.bell.outer_lr  # the new round's config wins
+        state.init_scale = float(record.get("init_scale", 1.0))
+        set_outer_lr(state.optimizer, config.bell, state.init_scale)  # the new config wins
         state.meta_generator.load_state_dict(unpack(record["generator"], tensors))
         state.memory = _restore_memory(state.memory, record["memory"], tensors)
         state.round = int(record["round"]) + 1
         # Checkpoints from before pinning existed hold neither: unpinned, scale 1.
-        state.init_scale = float(record.get("init_scale", 1.0))
         state.pinned = {str(k): float(v) for k, v in record.get("pinned", {}).items()}
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise CheckpointError(

@@ -16,9 +16,10 @@ from torch import nn
 from free_common.meta.config import BellConfig
 from free_common.meta.episodes import EpisodeLike
 from free_common.meta.iga import DistillStats, KdBatch, iga_step, summed_gradient_step
+from free_common.meta.norms import scale_free_weights
 from free_common.meta.replay import ReplayStats, replay
 
-__all__ = ["BellStats", "bell_update", "outer_optimizer"]
+__all__ = ["BellStats", "bell_update", "outer_optimizer", "set_outer_lr"]
 
 
 @dataclass(frozen=True)
@@ -30,8 +31,29 @@ class BellStats:
 
 
 def outer_optimizer(model: nn.Module, config: BellConfig) -> torch.optim.Adam:
-    """Make the main optimizer of the meta-learner: Adam at `outer_lr`, shared by both steps."""
-    return torch.optim.Adam(model.parameters(), lr=config.outer_lr)
+    """Make the main optimizer of the meta-learner: Adam at `outer_lr`, shared by both steps.
+
+    With ``config.relative_lr`` the scale-free weights get a group of their own, whose
+    rate `set_outer_lr` ties to the learner's initial scale.
+    """
+    if not config.relative_lr:
+        return torch.optim.Adam(model.parameters(), lr=config.outer_lr)
+    names = set(scale_free_weights(model))
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if n in names], "scale_free": True},
+        {"params": [p for n, p in model.named_parameters() if n not in names]},
+    ]
+    return torch.optim.Adam(groups, lr=config.outer_lr)
+
+
+def set_outer_lr(optimizer: torch.optim.Optimizer, config: BellConfig, init_scale: float) -> None:
+    """Set every group to `outer_lr`, the scale-free group (if any) to `outer_lr * init_scale`.
+
+    The group's ``lr_scale`` is what iGA's inner steps multiply their rate by.
+    """
+    for group in optimizer.param_groups:
+        scale = init_scale if group.get("scale_free") else 1.0
+        group["lr"], group["lr_scale"] = config.outer_lr * scale, scale
 
 
 def bell_update(

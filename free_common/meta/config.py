@@ -89,6 +89,10 @@ class BellConfig:
     # Keep the weights that batch norm makes scale-free at their starting norms
     # (`free_common.meta.norms`); the official code lets them grow.
     pin_norms: bool = False
+    # Step scale-free weights at lr * init_scale (main Adam and iGA's inner Adam): Adam
+    # moves every coordinate by about lr, so at a smaller norm the same lr turns the
+    # weight by a larger angle; this keeps the angle per step of the default scale.
+    relative_lr: bool = False
     iga: IgaConfig = IgaConfig()
     maml: MamlConfig = MamlConfig()
     replay: ReplayConfig = ReplayConfig()

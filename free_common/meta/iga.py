@@ -21,7 +21,7 @@ Without iGA, the per-teacher gradients at theta are summed into one plain step.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -65,9 +65,14 @@ class DistillStats:
 
 
 def iga_displacement(
-    model: nn.Module, batches: Sequence[KdBatch], config: IgaConfig
+    model: nn.Module,
+    batches: Sequence[KdBatch],
+    config: IgaConfig,
+    lr_scale: Mapping[str, float] | None = None,
 ) -> tuple[Params, DistillStats]:
     """Delta = theta~_n - theta after one inner step per batch, in order; theta is untouched.
+
+    `lr_scale` multiplies the inner rate of the named parameters (1 for the others).
 
     Returns
     -------
@@ -76,11 +81,16 @@ def iga_displacement(
         inner step began.
     """
     fast = detached_params(model)
+    scales = lr_scale or {}
+    by_rate: dict[float, list[Tensor]] = {}
+    for name, param in fast.items():
+        by_rate.setdefault(config.inner_lr * scales.get(name, 1.0), []).append(param)
+    groups = [{"params": params, "lr": lr} for lr, params in by_rate.items()]
     inner: torch.optim.Optimizer
     if config.inner_optimizer == "adam":
-        inner = torch.optim.Adam(fast.values(), lr=config.inner_lr)
+        inner = torch.optim.Adam(groups, lr=config.inner_lr)
     else:
-        inner = torch.optim.SGD(fast.values(), lr=config.inner_lr)
+        inner = torch.optim.SGD(groups, lr=config.inner_lr)
     losses, agreement = [], []
     with batch_stat_mode(model):
         for batch in batches:
@@ -114,7 +124,14 @@ def iga_step(
     config
         Inner optimizer and rate, pseudo-gradient scale, KL form.
     """
-    delta, stats = iga_displacement(model, batches, config)
+    names = {id(p): n for n, p in model.named_parameters()}
+    # Inner steps follow the outer groups' relative rates (`bell.set_outer_lr`).
+    lr_scale = {
+        names[id(p)]: float(group.get("lr_scale", 1.0))
+        for group in optimizer.param_groups
+        for p in group["params"]
+    }
+    delta, stats = iga_displacement(model, batches, config, lr_scale)
     optimizer.zero_grad(set_to_none=True)
     for name, param in model.named_parameters():
         param.grad = -config.pseudo_grad_scale * delta[name]
