@@ -132,7 +132,7 @@ def test_init_scales_must_be_positive() -> None:
 def test_relative_rates_step_scale_free_weights_at_lr_times_the_scale(tmp_path: Path) -> None:
     base = tiny.pinned_config(init_scales=(0.3,))
     config = dataclasses.replace(base, bell=dataclasses.replace(base.bell, relative_lr=True))
-    first, _events = _run(tmp_path, config)
+    _run(tmp_path, config)
     saved = read_checkpoint(tmp_path)
     assert saved is not None
     text = str(saved[1]["optimizer"])  # the packed Adam state: its groups in plain JSON
