@@ -58,6 +58,9 @@ class FiveConfig:
     images_per_class: int = 20  # num_qur_kd: images per teacher class (100 for 5 classes)
     ce_weight: float = 1.0  # oh: weight of the cross-entropy to the target labels
     adv_weight: float = 1.0  # adv: weight of the adversarial term (only with a student)
+    # bn: weight of the teacher's batch-norm statistics prior (`inversion.bn_prior`);
+    # the official code defines it at 0 and never applies it.
+    bn_weight: float = 0.0
     kl_form: KlForm = "log"  # the official code uses "prob"
     augment: AugmentConfig = AugmentConfig()
     # The official code builds a fresh Adam for the meta-update on every call, so the

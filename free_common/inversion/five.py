@@ -17,9 +17,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from free_common.inversion.augment import augment
+from free_common.inversion.bn_prior import BatchNormPrior
 from free_common.inversion.config import FiveConfig
 from free_common.inversion.generator import Generator
 from free_common.inversion.losses import inversion_loss
@@ -183,14 +184,17 @@ class MetaGenerator:
     ) -> Tensor:
         cfg = self.config
         seen = augment(images, cfg.augment, rng)  # (N, C_s, S, S)
-        teacher_logits = teacher(seen)  # (N, K)
+        prior = BatchNormPrior(teacher if cfg.bn_weight else nn.Identity())
+        with prior:
+            teacher_logits = teacher(seen)  # (N, K)
         student_logits = None
         if student is not None and cfg.adv_weight:
             with torch.no_grad():
                 student_logits = student(seen)  # (N, K)
-        return inversion_loss(
+        loss = inversion_loss(
             teacher_logits, labels, cfg.ce_weight, cfg.adv_weight, student_logits, cfg.kl_form
         )
+        return loss + cfg.bn_weight * prior.loss().to(loss.device) if cfg.bn_weight else loss
 
     def _adam(self) -> torch.optim.Adam:
         return torch.optim.Adam(

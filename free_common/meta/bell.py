@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,7 +40,7 @@ def outer_optimizer(model: nn.Module, config: BellConfig) -> torch.optim.Adam:
     if not config.relative_lr:
         return torch.optim.Adam(model.parameters(), lr=config.outer_lr)
     names = set(scale_free_weights(model))
-    groups = [
+    groups: list[dict[str, Any]] = [
         {"params": [p for n, p in model.named_parameters() if n in names], "scale_free": True},
         {"params": [p for n, p in model.named_parameters() if n not in names]},
     ]
