@@ -12,7 +12,8 @@ meta-learner from the manifest's architecture. Then:
    the release on the support images (``--steps`` plain gradient steps at
    ``--lr``, batch norm on batch statistics) and scored on the queries. The
    result is the mean query accuracy and its 95% interval.
-   ``--random-init`` scores a random initialization of the same architecture
+   ``--random-init`` scores a random initialization of the same architecture,
+   at the scale the release's training started from (its ``init_scale`` metric),
    instead, on the same tasks (``--seed``): the baseline a release should beat.
 2. ``--export OUT.onnx``: fine-tunes on every image of ``DATA`` as one task
    whose classes are its folders (there must be exactly ``--ways``), sets the
@@ -50,7 +51,20 @@ from free_common.durable import write_synced
 from free_common.errors import ConfigError, SplitError
 from free_common.types import ReleaseManifest
 
-__all__ = ["finetune", "release_architecture"]
+__all__ = ["finetune", "release_architecture", "release_init_scale"]
+
+
+def release_init_scale(release: ReleaseManifest) -> float:
+    """Return the scale the release's training started its network at (1 when not recorded).
+
+    A random initialization to compare with is drawn at that scale: batch norm hides it
+    from the forward pass, but fine-tuning at a fixed rate does not.
+    """
+    try:
+        scale = json.loads(release.metrics_json).get("init_scale", 1.0)
+    except (ValueError, AttributeError):
+        return 1.0
+    return float(scale) if isinstance(scale, int | float) and scale > 0 else 1.0
 
 
 def release_architecture(release: ReleaseManifest) -> dict[str, Any]:
@@ -124,7 +138,8 @@ def finetune(
         bool,
         typer.Option(
             "--random-init",
-            help="Score a random initialization of the release's architecture instead.",
+            help="Score a random initialization of the release's architecture (at the scale"
+            " its training started from) instead.",
         ),
     ] = False,
     export: Annotated[
@@ -146,7 +161,12 @@ def finetune(
     pinned = pinned_key(server_pub)
     release, weights = load_release(release_dir, pinned)
     architecture = release_architecture(release)
-    model, spec = load_learner(None if random_init else weights, architecture, seed=seed)
+    model, spec = load_learner(
+        None if random_init else weights,
+        architecture,
+        seed=seed,
+        init_scale=release_init_scale(release),
+    )
     if ways is not None and ways != spec.ways:
         raise ConfigError(
             f"release {release.version} learns {spec.ways}-way tasks (its head has {spec.ways}"

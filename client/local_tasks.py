@@ -43,6 +43,7 @@ from free_common.errors import ConfigError, DatasetLayoutError, SplitError
 from free_common.meta.baselines import random_init
 from free_common.meta.config import EvalConfig
 from free_common.meta.evaluate import EvalResult, evaluate
+from free_common.meta.norms import rescale_weights, scale_free_weights
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -133,7 +134,7 @@ def _episode_shape(data: ImageSet, ways: int, shots: int, queries: int) -> int:
 
 
 def load_learner(
-    weights: Path | None, architecture: dict[str, Any], *, seed: int = 0
+    weights: Path | None, architecture: dict[str, Any], *, seed: int = 0, init_scale: float = 1.0
 ) -> tuple[nn.Module, LearnerSpec]:
     """Rebuild a release's meta-learner from its manifest's architecture.
 
@@ -146,6 +147,9 @@ def load_learner(
         ``config["architecture"]`` of the release manifest.
     seed
         Seeds the random initialization (only read when `weights` is None).
+    init_scale
+        Scale of the random initialization's scale-free weights: the release's own start
+        (its ``init_scale`` metric), so the baseline differs from it in training only.
 
     Raises
     ------
@@ -158,6 +162,8 @@ def load_learner(
         model = random_init(lambda: build_learner(spec), seed)
         if weights is not None:
             model.load_state_dict(load_file(str(weights)))
+        else:
+            rescale_weights(model, scale_free_weights(model), init_scale)
     except (TypeError, RuntimeError, SafetensorError) as exc:
         raise ConfigError(f"{where} cannot be loaded: {exc}") from None
     return model, spec

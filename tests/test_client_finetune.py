@@ -209,3 +209,33 @@ def test_bad_input_ends_in_one_line_and_a_nonzero_exit(
     assert len(lines) == 1, err
     assert message in lines[0]
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_random_init_is_drawn_at_the_scale_the_release_started_from() -> None:
+    import dataclasses as dc
+
+    from free_client.finetune import release_init_scale
+    from free_client.local_tasks import load_learner
+    from free_common.meta.norms import scale_free_weights, weight_norms
+
+    manifest = ReleaseManifest(
+        version=1,
+        architecture="conv4",
+        config_json="{}",
+        payload_sha256="0" * 64,
+        payload_size=1,
+        source_submission_ids=(),
+        metrics_json="{}",
+        created_at_ms=0,
+        server_key_id="0" * 32,
+    )
+    assert release_init_scale(manifest) == 1.0
+    scaled = dc.replace(manifest, metrics_json=json.dumps({"init_scale": 0.2}))
+    assert release_init_scale(scaled) == 0.2
+    assert release_init_scale(dc.replace(manifest, metrics_json="[1]")) == 1.0
+    architecture = {"arch": "conv4", "ways": 5, "channels": 1, "image_size": 16}
+    plain, _ = load_learner(None, architecture, seed=3)
+    small, _ = load_learner(None, architecture, seed=3, init_scale=0.2)
+    names = scale_free_weights(plain)
+    expected = {n: 0.2 * v for n, v in weight_norms(plain, names).items()}
+    assert weight_norms(small, names) == pytest.approx(expected, rel=1e-5)
