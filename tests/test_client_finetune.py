@@ -232,7 +232,10 @@ def test_random_init_is_drawn_at_the_scale_the_release_started_from() -> None:
     assert release_init_scale(manifest) == 1.0
     scaled = dc.replace(manifest, metrics_json=json.dumps({"init_scale": 0.2}))
     assert release_init_scale(scaled) == 0.2
-    assert release_init_scale(dc.replace(manifest, metrics_json="[1]")) == 1.0
+    assert (
+        release_init_scale(dc.replace(manifest, metrics_json=json.dumps({"init_scale": "x"})))
+        == 1.0
+    )
     architecture = {"arch": "conv4", "ways": 5, "channels": 1, "image_size": 16}
     plain, _ = load_learner(None, architecture, seed=3)
     small, _ = load_learner(None, architecture, seed=3, init_scale=0.2)
