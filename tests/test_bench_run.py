@@ -152,25 +152,21 @@ def test_smoke_benchmark_end_to_end(tmp_path_factory: pytest.TempPathFactory) ->
     _cli("data", "build", "--size", "small", "--out", data, env=env)  # reused when built
     _cli("zoo", "--data", data, "--models", "4", "--epochs", "10", "--out", zoo, env=env)
     started = time.perf_counter()
-    _cli(
-        "run",
-        "--preset",
-        "smoke",
-        "--data",
-        data,
-        "--zoo",
-        zoo,
-        "--out",
-        out,
-        "--device",
-        "cpu",
-        env=env,
-    )
+    run = ["run", "--preset", "smoke", "--data", data, "--zoo", zoo, "--out", out]
+    # Two rounds in one process, the rest and the report in another that takes them over.
+    _cli(*run, "--device", "cpu", "--rounds", "free,scratch", env=env)
+    assert not (out / "results.json").exists()
+    assert (out / "work" / "scratch" / "init.safetensors").exists()
+    _cli(*run, "--device", "cpu", "--reuse-rounds", env=env)
     seconds = time.perf_counter() - started
 
     results = json.loads((out / "results.json").read_text())
     assert results["preset"] == "smoke" and results["device"] == "cpu"
     assert results["command"].startswith("free-bench run --preset smoke")
+    assert "--reuse-rounds" in results["command"]
+    timings = results["timings"]
+    assert {"free round (earlier process)", "scratch round (earlier process)"} <= set(timings)
+    assert {"free-no-iga round", "distill round"} <= set(timings)
     recovery = results["recovery"]
     for key in (
         "free_seconds_per_teacher",

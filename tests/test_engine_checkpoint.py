@@ -232,3 +232,38 @@ def test_pack_keeps_nested_state_with_typed_keys() -> None:
         0.5,
         0.9,
     ]
+
+
+def test_a_finished_round_reads_back_as_the_same_result(tmp_path: Path) -> None:
+    from free_common.engine import finished_round
+
+    config = tiny.pinned_config()
+    assert finished_round(tiny.teachers(), config, tmp_path, device="cpu") is None
+    with pytest.raises(_Stop):
+        _run(tmp_path, config, _stop_after(3))
+    # Unfinished: nothing to read back.
+    assert finished_round(tiny.teachers(), config, tmp_path, device="cpu") is None
+    whole = _run(tmp_path, config)
+    again = finished_round(tiny.teachers(), config, tmp_path, device="cpu")
+    assert again is not None
+    _same_round(whole, again)
+    assert again.init_scale == whole.init_scale and again.seconds == whole.seconds
+    # Other settings or other teachers: not this round.
+    assert finished_round(tiny.teachers(), config.with_iga(False), tmp_path, device="cpu") is None
+    assert finished_round(tiny.teachers(4), config, tmp_path, device="cpu") is None
+
+
+def test_settings_added_later_match_at_their_defaults() -> None:
+    from free_common.engine.config import config_matches, config_to_dict
+
+    config = tiny.config()
+    saved = config_to_dict(config)
+    assert config_matches(saved, config)
+    older = json.loads(json.dumps(saved))
+    del older["bell"]["relative_lr"], older["five"]["bn_weight"], older["init_scales"]
+    assert config_matches(older, config)
+    # A new setting away from its default computes something else.
+    bell = dataclasses.replace(config.bell, relative_lr=True)
+    assert not config_matches(older, dataclasses.replace(config, bell=bell))
+    assert not config_matches({**saved, "removed_setting": 1}, config)
+    assert not config_matches(saved, config.with_iga(False))

@@ -7,7 +7,7 @@ chosen scale, norms pinned), same main Adam, the same replay rule and MAML setti
 the cpu preset; only the tasks differ (never meta-test).
 
     python benchmarks/diagnostics/real_task_maml.py --data data-cache/benchmark \
-        --scale 0.2 --steps 78 --out benchmarks/results/diagnostics/real-task-maml.json
+        --scale 0.2 --steps 26 --out benchmarks/results/diagnostics/real-task-maml.json
 """
 
 from __future__ import annotations

@@ -52,6 +52,7 @@ from free_common.engine import (
     EngineTeacher,
     RoundResult,
     build_learner,
+    finished_round,
     preset,
     resolve_device,
     run_round,
@@ -113,7 +114,13 @@ BENCH_SETTINGS = {
 
 @dataclass(frozen=True)
 class BenchRequest:
-    """What `free-bench run` was asked to do."""
+    """What `free-bench run` was asked to do.
+
+    ``rounds_only`` runs just those trained methods' rounds into ``OUT/work/`` and stops
+    (no measurement, no report), so rounds can run in parallel processes;
+    ``reuse_rounds`` takes each round that ``OUT/work/METHOD`` finished with the same
+    teachers and settings instead of running it again.
+    """
 
     preset: str
     data: Path
@@ -122,6 +129,8 @@ class BenchRequest:
     device: str = "auto"
     seed: int | None = None
     command: str = ""
+    rounds_only: tuple[str, ...] = ()
+    reuse_rounds: bool = False
 
 
 @dataclass(frozen=True)
@@ -219,19 +228,39 @@ def run_benchmark(request: BenchRequest, notify: Notify | None = None) -> dict[s
         "scratch": config.with_recovery("scratch"),
         "distill": config.distillation_only(),
     }
+    unknown = set(request.rounds_only) - set(variants)
+    if unknown:
+        raise ConfigError(
+            f"--rounds takes trained methods only ({', '.join(variants)}), not {sorted(unknown)}"
+        )
     for method, variant in variants.items():
+        if request.rounds_only and method not in request.rounds_only:
+            continue
         clock = time.perf_counter()
+        workdir = request.out / "work" / method
+        reused = (
+            finished_round(teachers, variant, workdir, device=device)
+            if (request.reuse_rounds)
+            else None
+        )
+        if reused is not None:
+            tell(method, f"reusing the round finished in {workdir}")
+            rounds[method] = reused
+            timings[f"{method} round (earlier process)"] = reused.seconds
+            continue
         rounds[method] = run_round(
             teachers,
             variant,
-            request.out / "work" / method,
+            workdir,
             validation=validation,
             device=device,
             on_event=_forward(tell, method),
             fresh=True,
         )
-        rounds[method].initialization.write(request.out / "work" / method, "init")
+        rounds[method].initialization.write(workdir, "init")
         timings[f"{method} round"] = time.perf_counter() - clock
+    if request.rounds_only:
+        return {"rounds": {m: r.initialization.sha256 for m, r in rounds.items()}}
 
     clock = time.perf_counter()
     tell("recovery", "timing FIVE and scratch recovery on the same teachers")

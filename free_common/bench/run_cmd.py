@@ -69,15 +69,32 @@ def run(
     out: Annotated[Path, typer.Option(help="folder for results.json, results.md, figures/")],
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
     seed: Annotated[int | None, typer.Option(help="seed (default: the preset's)")] = None,
+    rounds: Annotated[
+        str | None,
+        typer.Option(
+            help="run only these rounds (comma-separated: free,free-no-iga,scratch,distill) "
+            "into OUT/work and stop; a later --reuse-rounds run measures and reports"
+        ),
+    ] = None,
+    reuse_rounds: Annotated[
+        bool,
+        typer.Option(help="take rounds already finished in OUT/work with the same settings"),
+    ] = False,
 ) -> None:
     """Run FREE, FREE without iGA, scratch inversion, weight averaging and random init."""
     command = "free-bench " + shlex.join(sys.argv[1:])
-    request = BenchRequest(preset, data, zoo, out, device, seed, command)
+    only = tuple(m.strip() for m in rounds.split(",") if m.strip()) if rounds else ()
+    request = BenchRequest(preset, data, zoo, out, device, seed, command, only, reuse_rounds)
     reporter = _Progress()
     try:
         results = run_benchmark(request, reporter)
     finally:
         reporter.close()
+    if only:
+        for method, sha in results["rounds"].items():
+            out_console.print(f"{method}: round finished, initialization {sha[:16]}...",
+                              markup=False, highlight=False)  # fmt: skip
+        return
     for row in results["accuracy"]:
         out_console.print(
             f"{row['method']:>12} {row['shots']}-shot: {100 * row['mean']:.2f} "

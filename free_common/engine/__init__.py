@@ -4,7 +4,7 @@
 - `teachers`: the teacher pool, class views for teachers with more classes than ways;
 - `events`: typed progress events for the caller's callback;
 - `checkpoint`, `state`: the training state on disk (safetensors + JSON, atomic);
-- `round`: `run_round`, the one call;
+- `round`: `run_round`, the one call (`finished_round` reads a finished one back);
 - `result`: the initialization (safetensors bytes + manifest) and the round's record.
 """
 
@@ -35,7 +35,7 @@ from free_common.engine.result import (
     build_learner,
     read_initialization,
 )
-from free_common.engine.round import resolve_device, run_round
+from free_common.engine.round import finished_round, resolve_device, run_round
 from free_common.engine.teachers import EngineTeacher
 
 __all__ = [
@@ -59,6 +59,7 @@ __all__ = [
     "StepFinished",
     "build_learner",
     "config_to_dict",
+    "finished_round",
     "preset",
     "read_initialization",
     "resolve_device",

@@ -38,6 +38,7 @@ __all__ = [
     "LearnerSpec",
     "PresetName",
     "Recovery",
+    "config_matches",
     "config_to_dict",
     "preset",
 ]
@@ -182,6 +183,30 @@ def config_to_dict(config: EngineConfig) -> dict[str, Any]:
     """JSON-able form of `config` (tuples become lists); recorded in checkpoints and manifests."""
     data: dict[str, Any] = _lists(dataclasses.asdict(config))
     return data
+
+
+def config_matches(saved: dict[str, Any], config: EngineConfig) -> bool:
+    """True when a checkpoint's recorded config is `config`.
+
+    A setting added after the checkpoint was written matches when `config` holds it at
+    its default (the code then computes what the old code did).
+    """
+    return _matches(saved, config_to_dict(config), config_to_dict(EngineConfig()))
+
+
+def _matches(saved: Any, current: Any, default: Any) -> bool:
+    if not isinstance(saved, dict) or not isinstance(current, dict):
+        return bool(saved == current)
+    if set(saved) - set(current):
+        return False
+    defaults = default if isinstance(default, dict) else {}
+    for key, value in current.items():
+        if key in saved:
+            if not _matches(saved[key], value, defaults.get(key)):
+                return False
+        elif key not in defaults or value != defaults[key]:
+            return False
+    return True
 
 
 def _lists(value: Any) -> Any:

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from free_common.engine.checkpoint import clear_checkpoint, read_checkpoint, write_checkpoint
-from free_common.engine.config import EngineConfig, config_to_dict
+from free_common.engine.config import EngineConfig, config_matches, config_to_dict
 from free_common.engine.events import (
     CheckpointSaved,
     EngineEvent,
@@ -75,7 +75,7 @@ from free_common.meta.iga import KdBatch
 from free_common.meta.norms import NormPin, rescale_weights, scale_free_weights, weight_norms
 from free_common.meta.selection import VALIDATION_SPLIT
 
-__all__ = ["resolve_device", "run_round"]
+__all__ = ["finished_round", "resolve_device", "run_round"]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -160,6 +160,33 @@ def run_round(
     return runner.run(resumed=resumed, warm_start=warm)
 
 
+def finished_round(
+    teachers: Sequence[EngineTeacher],
+    config: EngineConfig,
+    workdir: Path,
+    *,
+    device: str | torch.device = "auto",
+) -> RoundResult | None:
+    """The result of the round `workdir` finished with these teachers and config, if it did.
+
+    Nothing is run: the finished checkpoint is read back into the same `RoundResult` the
+    round returned (the same initialization bytes). None when the folder holds no
+    finished round of exactly these teachers and settings.
+    """
+    torch_device = resolve_device(device)
+    pool = TeacherPool(teachers, config.learner.ways, config.min_teachers, torch_device)
+    saved = read_checkpoint(workdir)
+    if saved is None:
+        return None
+    tensors, record = saved
+    if not record.get("finished") or not config_matches(record.get("config", {}), config):
+        return None
+    if record.get("teacher_ids") != pool.teacher_ids:
+        return None
+    state = restore_state(config, torch_device, tensors, record)
+    return _Round(config, pool, torch_device, workdir, state, None, None)._result()
+
+
 def _load_or_start(
     config: EngineConfig, pool: TeacherPool, device: torch.device, workdir: Path
 ) -> tuple[TrainingState, bool, bool]:
@@ -169,7 +196,7 @@ def _load_or_start(
     tensors, record = saved
     if record.get("finished"):
         return carry_state(config, device, tensors, record), False, True
-    if record.get("config") != config_to_dict(config) or record.get("teacher_ids") != (
+    if not config_matches(record.get("config", {}), config) or record.get("teacher_ids") != (
         pool.teacher_ids
     ):
         raise CheckpointError(
