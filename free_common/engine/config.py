@@ -186,7 +186,7 @@ def config_to_dict(config: EngineConfig) -> dict[str, Any]:
 
 
 def config_matches(saved: dict[str, Any], config: EngineConfig) -> bool:
-    """True when a checkpoint's recorded config is `config`.
+    """Tell whether a checkpoint's recorded config is `config`.
 
     A setting added after the checkpoint was written matches when `config` holds it at
     its default (the code then computes what the old code did).

@@ -167,7 +167,7 @@ def finished_round(
     *,
     device: str | torch.device = "auto",
 ) -> RoundResult | None:
-    """The result of the round `workdir` finished with these teachers and config, if it did.
+    """Return the result of the round `workdir` finished with these teachers and config.
 
     Nothing is run: the finished checkpoint is read back into the same `RoundResult` the
     round returned (the same initialization bytes). None when the folder holds no
