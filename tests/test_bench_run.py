@@ -110,6 +110,7 @@ def _results() -> dict[str, Any]:
         "init_scale": {"free": 0.3},
         "init_scale_scores": {"1": 0.6, "0.3": 0.65},
         "curves": {"free": [[0, 0.65], [4, 0.8], [8, 0.78]]},
+        "selected_steps": {"free": 4, "scratch": 0},
         "timings": {"free round": 1.0, "total_seconds": 60.0},
         "teachers": {"count": 4, "loaded": 4, "used": 4, "skipped": []},
         "data": {"dir": "d", "classes": {"meta-train": 9, "meta-val": 6, "meta-test": 6}},
@@ -133,6 +134,7 @@ def test_the_report_shows_every_method_the_speed_and_the_targets() -> None:
     assert "last point within 1.5 points of its best: NOT met (2.00 below)" in text
     assert "| distillation on FIVE's images, no meta-learning | 72.00 ± 2.00 |" in text
     assert "started from x0.3" in text and "used the 3 teachers" in text
+    assert "identical to the random initialization row: scratch inversion + BELL" in text
     assert "Not run: not installed" in text
     assert "![meta-val curves](figures/meta-val-curves.png)" in text
 

@@ -111,6 +111,16 @@ def _start(results: dict[str, Any]) -> list[str]:
         )
     else:
         lines.append("One initial scale was configured; nothing was chosen.")
+    selected = results.get("selected_steps") or {}
+    if selected:
+        steps = ", ".join(f"{METHOD_TITLES.get(m, m)} {s}" for m, s in selected.items())
+        lines.append(f"Steps meta-val selected: {steps}.")
+        at_start = [METHOD_TITLES.get(m, m) for m, s in selected.items() if s == 0]
+        if at_start:
+            lines.append(
+                f"Selected at step 0, so identical to the random initialization row: "
+                f"{', '.join(at_start)} (its training never beat its start on meta-val)."
+            )
     if "averaged_teachers" in results and "average" in results["methods"]:
         lines.append(
             f"Weight averaging used the {results['averaged_teachers']} teachers of the "
