@@ -41,23 +41,31 @@ def _row(rows: Sequence[dict[str, Any]], method: str, shots: int) -> dict[str, A
     return next((r for r in rows if r["method"] == method and r["shots"] == shots), None)
 
 
-def _beats(rows: Sequence[dict[str, Any]], method: str, other: str, shots: int) -> str:
-    """'met (+x points, margin y)' when `method` is above `other` by more than the larger CI."""
+def _gap(
+    rows: Sequence[dict[str, Any]], method: str, other: str, shots: int
+) -> tuple[float, float] | None:
+    """(mean gap, larger 95% half-width) in points between two methods, or None."""
     mine, theirs = _row(rows, method, shots), _row(rows, other, shots)
     if mine is None or theirs is None:
+        return None
+    return 100 * (mine["mean"] - theirs["mean"]), 100 * max(mine["ci95"], theirs["ci95"])
+
+
+def _beats(rows: Sequence[dict[str, Any]], method: str, other: str, shots: int) -> str:
+    """'met' when `method` is above `other` by more than the larger 95% interval."""
+    found = _gap(rows, method, other, shots)
+    if found is None:
         return "not measured"
-    gap = 100 * (mine["mean"] - theirs["mean"])
-    margin = 100 * max(mine["ci95"], theirs["ci95"])
+    gap, margin = found
     return f"{_verdict(gap > margin)} ({gap:+.2f} points, needs > {margin:.2f})"
 
 
 def _level(rows: Sequence[dict[str, Any]], method: str, other: str, shots: int) -> str:
-    """'met' when `method` is not below `other` by more than the larger CI."""
-    mine, theirs = _row(rows, method, shots), _row(rows, other, shots)
-    if mine is None or theirs is None:
+    """'met' when `method` is not below `other` by more than the larger 95% interval."""
+    found = _gap(rows, method, other, shots)
+    if found is None:
         return "not measured"
-    gap = 100 * (mine["mean"] - theirs["mean"])
-    margin = 100 * max(mine["ci95"], theirs["ci95"])
+    gap, margin = found
     return f"{_verdict(gap >= -margin)} ({gap:+.2f} points, within -{margin:.2f})"
 
 
