@@ -139,6 +139,18 @@ def test_the_report_shows_every_method_the_speed_and_the_targets() -> None:
     assert "![meta-val curves](figures/meta-val-curves.png)" in text
 
 
+def test_a_run_without_scratch_says_the_speed_was_not_measured() -> None:
+    results = _results()
+    results["recovery"].update(
+        scratch_seconds_per_teacher=None, speedup=None, scratch_teacher_accuracy=None
+    )
+    results["skipped_methods"] = {"scratch": "not run (--skip)"}
+    text = render_markdown(results)
+    assert "| scratch: not run (--skip scratch) | – | – |" in text
+    assert "at least 30x faster than scratch inversion: not measured" in text
+    assert "- scratch: not run (--skip)" in text
+
+
 def _cli(*args: str | Path, env: dict[str, str]) -> None:
     done = subprocess.run(
         [str(FREE_BENCH), *map(str, args)], env=env, capture_output=True, text=True, check=False

@@ -106,7 +106,7 @@ class TeacherRecovery:
         are timed several times so that one hiccup of a shared machine does not decide).
     scratch
         The scratch round's recovery of the teacher (200 steps: long enough to
-        average such hiccups out).
+        average such hiccups out); None when the scratch round was not run.
     """
 
     teacher_id: str
@@ -115,7 +115,7 @@ class TeacherRecovery:
     five_ce: Recovery
     five_adv_seconds: float
     five_ce_seconds: float
-    scratch: Recovery
+    scratch: Recovery | None
 
 
 @dataclass(frozen=True)
@@ -130,16 +130,18 @@ class RecoveryReport:
         """Return the ``recovery`` block of results.json."""
         adv = [t.five_adv for t in self.teachers]
         ce = [t.five_ce for t in self.teachers]
-        scratch = [t.scratch for t in self.teachers]
+        scratch = [t.scratch for t in self.teachers if t.scratch is not None]
         free_seconds = _mean([t.five_adv_seconds for t in self.teachers])
-        scratch_seconds = _mean([r.seconds for r in scratch])
+        scratch_seconds = _mean([r.seconds for r in scratch]) if scratch else None
         return {
             "free_seconds_per_teacher": free_seconds,
             "scratch_seconds_per_teacher": scratch_seconds,
-            "speedup": scratch_seconds / free_seconds,
+            "speedup": None if scratch_seconds is None else scratch_seconds / free_seconds,
             "free_teacher_accuracy": _mean([r.teacher_accuracy for r in ce]),
             "free_teacher_accuracy_adv": _mean([r.teacher_accuracy for r in adv]),
-            "scratch_teacher_accuracy": _mean([r.teacher_accuracy for r in scratch]),
+            "scratch_teacher_accuracy": (
+                _mean([r.teacher_accuracy for r in scratch]) if scratch else None
+            ),
             "free_seconds_per_teacher_ce": _mean([t.five_ce_seconds for t in self.teachers]),
             "free_teacher_accuracy_in_run": self.in_run_accuracy,
             "free_seconds_per_teacher_in_run": self.in_run_seconds,
@@ -153,7 +155,7 @@ class RecoveryReport:
 def measure_recovery(
     teachers: Sequence[EngineTeacher],
     free: RoundResult,
-    scratch: RoundResult,
+    scratch: RoundResult | None,
     config: EngineConfig,
     device: torch.device,
     repeats: int = 3,
@@ -168,7 +170,8 @@ def measure_recovery(
         The finished FREE round: its meta-generator is warmed up, its meta-learner is
         the adversarial term's student.
     scratch
-        The finished scratch round: its recoveries give scratch times and accuracies.
+        The finished scratch round: its recoveries give scratch times and accuracies
+        (None: FIVE alone is measured, on the FREE round's teachers).
     config
         The FREE round's config (FIVE settings).
     device
@@ -176,8 +179,9 @@ def measure_recovery(
     repeats
         FIVE recoveries per teacher and objective; their median time is reported.
     """
+    measured_ids = set(free.teacher_ids) if scratch is None else set(scratch.scratch)
     pool = TeacherPool(
-        [t for t in teachers if t.teacher_id in scratch.scratch], config.learner.ways, 1, device
+        [t for t in teachers if t.teacher_id in measured_ids], config.learner.ways, 1, device
     )
     rng = torch.Generator().manual_seed(config.seed + 2)
     generator = free.meta_generator.generator
@@ -201,7 +205,7 @@ def measure_recovery(
                 ce[0],
                 statistics.median(r.seconds for r in adv),
                 statistics.median(r.seconds for r in ce),
-                scratch.scratch[view.teacher_id],
+                None if scratch is None else scratch.scratch[view.teacher_id],
             )
         )
     in_run = [r for r in free.recoveries if r.kind == "five"]

@@ -119,7 +119,8 @@ class BenchRequest:
     ``rounds_only`` runs just those trained methods' rounds into ``OUT/work/`` and stops
     (no measurement, no report), so rounds can run in parallel processes;
     ``reuse_rounds`` takes each round that ``OUT/work/METHOD`` finished with the same
-    teachers and settings instead of running it again.
+    teachers and settings instead of running it again; ``skip`` leaves trained
+    methods out (``free`` cannot be), and the report says so.
     """
 
     preset: str
@@ -131,6 +132,7 @@ class BenchRequest:
     command: str = ""
     rounds_only: tuple[str, ...] = ()
     reuse_rounds: bool = False
+    skip: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -228,13 +230,14 @@ def run_benchmark(request: BenchRequest, notify: Notify | None = None) -> dict[s
         "scratch": config.with_recovery("scratch"),
         "distill": config.distillation_only(),
     }
-    unknown = set(request.rounds_only) - set(variants)
-    if unknown:
+    unknown = (set(request.rounds_only) | set(request.skip)) - set(variants)
+    if unknown or "free" in request.skip:
         raise ConfigError(
-            f"--rounds takes trained methods only ({', '.join(variants)}), not {sorted(unknown)}"
+            f"--rounds and --skip take trained methods ({', '.join(variants)}; free cannot be "
+            f"skipped), not {sorted(unknown or {'free'})}"
         )
     for method, variant in variants.items():
-        if request.rounds_only and method not in request.rounds_only:
+        if method in request.skip or (request.rounds_only and method not in request.rounds_only):
             continue
         clock = time.perf_counter()
         workdir = request.out / "work" / method
@@ -264,11 +267,11 @@ def run_benchmark(request: BenchRequest, notify: Notify | None = None) -> dict[s
 
     clock = time.perf_counter()
     tell("recovery", "timing FIVE and scratch recovery on the same teachers")
-    recovery = measure_recovery(teachers, rounds["free"], rounds["scratch"], config, device)
+    recovery = measure_recovery(teachers, rounds["free"], rounds.get("scratch"), config, device)
     timings["recovery measurement"] = time.perf_counter() - clock
 
     models: dict[str, nn.Module] = {m: r.initialization.build_model() for m, r in rounds.items()}
-    skipped: dict[str, str] = {}
+    skipped = {m: "not run (--skip)" for m in request.skip}
     average = _weight_average(zoo, config, rounds["free"].teacher_ids)
     if isinstance(average, str):
         skipped["average"] = average
@@ -452,26 +455,24 @@ def _draw(
         classes = measured.classes
         shown = tuple(own[c] if c < len(own) else f"class {c}" for c in classes)
         ways = len(classes)
+        blocks = {
+            "FIVE, cross-entropy": _per_class(
+                measured.five_ce.images, measured.five_ce.labels, ways, count
+            ),
+            "FIVE, + adversarial": _per_class(
+                measured.five_adv.images, measured.five_adv.labels, ways, count
+            ),
+        }
         scratch = measured.scratch
-        keep = torch.isin(scratch.labels, torch.tensor(classes, device=scratch.labels.device))
-        position = {c: i for i, c in enumerate(classes)}
-        scratch_labels = torch.tensor([position[int(y)] for y in scratch.labels[keep].tolist()])
-        sheet = recovery_sheet(
-            measured.teacher_id,
-            shown,
-            {
-                "FIVE, cross-entropy": _per_class(
-                    measured.five_ce.images, measured.five_ce.labels, ways, count
-                ),
-                "FIVE, + adversarial": _per_class(
-                    measured.five_adv.images, measured.five_adv.labels, ways, count
-                ),
-                "scratch, 200 steps": _per_class(
-                    scratch.images[keep].cpu(), scratch_labels, ways, count
-                ),
-                "real": _real_images(train, shown, count),
-            },
-        )
+        if scratch is not None:
+            keep = torch.isin(scratch.labels, torch.tensor(classes, device=scratch.labels.device))
+            position = {c: i for i, c in enumerate(classes)}
+            labels = torch.tensor([position[int(y)] for y in scratch.labels[keep].tolist()])
+            blocks["scratch, 200 steps"] = _per_class(
+                scratch.images[keep].cpu(), labels, ways, count
+            )
+        blocks["real"] = _real_images(train, shown, count)
+        sheet = recovery_sheet(measured.teacher_id, shown, blocks)
         path = folder / f"recovered-{measured.teacher_id}.png"
         sheet.save(path)
         figures[f"recovered {measured.teacher_id}"] = str(path.relative_to(out))

@@ -80,11 +80,18 @@ def run(
         bool,
         typer.Option(help="take rounds already finished in OUT/work with the same settings"),
     ] = False,
+    skip: Annotated[
+        str | None,
+        typer.Option(help="leave out trained methods (comma-separated; not free); reported"),
+    ] = None,
 ) -> None:
     """Run FREE, FREE without iGA, scratch inversion, weight averaging and random init."""
     command = "free-bench " + shlex.join(sys.argv[1:])
     only = tuple(m.strip() for m in rounds.split(",") if m.strip()) if rounds else ()
-    request = BenchRequest(preset, data, zoo, out, device, seed, command, only, reuse_rounds)
+    left_out = tuple(m.strip() for m in skip.split(",") if m.strip()) if skip else ()
+    request = BenchRequest(
+        preset, data, zoo, out, device, seed, command, only, reuse_rounds, left_out
+    )
     reporter = _Progress()
     try:
         results = run_benchmark(request, reporter)
@@ -103,10 +110,15 @@ def run(
             highlight=False,
         )
     recovery = results["recovery"]
+    scratch = (
+        "scratch not run"
+        if recovery["speedup"] is None
+        else f"scratch {recovery['scratch_seconds_per_teacher']:.2f} s per teacher "
+        f"({recovery['speedup']:.1f}x)"
+    )
     out_console.print(
-        f"recovery: FIVE {recovery['free_seconds_per_teacher']:.2f} s, scratch "
-        f"{recovery['scratch_seconds_per_teacher']:.2f} s per teacher "
-        f"({recovery['speedup']:.1f}x); teacher accuracy {recovery['free_teacher_accuracy']:.2f}",
+        f"recovery: FIVE {recovery['free_seconds_per_teacher']:.2f} s, {scratch}; teacher "
+        f"accuracy {recovery['free_teacher_accuracy']:.2f}",
         markup=False,
         highlight=False,
     )

@@ -8,8 +8,10 @@
 ``cpu``
     The same method sized for a 2-core CPU: a narrower generator (ngf 32), 10 images
     per class (16 for scratch inversion, one task's worth), replay capped at a few
-    batches, 84 steps and smaller evaluations, so that `free-bench run --preset cpu`
-    (every method, one zoo) ends within 2 hours on 2 cores.
+    batches, 84 steps and smaller evaluations. Sized for `free-bench run --preset cpu`
+    (every method, 24 Conv4 teachers) to end within 2 hours on 2 cores; on the mixed zoo
+    of `benchmarks/zoo-mixed.toml` scratch inversion alone (ten-class ResNet teachers)
+    takes over an hour on such a machine (`docs/engine-findings.md`).
 ``smoke``
     Tiny everything: the whole benchmark, every baseline included, in a few minutes.
 
