@@ -220,17 +220,14 @@ def _lists(value: Any) -> Any:
     return value
 
 
-# Scale-free weights of a fresh learner are tried at these scales on meta-val (step 0).
-_INIT_SCALES = (1.0, 0.5, 0.3, 0.2, 0.1)
-# The same, led by x0.2, the glyph benchmark's meta-val choice: a round without meta-val
-# episodes (a data-free server) starts there.
-_NO_VALIDATION_FIRST = (0.2, 1.0, 0.5, 0.3, 0.1)
+# Scale-free weights of a fresh learner are tried at these scales on meta-val (step 0),
+# led by x0.2, the glyph benchmark's meta-val choice: a round without meta-val episodes
+# (a data-free server) starts there.
+_INIT_SCALES = (0.2, 1.0, 0.5, 0.3, 0.1)
 
 
 def _paper() -> EngineConfig:
-    return EngineConfig(
-        preset="paper", bell=BellConfig(pin_norms=True), init_scales=_NO_VALIDATION_FIRST
-    )
+    return EngineConfig(preset="paper", bell=BellConfig(pin_norms=True), init_scales=_INIT_SCALES)
 
 
 def _cpu() -> EngineConfig:
