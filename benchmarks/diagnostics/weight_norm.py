@@ -31,17 +31,14 @@ from free_common.engine.config import LearnerSpec
 from free_common.meta.baselines import random_init, weight_average
 from free_common.meta.config import EvalConfig
 from free_common.meta.evaluate import evaluate
-from free_common.meta.norms import scale_free_weights, weight_norms
+from free_common.meta.norms import NormPin, scale_free_weights, weight_norms
 
 SCALES = (1.0, 0.5, 0.3, 0.2, 0.15, 0.1)
 
 
 def at_norms(model: nn.Module, targets: dict[str, float]) -> nn.Module:
     """Rescale each scale-free weight of `model` to the given norm."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, norm in targets.items():
-            params[name].mul_(norm / params[name].norm())
+    NormPin(model, targets).project()
     return model
 
 

@@ -179,12 +179,17 @@ def finished_round(
     if saved is None:
         return None
     tensors, record = saved
-    if not record.get("finished") or not config_matches(record.get("config", {}), config):
-        return None
-    if record.get("teacher_ids") != pool.teacher_ids:
+    if not record.get("finished") or not _same_round(record, config, pool):
         return None
     state = restore_state(config, torch_device, tensors, record)
     return _Round(config, pool, torch_device, workdir, state, None, None)._result()
+
+
+def _same_round(record: dict[str, Any], config: EngineConfig, pool: TeacherPool) -> bool:
+    """Tell whether a checkpoint record is of this config and these teachers."""
+    return config_matches(record.get("config", {}), config) and (
+        record.get("teacher_ids") == pool.teacher_ids
+    )
 
 
 def _load_or_start(
@@ -196,9 +201,7 @@ def _load_or_start(
     tensors, record = saved
     if record.get("finished"):
         return carry_state(config, device, tensors, record), False, True
-    if not config_matches(record.get("config", {}), config) or record.get("teacher_ids") != (
-        pool.teacher_ids
-    ):
+    if not _same_round(record, config, pool):
         raise CheckpointError(
             f"{workdir} holds unfinished round {record.get('round')} of other teachers or "
             "settings: run it again with the same teachers and config to resume it, or pass "

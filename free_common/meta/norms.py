@@ -26,7 +26,6 @@ from torch.utils.hooks import RemovableHandle
 
 __all__ = ["NormPin", "rescale_weights", "scale_free_weights", "weight_norms"]
 
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
@@ -41,7 +40,7 @@ def scale_free_weights(model: nn.Module) -> list[str]:
     leaves = [(name, m) for name, m in model.named_modules() if not list(m.children())]
     found = []
     for (name, layer), (_, after) in itertools.pairwise(leaves):
-        if not isinstance(layer, _LAYERS) or not isinstance(after, _NORMS):
+        if not isinstance(layer, _LAYERS) or not isinstance(after, nn.modules.batchnorm._BatchNorm):
             continue
         channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
         if after.num_features == channels:
