@@ -11,6 +11,7 @@ from onnx import TensorProto, helper
 from onnx_builders import init, tiny_model
 
 from free_common.errors import UnsupportedOperatorError
+from free_common.models.shape_fold import FOLD_ONLY_OPS
 from free_common.models.convert import CONVERTERS, convert
 from free_common.models.onnx_static import ALLOWED_OPS
 
@@ -110,8 +111,9 @@ def test_operator_matches_onnxruntime_and_passes_gradients(case: str) -> None:
 
 
 def test_every_allowed_operator_has_a_converter() -> None:
-    # Constant is folded at conversion time rather than converted to a layer.
-    assert set(CONVERTERS) | {"Constant"} == set(ALLOWED_OPS)
+    # Constant and the shape-only operators are folded at conversion, never layers.
+    assert set(CONVERTERS) | {"Constant"} | FOLD_ONLY_OPS == set(ALLOWED_OPS)
+    assert not FOLD_ONLY_OPS & set(CONVERTERS)
 
 
 def test_converted_module_is_frozen_and_keeps_batch_norm_statistics() -> None:

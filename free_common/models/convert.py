@@ -21,6 +21,7 @@ import operator
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -31,10 +32,16 @@ from torch import nn
 from free_common.errors import (
     ExternalDataError,
     InvalidModelError,
+    TensorLimitError,
     UnsupportedOperatorError,
 )
+from free_common.models.onnx_static import IntakeLimits, takes_channels_last
+from free_common.models.shape_fold import FOLD_ONLY_OPS, BatchAffine, fold_shapes
 
-__all__ = ["CONVERTERS", "OnnxModule", "convert"]
+__all__ = ["CONVERTERS", "GraphForm", "OnnxModule", "OutputHead", "convert"]
+
+OutputHead = Literal["logits", "softmax", "log_softmax"]
+"""What a teacher's graph outputs: logits, or (log-)probabilities of a final (Log)Softmax."""
 
 
 class OnnxModule(nn.Module):
@@ -52,15 +59,17 @@ class OnnxModule(nn.Module):
     def __init__(
         self,
         layers: nn.ModuleDict,
-        plan: list[tuple[str, tuple[str, ...], str]],
+        plan: list[tuple[str, tuple[str, ...], tuple[str, ...]]],
         constants: dict[str, torch.Tensor],
         input_name: str,
         output_name: str,
+        graph: GraphForm,
     ) -> None:
         super().__init__()
         self.layers = layers
         self.input_name = input_name
         self.output_name = output_name
+        self.graph = graph
         self._plan = plan
         self._constant_slots: dict[str, str] = {}
         for index, (name, value) in enumerate(constants.items()):
@@ -81,26 +90,79 @@ class OnnxModule(nn.Module):
         return [m for m in self.layers.values() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return the graph output (logits) for the graph input `x`."""
+        """Return the logits for images `x` ``[N, C, H, W]``, whatever N the graph declares.
+
+        A graph exported with a fixed batch size runs that many images at a time
+        (the last group padded with zeros); an NHWC graph gets its input transposed.
+        """
+        if self.graph.channels_last:
+            x = x.permute(0, 2, 3, 1)
+        size = self.graph.fixed_batch
+        if size is None or x.shape[0] == size:
+            return self._run(x)
+        count = x.shape[0]
+        pad = -count % size
+        if pad:
+            x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
+        return torch.cat([self._run(group) for group in x.split(size)])[:count]
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
         values: dict[str, torch.Tensor] = {self.input_name: x}
-        for key, inputs, output in self._plan:
+        for key, inputs, outputs in self._plan:
             args = [
                 values[name] if name in values else getattr(self, self._constant_slots[name])
                 for name in inputs
             ]
-            values[output] = self.layers[key](*args)
+            result = self.layers[key](*args)
+            if len(outputs) == 1:
+                values[outputs[0]] = result
+            else:
+                values.update(zip(outputs, result, strict=True))
         return values[self.output_name]
+
+
+@dataclass(frozen=True)
+class GraphForm:
+    """How a converted graph meets the engine's ``[N, C, H, W]`` images and logits.
+
+    Attributes
+    ----------
+    fixed_batch
+        The batch size the graph was exported with, when it declares one (the
+        module then runs that many images at a time); None for a dynamic batch.
+    channels_last
+        The graph takes ``[N, H, W, C]`` (Keras / tf2onnx): the module transposes.
+    head
+        ``"logits"``, or the output operator that was removed so the module returns
+        the logits beneath it: ``"softmax"`` or ``"log_softmax"``.
+    folded_nodes
+        Shape-computing nodes folded into constants at conversion (`shape_fold`).
+    """
+
+    fixed_batch: int | None = None
+    channels_last: bool = False
+    head: OutputHead = "logits"
+    folded_nodes: int = 0
 
 
 @dataclass
 class _Context:
-    """What a node converter may look up: constants known at conversion time and ranks."""
+    """What a node converter may look up: constants known at conversion time, ranks, limits."""
 
     constants: dict[str, np.ndarray]
     ranks: dict[str, int]
+    batch_dependent: dict[str, BatchAffine]
+    graph_input: str
+    limits: IntakeLimits
 
     def constant(self, node: onnx.NodeProto, index: int, what: str) -> np.ndarray:
         name = node.input[index] if index < len(node.input) else ""
+        if name in self.batch_dependent:
+            raise _unsupported(
+                node,
+                f"its {what} depends on the batch size; only Reshape and Expand targets may "
+                "(export with a fixed batch size)",
+            )
         if name not in self.constants:
             raise UnsupportedOperatorError(
                 f"{node.op_type} node {node.name!r:.60}: its {what} must be a constant "
@@ -291,17 +353,21 @@ class _Flatten(nn.Module):
 
 
 class _Reshape(nn.Module):
-    """ONNX Reshape with a constant target; 0 copies the input's axis unless allowzero."""
+    """ONNX Reshape with a constant target; 0 copies the input's axis unless allowzero.
 
-    def __init__(self, shape: tuple[int, ...], allowzero: bool) -> None:
+    A target that depends on the batch size (`BatchAffine`) is filled in from the
+    graph input's batch, passed as a second argument.
+    """
+
+    def __init__(self, shape: tuple[int, ...] | BatchAffine, allowzero: bool) -> None:
         super().__init__()
         self.shape = shape
         self.allowzero = allowzero
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        target = [
-            x.shape[i] if s == 0 and not self.allowzero else s for i, s in enumerate(self.shape)
-        ]
+    def forward(self, x: torch.Tensor, *graph_input: torch.Tensor) -> torch.Tensor:
+        shape = self.shape.at(graph_input[0].shape[0]) if graph_input else self.shape
+        assert not isinstance(shape, BatchAffine)
+        target = [x.shape[i] if s == 0 and not self.allowzero else s for i, s in enumerate(shape)]
         return x.reshape(target)
 
 
@@ -310,8 +376,11 @@ def _flatten(node: onnx.NodeProto, ctx: _Context) -> Converted:
 
 
 def _reshape(node: onnx.NodeProto, ctx: _Context) -> Converted:
-    shape = ctx.constant(node, 1, "target shape")
     allowzero = bool(_Attributes(node).get_int("allowzero", 0))
+    affine = ctx.batch_dependent.get(node.input[1])
+    if affine is not None:
+        return _Reshape(affine, allowzero), (node.input[0], ctx.graph_input)
+    shape = ctx.constant(node, 1, "target shape")
     return _Reshape(tuple(int(s) for s in shape.reshape(-1)), allowzero), (node.input[0],)
 
 
@@ -469,31 +538,374 @@ def _concat(node: onnx.NodeProto, ctx: _Context) -> Converted:
     return _Concat(_Attributes(node).get_int("axis", 0)), tuple(node.input)
 
 
+def _axis(node: onnx.NodeProto, axis: int, rank: int) -> int:
+    """`axis` in ``[0, rank)``, or a refusal naming the node."""
+    if not -rank <= axis < rank:
+        raise InvalidModelError(
+            f"{node.op_type} node {node.name!r:.60}: axis {axis} is out of range for a "
+            f"rank-{rank} tensor"
+        )
+    return axis % rank
+
+
+def _scalar(node: onnx.NodeProto, ctx: _Context, index: int) -> float | None:
+    value = ctx.optional_constant(node, index)
+    if len(node.input) > index and node.input[index] and value is None:
+        raise _unsupported(node, f"input {index} must be a constant")
+    if value is not None and value.size != 1:
+        raise _unsupported(node, f"input {index} must be a single value")
+    return None if value is None else float(value.reshape(-1)[0])
+
+
+class _Clip(nn.Module):
+    def __init__(self, low: float | None, high: float | None) -> None:
+        super().__init__()
+        self.low, self.high = low, high
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(x, self.low, self.high)
+
+
+def _clip(node: onnx.NodeProto, ctx: _Context) -> Converted:
+    attrs = _Attributes(node)
+    # Before opset 11 the bounds were attributes; since, optional constant inputs.
+    low = _scalar(node, ctx, 1) if len(node.input) > 1 else attrs.get_float("min", -math.inf)
+    high = _scalar(node, ctx, 2) if len(node.input) > 2 else attrs.get_float("max", math.inf)
+    low = None if low is None or low == -math.inf else low
+    high = None if high is None or high == math.inf else high
+    if low is not None and high is not None and low > high:
+        raise InvalidModelError(f"Clip node {node.name!r:.60}: min {low:g} exceeds max {high:g}")
+    return _Clip(low, high), (node.input[0],)
+
+
+class _HardSigmoid(nn.Module):
+    def __init__(self, alpha: float, beta: float) -> None:
+        super().__init__()
+        self.alpha, self.beta = alpha, beta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(self.alpha * x + self.beta, 0.0, 1.0)
+
+
+def _hard_sigmoid(node: onnx.NodeProto, ctx: _Context) -> Converted:
+    attrs = _Attributes(node)
+    return _HardSigmoid(attrs.get_float("alpha", 0.2), attrs.get_float("beta", 0.5)), (
+        node.input[0],
+    )
+
+
+def _gelu(node: onnx.NodeProto, ctx: _Context) -> Converted:
+    approximate = _Attributes(node).get_text("approximate", "none")
+    if approximate not in ("none", "tanh"):
+        raise _unsupported(node, f"approximate={approximate!r:.20} is not 'none' or 'tanh'")
+    return nn.GELU(approximate=approximate), (node.input[0],)
+
+
+def _unary(node: onnx.NodeProto, ctx: _Context) -> Converted:
+    functions: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+        "Erf": torch.erf,
+        "HardSwish": nn.functional.hardswish,
+        "Reciprocal": torch.reciprocal,
+        "Sqrt": torch.sqrt,
+    }
+    return _Function(functions[node.op_type]), (node.input[0],)
+
+
+class _Softmax(nn.Module):
+    def __init__(self, axis: int, log: bool) -> None:
+        super().__init__()
+        self.axis, self.log = axis, log
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (torch.log_softmax if self.log else torch.softmax)(x, dim=self.axis)
+
+
+def _softmax(node: onnx.NodeProto, ctx: _Context) -> Converted:
+    axis = _axis(node, _Attributes(node).get_int("axis", -1), ctx.rank(node.input[0]))
+    return _Softmax(axis, node.op_type == "LogSoftmax"), (node.input[0],)
+
+
+class _LayerNorm(nn.Module):
+    """ONNX LayerNormalization: normalize over the axes from `axis` on, then scale and shift."""
+
+    def __init__(self, axis: int, eps: float, scale: np.ndarray, bias: np.ndarray | None) -> None:
+        super().__init__()
+        self.axis, self.eps = axis, eps
+        self.weight = _param(scale)
+        self.bias = None if bias is None else _param(bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.layer_norm(x, x.shape[self.axis :], eps=self.eps) * self.weight
+        return y if self.bias is None else y + self.bias
+
+
+def _layer_norm(node: onnx.NodeProto, ctx: _Context) -> Converted:
+    attrs = _Attributes(node)
+    axis = _axis(node, attrs.get_int("axis", -1), ctx.rank(node.input[0]))
+    scale = ctx.constant(node, 1, "scale")
+    module = _LayerNorm(axis, attrs.get_float("epsilon", 1e-5), scale, ctx.optional_constant(node, 2))
+    return module, (node.input[0],)
+
+
+class _Permute(nn.Module):
+    def __init__(self, perm: tuple[int, ...]) -> None:
+        super().__init__()
+        self.perm = perm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.permute(self.perm)
+
+
+def _transpose(node: onnx.NodeProto, ctx: _Context) -> Converted:
+    rank = ctx.rank(node.input[0])
+    perm = _Attributes(node).get_ints("perm") or tuple(reversed(range(rank)))
+    if sorted(perm) != list(range(rank)):
+        raise InvalidModelError(
+            f"Transpose node {node.name!r:.60}: perm {list(perm)[:8]} is not a permutation of "
+            f"the {rank} axes"
+        )
+    return _Permute(perm), (node.input[0],)
+
+
+class _Pad(nn.Module):
+    def __init__(self, pads: tuple[int, ...], mode: str, value: float) -> None:
+        super().__init__()
+        self.pads, self.mode, self.value = pads, mode, value
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "constant":
+            return nn.functional.pad(x, self.pads, value=self.value)
+        # torch pads the last two axes of a 4-D tensor in reflect / replicate mode.
+        return nn.functional.pad(x, self.pads, mode=self.mode)
+
+
+_PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate"}
+
+
+def _pad(node: onnx.NodeProto, ctx: _Context) -> Converted:
+    attrs = _Attributes(node)
+    rank = ctx.rank(node.input[0])
+    mode = attrs.get_text("mode", "constant")
+    if mode not in _PAD_MODES:
+        raise _unsupported(node, f"mode {mode!r:.20} is not constant, reflect or edge")
+    pads = attrs.get_ints("pads")  # before opset 11
+    if pads is None:
+        pads = tuple(int(p) for p in ctx.constant(node, 1, "pads").reshape(-1))
+    value = _scalar(node, ctx, 2) if len(node.input) > 2 else attrs.get_float("value", 0.0)
+    axes = _axes(node, ctx, 3)
+    axes = tuple(_axis(node, a, rank) for a in axes) if axes else tuple(range(rank))
+    if len(pads) != 2 * len(axes):
+        raise InvalidModelError(f"Pad node {node.name!r:.60}: {len(pads)} pads for {len(axes)} axes")
+    if any(p < 0 for p in pads):
+        raise _unsupported(node, f"negative pads {list(pads)[:8]} (cropping) are not supported")
+    if any(p > ctx.limits.max_shape_attribute for p in pads):
+        raise TensorLimitError(
+            f"Pad node {node.name!r:.60} pads by {max(pads)}; values above "
+            f"{ctx.limits.max_shape_attribute} are refused"
+        )
+    begin = dict(zip(axes, pads[: len(axes)], strict=True))
+    end = dict(zip(axes, pads[len(axes) :], strict=True))
+    padded = [a for a in range(rank) if begin.get(a, 0) or end.get(a, 0)]
+    if mode != "constant" and (rank != 4 or any(a < 2 for a in padded)):
+        raise _unsupported(node, f"{mode} padding is supported on the image axes of NCHW only")
+    last = min(padded, default=rank)  # torch lists (begin, end) from the last axis back
+    flat = tuple(p for a in range(rank - 1, last - 1, -1) for p in (begin.get(a, 0), end.get(a, 0)))
+    return _Pad(flat, _PAD_MODES[mode], 0.0 if value is None else value), (node.input[0],)
+
+
+class _Gather(nn.Module):
+    def __init__(self, axis: int, indices: np.ndarray) -> None:
+        super().__init__()
+        self.axis = axis
+        self.register_buffer("indices", torch.tensor(indices, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[self.axis]
+        flat = torch.remainder(self.indices.reshape(-1), size)  # negative indices count back
+        out = x.index_select(self.axis, flat)
+        shape = (*x.shape[: self.axis], *self.indices.shape, *x.shape[self.axis + 1 :])
+        return out.reshape(shape)
+
+
+def _gather(node: onnx.NodeProto, ctx: _Context) -> Converted:
+    rank = ctx.rank(node.input[0])
+    axis = _axis(node, _Attributes(node).get_int("axis", 0), rank)
+    indices = ctx.constant(node, 1, "indices")
+    return _Gather(axis, indices), (node.input[0],)
+
+
+class _Slice(nn.Module):
+    def __init__(self, index: tuple[slice, ...]) -> None:
+        super().__init__()
+        self.index = index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[self.index]
+
+
+def _slice(node: onnx.NodeProto, ctx: _Context) -> Converted:
+    rank = ctx.rank(node.input[0])
+    starts = ctx.constant(node, 1, "starts").reshape(-1)
+    ends = ctx.constant(node, 2, "ends").reshape(-1)
+    axes = ctx.optional_constant(node, 3)
+    steps = ctx.optional_constant(node, 4)
+    axis_list = range(len(starts)) if axes is None else axes.reshape(-1)
+    step_list = [1] * len(starts) if steps is None else steps.reshape(-1)
+    if not len(starts) == len(ends) == len(axis_list) == len(step_list):
+        raise InvalidModelError(f"Slice node {node.name!r:.60}: starts, ends, axes differ in length")
+    index = [slice(None)] * rank
+    for start, end, axis, step in zip(starts, ends, axis_list, step_list, strict=True):
+        if step <= 0:
+            raise _unsupported(node, f"step {int(step)}: only positive steps are supported")
+        # Python slices clamp like ONNX; INT64_MAX ends mean "to the end".
+        index[_axis(node, int(axis), rank)] = slice(int(start), int(end), int(step))
+    return _Slice(tuple(index)), (node.input[0],)
+
+
+class _Expand(nn.Module):
+    def __init__(self, shape: tuple[int, ...] | BatchAffine) -> None:
+        super().__init__()
+        self.shape = shape
+
+    def forward(self, x: torch.Tensor, *graph_input: torch.Tensor) -> torch.Tensor:
+        shape = self.shape.at(graph_input[0].shape[0]) if graph_input else self.shape
+        assert not isinstance(shape, BatchAffine)
+        return x.expand(torch.broadcast_shapes(x.shape, tuple(shape)))
+
+
+def _expand(node: onnx.NodeProto, ctx: _Context) -> Converted:
+    affine = ctx.batch_dependent.get(node.input[1])
+    shape: tuple[int, ...] | BatchAffine
+    if affine is not None:
+        shape, per_image = affine, affine.at(1)
+        inputs: tuple[str, ...] = (node.input[0], ctx.graph_input)
+    else:
+        shape = per_image = tuple(int(s) for s in ctx.constant(node, 1, "shape").reshape(-1))
+        inputs = (node.input[0],)
+    if any(s < 0 for s in per_image):
+        raise InvalidModelError(f"Expand node {node.name!r:.60}: negative shape {list(per_image)}")
+    if math.prod(per_image) > ctx.limits.max_activation_elements:
+        raise TensorLimitError(
+            f"Expand node {node.name!r:.60} expands to shape {list(per_image)[:8]} "
+            f"({math.prod(per_image):,} values per image); the limit is "
+            f"{ctx.limits.max_activation_elements:,}"
+        )
+    return _Expand(shape), inputs
+
+
+def _where(node: onnx.NodeProto, ctx: _Context) -> Converted:
+    condition = ctx.constant(node, 0, "condition")
+    inputs = tuple(n for n in node.input[1:])
+    return _Select(torch.tensor(condition.astype(bool))), inputs
+
+
+class _Select(nn.Module):
+    """``where(condition, a, b)`` with a constant condition."""
+
+    def __init__(self, condition: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("condition", condition)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.condition, a, b)
+
+
+def _pow(node: onnx.NodeProto, ctx: _Context) -> Converted:
+    exponent = ctx.optional_constant(node, 1)
+    if exponent is not None and exponent.size == 1:
+        power = float(exponent.reshape(-1)[0])
+        return _Function(lambda x: torch.pow(x, power)), (node.input[0],)
+    return _Function(torch.pow), (node.input[0], node.input[1])
+
+
+class _Split(nn.Module):
+    def __init__(self, axis: int, sizes: tuple[int, ...] | int) -> None:
+        super().__init__()
+        self.axis, self.sizes = axis, sizes
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.split(x, self.sizes, dim=self.axis)
+
+
+def _split(node: onnx.NodeProto, ctx: _Context) -> Converted:
+    attrs = _Attributes(node)
+    axis = _axis(node, attrs.get_int("axis", 0), ctx.rank(node.input[0]))
+    given = attrs.get_ints("split")
+    split = ctx.optional_constant(node, 1)
+    sizes = given if given is not None else None if split is None else tuple(split.reshape(-1))
+    outputs = len(node.output)
+    if sizes is None:
+        # Even parts: opset 18 num_outputs, or as many as there are outputs.
+        return _SplitEven(axis, attrs.get_int("num_outputs", outputs)), (node.input[0],)
+    if len(sizes) != outputs or any(s < 0 for s in sizes):
+        raise InvalidModelError(f"Split node {node.name!r:.60}: sizes {list(sizes)[:8]} do not fit")
+    return _Split(axis, tuple(int(s) for s in sizes)), (node.input[0],)
+
+
+class _SplitEven(nn.Module):
+    def __init__(self, axis: int, parts: int) -> None:
+        super().__init__()
+        self.axis, self.parts = axis, parts
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        size = -(-x.shape[self.axis] // self.parts)  # ONNX: the last part may be smaller
+        return torch.split(x, size, dim=self.axis)
+
+
+def _cast(node: onnx.NodeProto, ctx: _Context) -> Converted:
+    to = _Attributes(node).get_int("to", TensorProto.FLOAT)
+    if to != TensorProto.FLOAT:
+        name = TensorProto.DataType.Name(to) if to in TensorProto.DataType.values() else to
+        raise _unsupported(
+            node, f"a cast to {name} at run time; teachers compute in float32 (export in float32)"
+        )
+    return nn.Identity(), (node.input[0],)
+
+
 CONVERTERS: dict[str, Callable[[onnx.NodeProto, _Context], Converted]] = {
     "Add": _binary,
     "AveragePool": _pool,
     "BatchNormalization": _batch_norm,
+    "Cast": _cast,
+    "Clip": _clip,
     "Concat": _concat,
     "Conv": _conv,
     "Div": _binary,
     "Dropout": _identity,
+    "Erf": _unary,
+    "Expand": _expand,
     "Flatten": _flatten,
+    "Gather": _gather,
+    "Gelu": _gelu,
     "Gemm": _gemm,
     "GlobalAveragePool": _global_pool,
     "GlobalMaxPool": _global_pool,
+    "HardSigmoid": _hard_sigmoid,
+    "HardSwish": _unary,
     "Identity": _identity,
+    "LayerNormalization": _layer_norm,
     "LeakyRelu": _activation,
+    "LogSoftmax": _softmax,
     "MatMul": _matmul,
     "MaxPool": _pool,
     "Mul": _binary,
+    "Pad": _pad,
+    "Pow": _pow,
+    "Reciprocal": _unary,
     "ReduceMean": _reduce_mean,
     "Relu": _activation,
     "Reshape": _reshape,
     "Sigmoid": _activation,
+    "Slice": _slice,
+    "Softmax": _softmax,
+    "Split": _split,
+    "Sqrt": _unary,
     "Squeeze": _squeeze,
     "Sub": _binary,
     "Tanh": _activation,
+    "Transpose": _transpose,
     "Unsqueeze": _unsqueeze,
+    "Where": _where,
 }
 """One converter per allow-listed operator except Constant, which is folded at conversion."""
 
@@ -534,13 +946,34 @@ def _layer_key(index: int, node: onnx.NodeProto) -> str:
     return f"n{index}_{label}"
 
 
-def convert(model: onnx.ModelProto) -> OnnxModule:
-    """Build a frozen torch module that computes `model`'s single output from its input.
+def _strip_head(graph: onnx.GraphProto, ranks: dict[str, int]) -> tuple[str, OutputHead]:
+    """The name of the logits, and the (Log)Softmax over classes the graph ends in, if any."""
+    output = graph.output[0].name
+    last = next((n for n in graph.node if output in n.output), None)
+    if last is None or last.op_type not in ("Softmax", "LogSoftmax"):
+        return output, "logits"
+    rank = ranks.get(last.input[0], 2)
+    axis = _Attributes(last).get_int("axis", -1)
+    if rank != 2 or axis % rank != 1:
+        return output, "logits"
+    return last.input[0], "softmax" if last.op_type == "Softmax" else "log_softmax"
+
+
+def convert(model: onnx.ModelProto, limits: IntakeLimits | None = None) -> OnnxModule:
+    """Build a frozen torch module that computes `model`'s logits from ``[N, C, H, W]`` images.
+
+    Shape computations are folded first (`shape_fold`); a final Softmax or
+    LogSoftmax over the classes is left out, so the module returns the logits
+    beneath it (`GraphForm.head` says which was removed); an NHWC graph gets its
+    input transposed, and one exported with a fixed batch size runs in groups of it.
 
     Parameters
     ----------
     model
         A model that passed `free_common.models.onnx_static.check_static`.
+    limits
+        Caps on what the graph may create (an Expand's size, a Pad's width);
+        `IntakeLimits()` when omitted.
 
     Returns
     -------
@@ -551,18 +984,25 @@ def convert(model: onnx.ModelProto) -> OnnxModule:
     ------
     UnsupportedOperatorError
         An operator or a form of it (e.g. asymmetric padding) the converter lacks.
+    TensorLimitError
+        The graph would create a tensor over the limits.
     InvalidModelError
-        The graph is inconsistent (unknown inputs, missing ranks).
+        The graph is inconsistent (unknown inputs, missing ranks, out-of-range axes).
     """
-    graph = model.graph
+    folded = fold_shapes(model)
+    graph = folded.model.graph
     constants = {t.name: _decode(t) for t in graph.initializer}
-    ctx = _Context(constants, _ranks(model))
+    ranks = _ranks(folded.model)
     weights = set(constants)
     input_name = next(v.name for v in graph.input if v.name not in weights)
+    ctx = _Context(constants, ranks, folded.batch_dependent, input_name, limits or IntakeLimits())
+    output_name, head = _strip_head(graph, ranks)
     layers = nn.ModuleDict()
-    plan: list[tuple[str, tuple[str, ...], str]] = []
+    plan: list[tuple[str, tuple[str, ...], tuple[str, ...]]] = []
     produced = {input_name}
     for node in graph.node:
+        if output_name in produced:
+            break  # only the removed (Log)Softmax head is left
         if node.op_type == "Constant":
             constants[node.output[0]] = _constant_value(node)
             continue
@@ -572,7 +1012,12 @@ def convert(model: onnx.ModelProto) -> OnnxModule:
             continue
         converter = CONVERTERS.get(node.op_type)
         if converter is None:
-            raise UnsupportedOperatorError(f"operator {node.op_type!r:.40} is not supported")
+            where = (
+                " where it cannot be computed from the input size alone"
+                if node.op_type in FOLD_ONLY_OPS
+                else ""
+            )
+            raise UnsupportedOperatorError(f"operator {node.op_type!r:.40} is not supported{where}")
         module, inputs = converter(node, ctx)
         unknown = [n for n in inputs if n not in produced and n not in constants]
         if unknown:
@@ -582,9 +1027,9 @@ def convert(model: onnx.ModelProto) -> OnnxModule:
             )
         key = _layer_key(len(layers), node)
         layers[key] = module
-        plan.append((key, inputs, node.output[0]))
-        produced.add(node.output[0])
-    output_name = graph.output[0].name
+        outputs = tuple(node.output)
+        plan.append((key, inputs, outputs))
+        produced.update(outputs)
     if output_name not in produced:
         raise InvalidModelError(f"no node computes the graph output {output_name!r:.60}")
     runtime_constants = {
@@ -593,4 +1038,10 @@ def convert(model: onnx.ModelProto) -> OnnxModule:
         for name in inputs
         if name not in produced
     }
-    return OnnxModule(layers, plan, runtime_constants, input_name, output_name)
+    form = GraphForm(
+        fixed_batch=folded.fixed_batch,
+        channels_last=takes_channels_last(graph, input_name),
+        head=head,
+        folded_nodes=folded.folded_nodes,
+    )
+    return OnnxModule(layers, plan, runtime_constants, input_name, output_name, form)

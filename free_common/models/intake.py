@@ -82,6 +82,10 @@ class ModelSummary:
         Batch-norm layers in the converted module.
     max_abs_diff
         Largest |torch - onnxruntime| logit difference in the parity probe.
+    fixed_batch, channels_last, output_head, folded_nodes
+        How the graph meets the engine (`free_common.models.convert.GraphForm`): the
+        batch size it fixes, an NHWC input, the (Log)Softmax removed from its output,
+        the shape computations folded at intake.
     """
 
     input_name: str
@@ -97,10 +101,15 @@ class ModelSummary:
     num_parameters: int
     num_batch_norms: int
     max_abs_diff: float
+    fixed_batch: int | None = None
+    channels_last: bool = False
+    output_head: str = "logits"
+    folded_nodes: int = 0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelSummary:
         """Build from the worker's JSON summary."""
+        form = data.get("graph_form", {})
         return cls(
             input_name=data["input"]["name"],
             input_shape=tuple(data["input"]["shape"]),
@@ -115,6 +124,10 @@ class ModelSummary:
             num_parameters=int(data["num_parameters"]),
             num_batch_norms=int(data["num_batch_norms"]),
             max_abs_diff=float(data["max_abs_diff"]),
+            fixed_batch=form.get("fixed_batch"),
+            channels_last=bool(form.get("channels_last", False)),
+            output_head=str(form.get("head", "logits")),
+            folded_nodes=int(form.get("folded_nodes", 0)),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -131,6 +144,12 @@ class ModelSummary:
             "num_parameters": self.num_parameters,
             "num_batch_norms": self.num_batch_norms,
             "max_abs_diff": self.max_abs_diff,
+            "graph_form": {
+                "fixed_batch": self.fixed_batch,
+                "channels_last": self.channels_last,
+                "head": self.output_head,
+                "folded_nodes": self.folded_nodes,
+            },
         }
 
 
@@ -409,4 +428,4 @@ def load_teacher(
     report = check_static(data, task=task, limits=limits)
     from free_common.models.convert import convert  # torch: only when a teacher is loaded
 
-    return Teacher(module=convert(report.model), task=report.task, summary=summary)
+    return Teacher(module=convert(report.model, limits), task=report.task, summary=summary)

@@ -16,6 +16,7 @@ onnxruntime (forward values, and a finite input gradient).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -36,9 +37,14 @@ from free_common.errors import (
     RuntimeProbeError,
     TensorLimitError,
 )
-from free_common.models.convert import convert
+from free_common.models.convert import OnnxModule, convert
 from free_common.models.metadata import task_from_dict, task_to_dict
-from free_common.models.onnx_static import IntakeLimits, StaticReport, check_static
+from free_common.models.onnx_static import (
+    IntakeLimits,
+    StaticReport,
+    check_static,
+    takes_channels_last,
+)
 from free_common.models.static_worker import limit_process, out_of_memory_reason, refusal_reply
 from free_common.types import TaskMetadata
 
@@ -76,12 +82,24 @@ def _check_activations(model: onnx.ModelProto, limits: IntakeLimits) -> onnx.Mod
 def _onnxruntime_logits(
     data: bytes, report: StaticReport, images: np.ndarray, limits: IntakeLimits
 ) -> np.ndarray:
+    """The graph's outputs for NCHW `images`, fed in the graph's own layout and batch size."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
+    if takes_channels_last(report.model.graph, report.input_name):
+        images = np.ascontiguousarray(images.transpose(0, 2, 3, 1))
+    fixed = report.input_dims[0]
+    size = fixed if isinstance(fixed, int) else len(images)
+    count = len(images)
+    if count % size:
+        images = np.concatenate([images, np.zeros((size - count % size, *images.shape[1:]), images.dtype)])
     try:
         session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-        (logits,) = session.run([report.output_name], {report.input_name: images})
+        groups = [
+            session.run([report.output_name], {report.input_name: images[i : i + size]})[0]
+            for i in range(0, len(images), size)
+        ]
+        logits = np.concatenate(groups)[:count]
     # onnxruntime's exceptions subclass Exception directly, with no public common base.
     except Exception as exc:  # noqa: BLE001
         message = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
@@ -93,13 +111,18 @@ def _onnxruntime_logits(
     return np.asarray(logits)
 
 
+_HEADS = {"softmax": torch.softmax, "log_softmax": torch.log_softmax}
+
+
 def _torch_parity(
     report: StaticReport, images: np.ndarray, expected: np.ndarray, limits: IntakeLimits
-) -> tuple[float, int]:
-    module = convert(report.model)
+) -> tuple[float, OnnxModule]:
+    module = convert(report.model, limits)
     x = torch.from_numpy(images).requires_grad_(True)
     logits = module(x)
-    got = logits.detach().numpy()
+    # The module returns the logits beneath a removed (Log)Softmax: compare what the graph gives.
+    head = _HEADS.get(module.graph.head)
+    got = (logits if head is None else head(logits, 1)).detach().numpy()
     if got.shape != expected.shape:
         raise ParityError(
             f"the torch conversion gives logits of shape {list(got.shape)}, onnxruntime "
@@ -116,7 +139,7 @@ def _torch_parity(
     (grad,) = torch.autograd.grad(torch.log_softmax(logits, dim=1).sum(), x)
     if not torch.isfinite(grad).all():
         raise ParityError("the gradient of the logits with respect to the input is not finite")
-    return worst, len(module.batch_norms)
+    return worst, module
 
 
 def examine(data: bytes, task: TaskMetadata | None, limits: IntakeLimits) -> dict[str, Any]:
@@ -160,7 +183,7 @@ def examine(data: bytes, task: TaskMetadata | None, limits: IntakeLimits) -> dic
         )
     if not np.isfinite(logits).all():
         raise RuntimeProbeError("the model outputs NaN or Inf logits on a random input")
-    worst, num_batch_norms = _torch_parity(report, images, logits, limits)
+    worst, module = _torch_parity(report, images, logits, limits)
     return {
         "input": {"name": report.input_name, "shape": list(report.input_dims)},
         "output": {"name": report.output_name, "shape": list(report.output_dims)},
@@ -171,8 +194,9 @@ def examine(data: bytes, task: TaskMetadata | None, limits: IntakeLimits) -> dic
         "producer": report.producer,
         "op_counts": report.op_counts,
         "num_parameters": report.num_parameters,
-        "num_batch_norms": num_batch_norms,
+        "num_batch_norms": len(module.batch_norms),
         "max_abs_diff": worst,
+        "graph_form": dataclasses.asdict(module.graph),
         "warnings": list(report.warnings),
     }
 

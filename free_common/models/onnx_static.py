@@ -50,6 +50,7 @@ from free_common.types import TaskMetadata
 
 __all__ = [
     "ALLOWED_OPS",
+    "FOLDED_BATCH_NORM_WARNING",
     "IR_RANGE",
     "OPSET_RANGE",
     "IntakeLimits",
@@ -58,6 +59,7 @@ __all__ = [
     "iter_tensors",
     "parse_model",
     "peek",
+    "takes_channels_last",
 ]
 
 IR_RANGE = (7, 11)
@@ -71,36 +73,80 @@ ALLOWED_OPS = frozenset(
         "Add",
         "AveragePool",
         "BatchNormalization",
+        "Cast",
+        "Clip",
         "Concat",
         "Constant",
+        "ConstantOfShape",
         "Conv",
         "Div",
         "Dropout",
+        "Equal",
+        "Erf",
+        "Expand",
         "Flatten",
+        "Gather",
+        "Gelu",
         "Gemm",
         "GlobalAveragePool",
         "GlobalMaxPool",
+        "HardSigmoid",
+        "HardSwish",
         "Identity",
+        "LayerNormalization",
         "LeakyRelu",
+        "LogSoftmax",
         "MatMul",
         "MaxPool",
+        "Mod",
         "Mul",
+        "Pad",
+        "Pow",
+        "Range",
+        "Reciprocal",
         "ReduceMean",
         "Relu",
         "Reshape",
+        "Shape",
         "Sigmoid",
+        "Slice",
+        "Softmax",
+        "Split",
+        "Sqrt",
         "Squeeze",
         "Sub",
         "Tanh",
+        "Transpose",
         "Unsqueeze",
+        "Where",
     }
 )
-"""Operators a teacher may use. No Shape, ConstantOfShape, Expand, Range, Tile or
-Resize: shapes stay static, so no tensor size depends on run-time values."""
+"""Operators a teacher may use. Shape, ConstantOfShape, Equal, Mod and Range only where
+they compute shapes from the input size: the converter folds those into constants
+(`shape_fold`) and refuses what does not fold, so no tensor size depends on run-time
+values. No Tile, Resize, Loop or If."""
+
+_MULTI_OUTPUT_OPS = frozenset({"Split"})
+
+FOLDED_BATCH_NORM_WARNING = (
+    "the model has convolutions but no BatchNormalization nodes: the exporter folded its batch "
+    "norms into the convolutions (torch.onnx's default), or it never had any; inversion then "
+    "cannot match the batch-norm statistics of the owner's data and recovers images with an "
+    "image prior alone (total variation and L2), which look less like that data; to keep them, "
+    "export with torch.onnx.export(..., dynamo=False, do_constant_folding=False)"
+)
+"""The warning for a convolutional model without batch-norm statistics."""
 
 _LOOP_OPS = frozenset({"Loop", "Scan"})
 _STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
-_TENSOR_DTYPES = {TensorProto.FLOAT: "float32", TensorProto.INT64: "int64"}
+_TENSOR_DTYPES = {
+    TensorProto.FLOAT: 4,
+    TensorProto.INT64: 8,
+    TensorProto.INT32: 4,
+    TensorProto.BOOL: 1,
+}
+"""Data types a tensor of the file may have, with their sizes: float32 weights, integer
+shapes and indices (tf2onnx writes int32), boolean masks."""
 _SHAPE_ATTRIBUTES = frozenset({"kernel_shape", "pads", "strides", "dilations"})
 
 
@@ -132,6 +178,8 @@ class IntakeLimits:
     """Wall-clock limit of the intake worker."""
     probe_batch: int = 4
     """Images in the onnxruntime-versus-torch parity probe."""
+    max_fixed_batch: int = 64
+    """Largest batch size a graph may fix (exporters fix 1 by default)."""
     atol: float = 1e-4
     rtol: float = 1e-4
     """Parity tolerance: ``|torch - ort| <= atol + rtol * |ort|`` for every logit."""
@@ -351,7 +399,7 @@ def _check_nodes(graph: onnx.GraphProto, limits: IntakeLimits) -> Counter[str]:
                 f"operator {node.op_type!r:.40} is not supported; teachers may use "
                 f"{', '.join(sorted(ALLOWED_OPS))}"
             )
-        if len(node.output) != 1:
+        if len(node.output) != 1 and node.op_type not in _MULTI_OUTPUT_OPS:
             raise UnsupportedOperatorError(
                 f"{node.op_type} node {node.name!r:.60} has {len(node.output)} outputs; only the "
                 "inference form with one output is supported: export with model.eval()"
@@ -368,15 +416,46 @@ def _check_nodes(graph: onnx.GraphProto, limits: IntakeLimits) -> Counter[str]:
     return counts
 
 
+_SHAPE_INPUT_OPS = {"ConstantOfShape": 0, "Expand": 1}
+"""Operators that create a tensor of a shape given as an input, and which input."""
+
+
+def _check_created_shapes(graph: onnx.GraphProto, limits: IntakeLimits) -> None:
+    """Refuse a ConstantOfShape or Expand whose constant shape exceeds the per-image cap.
+
+    Reads the shape without decoding anything large: the cheap half of the check the
+    converter completes for shapes computed from the input size.
+    """
+    shapes: dict[str, TensorProto] = {t.name: t for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].HasField("t"):
+            shapes[node.output[0]] = node.attribute[0].t
+    for node in graph.node:
+        index = _SHAPE_INPUT_OPS.get(node.op_type)
+        if index is None or len(node.input) <= index or node.input[index] not in shapes:
+            continue
+        tensor = shapes[node.input[index]]
+        if tensor.data_type != TensorProto.INT64 or math.prod(tensor.dims) > 16:
+            continue
+        dims = [int(d) for d in numpy_helper.to_array(tensor).reshape(-1)]
+        # A constant shape is the whole tensor: a fixed batch, if any, is in it.
+        if math.prod(abs(d) for d in dims) > limits.max_activation_elements:
+            raise TensorLimitError(
+                f"{node.op_type} node {node.name!r:.60} would create a tensor of shape "
+                f"{dims[:8]}; the limit is {limits.max_activation_elements:,} values per image"
+            )
+
+
 def _carried_elements(tensor: TensorProto) -> int:
     if tensor.HasField("raw_data"):
-        itemsize = 4 if tensor.data_type == TensorProto.FLOAT else 8
-        whole, rest = divmod(len(tensor.raw_data), itemsize)
+        whole, rest = divmod(len(tensor.raw_data), _TENSOR_DTYPES[tensor.data_type])
         # A ragged tail is never a whole element count: report it as a mismatch.
         return -1 if rest else whole
     if tensor.data_type == TensorProto.FLOAT:
         return len(tensor.float_data)
-    return len(tensor.int64_data)
+    if tensor.data_type == TensorProto.INT64:
+        return len(tensor.int64_data)
+    return len(tensor.int32_data)  # int32 and bool are both stored there
 
 
 def _check_tensors(model: onnx.ModelProto, limits: IntakeLimits) -> int:
@@ -398,8 +477,8 @@ def _check_tensors(model: onnx.ModelProto, limits: IntakeLimits) -> int:
             known = tensor.data_type in TensorProto.DataType.values()
             dtype = TensorProto.DataType.Name(tensor.data_type) if known else tensor.data_type
             raise UnsupportedOperatorError(
-                f"tensor {name!r:.80} has data type {dtype}; only float32 weights and int64 "
-                "shapes are supported: export in float32"
+                f"tensor {name!r:.80} has data type {dtype}; only float32 weights, int32/int64 "
+                "shapes and bool masks are supported: export in float32"
             )
         carried = _carried_elements(tensor)
         if carried != elements:
@@ -460,15 +539,27 @@ def _graph_io(
     return inputs[0], graph.output[0]
 
 
+def takes_channels_last(graph: onnx.GraphProto, input_name: str) -> bool:
+    """True when the graph takes NHWC images and transposes them to NCHW first (tf2onnx)."""
+    first = next((n for n in graph.node if input_name in n.input), None)
+    if first is None or first.op_type != "Transpose":
+        return False
+    perm = next((tuple(a.ints) for a in first.attribute if a.name == "perm"), None)
+    return perm == (0, 3, 1, 2)
+
+
 def _check_input(
-    value: onnx.ValueInfoProto, task: TaskMetadata, limits: IntakeLimits
+    value: onnx.ValueInfoProto, task: TaskMetadata, limits: IntakeLimits, channels_last: bool
 ) -> tuple[int | str | None, ...]:
     if value.type.tensor_type.elem_type != TensorProto.FLOAT:
         raise InputShapeError(
             f"input {value.name!r:.60} is not a float32 tensor; teachers take float32 images"
         )
     dims = _value_dims(value)
-    want = f"[batch, {', '.join(map(str, task.input_shape))}]"
+    channels, height, width = task.input_shape
+    want = f"[batch, {channels}, {height}, {width}]"
+    if channels_last:
+        want += f" (or [batch, {height}, {width}, {channels}] transposed first)"
     if dims is None or len(dims) != 4:
         raise InputShapeError(
             f"input {value.name!r:.60} has shape {list(dims) if dims else 'unknown'}; "
@@ -485,15 +576,16 @@ def _check_input(
             f"input {value.name!r:.60} declares images of shape {list(image)}; the limit is "
             f"{limits.max_input_elements:,} values per image"
         )
-    if tuple(image) != task.input_shape:
+    expected = (height, width, channels) if channels_last else task.input_shape
+    if tuple(image) != expected:
         raise InputShapeError(
             f"input {value.name!r:.60} has shape {list(dims)} but the task metadata says {want}; "
             "export with the image size the model was trained on, or fix the metadata"
         )
-    if isinstance(dims[0], int):
+    if isinstance(dims[0], int) and not 1 <= dims[0] <= limits.max_fixed_batch:
         raise InputShapeError(
-            f"input {value.name!r:.60} has a fixed batch size {dims[0]}; export with a dynamic "
-            "batch axis (torch.onnx.export(..., dynamic_axes={'input': {0: 'batch'}}))"
+            f"input {value.name!r:.60} has a fixed batch size {dims[0]}; export with batch 1 or "
+            "a dynamic batch axis (torch.onnx.export(..., dynamic_axes={'input': {0: 'batch'}}))"
         )
     return dims
 
@@ -545,6 +637,7 @@ def check_static(
     _check_control_flow(model)
     op_counts = _check_nodes(model.graph, limits)
     num_parameters = _check_tensors(model, limits)
+    _check_created_shapes(model.graph, limits)
     input_value, output_value = _graph_io(model.graph, limits)
     # onnx's proto2 parser hands back bytes, not str, for entries that are not UTF-8.
     props = model.metadata_props
@@ -563,14 +656,17 @@ def check_static(
             "the model carries no FREE task metadata (free.* metadata_props); export it with "
             "`free-client export`, or give --num-classes, --input-shape, --mean and --std on submit"
         )
-    input_dims = _check_input(input_value, task, limits)
+    channels_last = takes_channels_last(model.graph, input_value.name)
+    input_dims = _check_input(input_value, task, limits, channels_last)
     output_dims = _check_output(output_value, task)
     warnings: list[str] = []
     if op_counts["Conv"] and not op_counts["BatchNormalization"]:
+        warnings.append(FOLDED_BATCH_NORM_WARNING)
+    if isinstance(input_dims[0], int):
         warnings.append(
-            "the model has convolutions but no BatchNormalization nodes, so no batch-norm "
-            "statistics guide inversion; if it has batch norm, export with "
-            "do_constant_folding=False (torch.onnx.export, dynamo=False) to keep it"
+            f"the model was exported with a fixed batch size of {input_dims[0]}: it is accepted "
+            "and runs that many images at a time, which makes inversion slower; export with a "
+            "dynamic batch axis (dynamic_axes={'input': {0: 'batch'}}) for speed"
         )
     return StaticReport(
         model=model,
