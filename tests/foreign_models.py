@@ -9,14 +9,15 @@ check and convert in about a second, and `export_foreign` to export one the way
 
 from __future__ import annotations
 
-import io
+import tempfile
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
 
-__all__ = ["FOREIGN_MODELS", "export_foreign"]
+__all__ = ["FOREIGN_MODELS", "build_foreign", "export_foreign"]
 
 
 class _BasicBlock(nn.Module):
@@ -60,7 +61,8 @@ class ResNet18(nn.Module):
         self.fc = nn.Linear(cin, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(self.pool(self.blocks(self.stem(x))), 1))
+        out: torch.Tensor = self.fc(torch.flatten(self.pool(self.blocks(self.stem(x))), 1))
+        return out
 
 
 class _InvertedResidual(nn.Module):
@@ -80,7 +82,8 @@ class _InvertedResidual(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.body(x) if self.residual else self.body(x)
+        out: torch.Tensor = x + self.body(x) if self.residual else self.body(x)
+        return out
 
 
 class MobileNetV2(nn.Module):
@@ -99,7 +102,8 @@ class MobileNetV2(nn.Module):
         self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(16, classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x).mean((2, 3)))
+        out: torch.Tensor = self.head(self.features(x).mean((2, 3)))
+        return out
 
 
 class SoftmaxCNN(nn.Module):
@@ -141,7 +145,8 @@ class SiluCNN(nn.Module):
         self.fc = nn.Linear(16, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x).flatten(1))
+        out: torch.Tensor = self.fc(self.features(x).flatten(1))
+        return out
 
 
 class TinyViT(nn.Module):
@@ -163,7 +168,8 @@ class TinyViT(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.patch(x).flatten(2).transpose(1, 2)  # (B, P, D)
         tokens = torch.cat([self.cls.expand(x.shape[0], -1, -1), tokens], dim=1) + self.pos
-        return self.fc(self.norm(self.encoder(tokens))[:, 0])
+        out: torch.Tensor = self.fc(self.norm(self.encoder(tokens))[:, 0])
+        return out
 
 
 FOREIGN_MODELS: dict[str, Callable[[], nn.Module]] = {
@@ -202,24 +208,24 @@ def export_foreign(model: nn.Module, *, dynamo: bool, dynamic_batch: bool = Fals
     ``dynamo=True`` the new exporter's defaults (optimized, its own opset).
     """
     x = torch.rand(1, 3, 32, 32)
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(), tempfile.TemporaryDirectory() as folder:
+        warnings.simplefilter("ignore")  # the exporters' deprecation and progress notices
+        path = Path(folder, "model.onnx")
         if dynamo:
             shapes = ({0: torch.export.Dim("batch", min=1, max=1024)},) if dynamic_batch else None
             program = torch.onnx.export(model, (x,), dynamo=True, dynamic_shapes=shapes)
             assert program is not None
-            program.save(buffer, external_data=False)
+            program.save(path, external_data=False)
         else:
             axes = {"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None
             torch.onnx.export(
                 model,
                 (x,),
-                buffer,
+                path,
                 dynamo=False,
                 opset_version=17,
                 input_names=["input"],
                 output_names=["output"],
                 dynamic_axes=axes,
             )
-    return buffer.getvalue()
+        return path.read_bytes()

@@ -11,9 +11,9 @@ from onnx import TensorProto, helper
 from onnx_builders import init, tiny_model
 
 from free_common.errors import UnsupportedOperatorError
-from free_common.models.shape_fold import FOLD_ONLY_OPS
 from free_common.models.convert import CONVERTERS, convert
 from free_common.models.onnx_static import ALLOWED_OPS
+from free_common.models.shape_fold import FOLD_ONLY_OPS
 
 RNG = np.random.default_rng(0)
 F32 = np.float32

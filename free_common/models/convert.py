@@ -104,7 +104,7 @@ class OnnxModule(nn.Module):
         pad = -count % size
         if pad:
             x = torch.cat([x, x.new_zeros((pad, *x.shape[1:]))])
-        return torch.cat([self._run(group) for group in x.split(size)])[:count]
+        return torch.cat([self._run(group) for group in torch.split(x, size)])[:count]
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         values: dict[str, torch.Tensor] = {self.input_name: x}
@@ -365,8 +365,9 @@ class _Reshape(nn.Module):
         self.allowzero = allowzero
 
     def forward(self, x: torch.Tensor, *graph_input: torch.Tensor) -> torch.Tensor:
-        shape = self.shape.at(graph_input[0].shape[0]) if graph_input else self.shape
-        assert not isinstance(shape, BatchAffine)
+        shape = self.shape
+        if isinstance(shape, BatchAffine):
+            shape = shape.at(graph_input[0].shape[0])
         target = [x.shape[i] if s == 0 and not self.allowzero else s for i, s in enumerate(shape)]
         return x.reshape(target)
 
@@ -643,7 +644,9 @@ def _layer_norm(node: onnx.NodeProto, ctx: _Context) -> Converted:
     attrs = _Attributes(node)
     axis = _axis(node, attrs.get_int("axis", -1), ctx.rank(node.input[0]))
     scale = ctx.constant(node, 1, "scale")
-    module = _LayerNorm(axis, attrs.get_float("epsilon", 1e-5), scale, ctx.optional_constant(node, 2))
+    module = _LayerNorm(
+        axis, attrs.get_float("epsilon", 1e-5), scale, ctx.optional_constant(node, 2)
+    )
     return module, (node.input[0],)
 
 
@@ -695,7 +698,9 @@ def _pad(node: onnx.NodeProto, ctx: _Context) -> Converted:
     axes = _axes(node, ctx, 3)
     axes = tuple(_axis(node, a, rank) for a in axes) if axes else tuple(range(rank))
     if len(pads) != 2 * len(axes):
-        raise InvalidModelError(f"Pad node {node.name!r:.60}: {len(pads)} pads for {len(axes)} axes")
+        raise InvalidModelError(
+            f"Pad node {node.name!r:.60}: {len(pads)} pads for {len(axes)} axes"
+        )
     if any(p < 0 for p in pads):
         raise _unsupported(node, f"negative pads {list(pads)[:8]} (cropping) are not supported")
     if any(p > ctx.limits.max_shape_attribute for p in pads):
@@ -714,6 +719,8 @@ def _pad(node: onnx.NodeProto, ctx: _Context) -> Converted:
 
 
 class _Gather(nn.Module):
+    indices: torch.Tensor
+
     def __init__(self, axis: int, indices: np.ndarray) -> None:
         super().__init__()
         self.axis = axis
@@ -752,7 +759,9 @@ def _slice(node: onnx.NodeProto, ctx: _Context) -> Converted:
     axis_list = range(len(starts)) if axes is None else axes.reshape(-1)
     step_list = [1] * len(starts) if steps is None else steps.reshape(-1)
     if not len(starts) == len(ends) == len(axis_list) == len(step_list):
-        raise InvalidModelError(f"Slice node {node.name!r:.60}: starts, ends, axes differ in length")
+        raise InvalidModelError(
+            f"Slice node {node.name!r:.60}: starts, ends, axes differ in length"
+        )
     index = [slice(None)] * rank
     for start, end, axis, step in zip(starts, ends, axis_list, step_list, strict=True):
         if step <= 0:
@@ -768,9 +777,10 @@ class _Expand(nn.Module):
         self.shape = shape
 
     def forward(self, x: torch.Tensor, *graph_input: torch.Tensor) -> torch.Tensor:
-        shape = self.shape.at(graph_input[0].shape[0]) if graph_input else self.shape
-        assert not isinstance(shape, BatchAffine)
-        return x.expand(torch.broadcast_shapes(x.shape, tuple(shape)))
+        shape = self.shape
+        if isinstance(shape, BatchAffine):
+            shape = shape.at(graph_input[0].shape[0])
+        return x.expand(np.broadcast_shapes(tuple(x.shape), shape))
 
 
 def _expand(node: onnx.NodeProto, ctx: _Context) -> Converted:
@@ -802,6 +812,8 @@ def _where(node: onnx.NodeProto, ctx: _Context) -> Converted:
 class _Select(nn.Module):
     """``where(condition, a, b)`` with a constant condition."""
 
+    condition: torch.Tensor
+
     def __init__(self, condition: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("condition", condition)
@@ -819,9 +831,9 @@ def _pow(node: onnx.NodeProto, ctx: _Context) -> Converted:
 
 
 class _Split(nn.Module):
-    def __init__(self, axis: int, sizes: tuple[int, ...] | int) -> None:
+    def __init__(self, axis: int, sizes: tuple[int, ...]) -> None:
         super().__init__()
-        self.axis, self.sizes = axis, sizes
+        self.axis, self.sizes = axis, list(sizes)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return torch.split(x, self.sizes, dim=self.axis)
@@ -947,7 +959,7 @@ def _layer_key(index: int, node: onnx.NodeProto) -> str:
 
 
 def _strip_head(graph: onnx.GraphProto, ranks: dict[str, int]) -> tuple[str, OutputHead]:
-    """The name of the logits, and the (Log)Softmax over classes the graph ends in, if any."""
+    """Find the logits: the graph output, or the input of a final (Log)Softmax over classes."""
     output = graph.output[0].name
     last = next((n for n in graph.node if output in n.output), None)
     if last is None or last.op_type not in ("Softmax", "LogSoftmax"):

@@ -82,7 +82,7 @@ def _check_activations(model: onnx.ModelProto, limits: IntakeLimits) -> onnx.Mod
 def _onnxruntime_logits(
     data: bytes, report: StaticReport, images: np.ndarray, limits: IntakeLimits
 ) -> np.ndarray:
-    """The graph's outputs for NCHW `images`, fed in the graph's own layout and batch size."""
+    """Run the graph on NCHW `images`, fed in its own layout and batch size."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
@@ -92,7 +92,9 @@ def _onnxruntime_logits(
     size = fixed if isinstance(fixed, int) else len(images)
     count = len(images)
     if count % size:
-        images = np.concatenate([images, np.zeros((size - count % size, *images.shape[1:]), images.dtype)])
+        images = np.concatenate(
+            [images, np.zeros((size - count % size, *images.shape[1:]), images.dtype)]
+        )
     try:
         session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         groups = [

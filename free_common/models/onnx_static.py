@@ -540,7 +540,7 @@ def _graph_io(
 
 
 def takes_channels_last(graph: onnx.GraphProto, input_name: str) -> bool:
-    """True when the graph takes NHWC images and transposes them to NCHW first (tf2onnx)."""
+    """Tell whether the graph takes NHWC images and transposes them to NCHW first (tf2onnx)."""
     first = next((n for n in graph.node if input_name in n.input), None)
     if first is None or first.op_type != "Transpose":
         return False

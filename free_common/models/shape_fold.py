@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -49,7 +50,7 @@ class BatchAffine:
     per_batch: tuple[int, ...]
 
     def at(self, batch: int) -> tuple[int, ...]:
-        """The value for a batch of `batch` images."""
+        """Return the value for a batch of `batch` images."""
         return tuple(b + p * batch for b, p in zip(self.base, self.per_batch, strict=True))
 
 
@@ -76,7 +77,7 @@ class FoldedGraph:
     folded_nodes: int
 
 
-def _attr(node: onnx.NodeProto, name: str, default: object) -> object:
+def _attr(node: onnx.NodeProto, name: str, default: Any) -> Any:
     for a in node.attribute:
         if a.name == name:
             return helper.get_attribute_value(a)
@@ -104,7 +105,7 @@ def _capped(node: onnx.NodeProto, shape: tuple[int, ...]) -> tuple[int, ...]:
 def _axes_of(node: onnx.NodeProto, args: list[np.ndarray], index: int) -> list[int] | None:
     attr = _attr(node, "axes", None)
     if attr is not None:
-        return [int(a) for a in attr]  # type: ignore[union-attr]
+        return [int(a) for a in attr]
     if len(args) > index:
         return [int(a) for a in args[index].reshape(-1)]
     return None
@@ -125,7 +126,7 @@ def _slice(node: onnx.NodeProto, args: list[np.ndarray]) -> np.ndarray:
 def _constant_of_shape(node: onnx.NodeProto, args: list[np.ndarray]) -> np.ndarray:
     shape = _capped(node, tuple(int(d) for d in args[0].reshape(-1)))
     fill = _attr(node, "value", None)
-    value = np.zeros(1, np.float32) if fill is None else numpy_helper.to_array(fill)  # type: ignore[arg-type]
+    value = np.zeros(1, np.float32) if fill is None else numpy_helper.to_array(fill)
     return np.full(shape, value.reshape(-1)[0], dtype=value.dtype)
 
 
@@ -140,14 +141,14 @@ def _range(node: onnx.NodeProto, args: list[np.ndarray]) -> np.ndarray:
     if delta == 0:
         raise InvalidModelError(f"Range node {node.name!r:.60} has a step of 0")
     _capped(node, (max(0, math.ceil((limit - start) / delta)),))
-    return np.arange(start, limit, delta, dtype=args[0].dtype)
+    return np.arange(start.item(), limit.item(), delta.item(), dtype=args[0].dtype)
 
 
 def _divide(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     if a.dtype in _INTEGER and b.dtype in _INTEGER:
         if (b == 0).any():
             raise InvalidModelError("a shape computation divides by zero")
-        return (np.trunc(a / b)).astype(a.dtype)  # ONNX integer Div truncates
+        return np.asarray(np.trunc(a / b), dtype=a.dtype)  # ONNX integer Div truncates
     return np.asarray(a / b, dtype=a.dtype)
 
 
@@ -253,7 +254,7 @@ def _with_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
 
 
 def _small_initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    """Initializers small enough to take part in folding (weights never do)."""
+    """Decode the initializers small enough to take part in folding (weights never do)."""
     return {
         t.name: np.asarray(numpy_helper.to_array(t))
         for t in model.graph.initializer
@@ -261,9 +262,7 @@ def _small_initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     }
 
 
-def _fold_once(
-    probe: onnx.ModelProto, known: dict[str, np.ndarray], folded: set[int]
-) -> bool:
+def _fold_once(probe: onnx.ModelProto, known: dict[str, np.ndarray], folded: set[int]) -> bool:
     """One pass over `probe`'s nodes in graph order; True when a node was folded."""
     shapes: dict[str, tuple[int, ...]] = {}
     if any(n.op_type == "Shape" for i, n in enumerate(probe.graph.node) if i not in folded):
@@ -298,7 +297,7 @@ def _fold_once(
 
 
 def _constant(node: onnx.NodeProto) -> np.ndarray | None:
-    """The value of a Constant node, or None when it is too large to fold."""
+    """Return a Constant node's value, or None when it is too large to fold."""
     if len(node.attribute) != 1:
         raise InvalidModelError(f"Constant node {node.name!r:.60} needs exactly one value")
     attr = node.attribute[0]
@@ -306,9 +305,8 @@ def _constant(node: onnx.NodeProto) -> np.ndarray | None:
         if math.prod(attr.t.dims) > FOLD_MAX_ELEMENTS:
             return None
         return np.asarray(numpy_helper.to_array(attr.t))
-    if attr.type in (onnx.AttributeProto.FLOATS, onnx.AttributeProto.INTS):
-        if len(attr.floats) + len(attr.ints) > FOLD_MAX_ELEMENTS:
-            return None
+    if len(attr.floats) + len(attr.ints) > FOLD_MAX_ELEMENTS:
+        return None
     value = helper.get_attribute_value(attr)
     if attr.name.startswith("value_float"):
         return np.asarray(value, dtype=np.float32)
