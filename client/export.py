@@ -1,8 +1,10 @@
-"""`free-client export`: an owner's safetensors weights to one ONNX file intake accepts.
+"""`free-client export`: an owner's model to one ONNX file, with the task metadata intake reads.
 
-The checkpoint is the owner's own state dict of a supported backbone
-(`free_common.models.backbones`), saved with safetensors; pickles are never
-loaded. What the checkpoint's header does not say (architecture width, image
+Two sources. A checkpoint: the owner's own state dict of a supported backbone
+(`free_common.models.backbones`), saved with safetensors (pickles are never
+loaded), exported with batch norm kept. Or ``--from-onnx FILE``: a model the owner
+exported with any tool (torch.onnx, tf2onnx), copied with its graph unchanged and
+the ``free.*`` metadata written in. What the source does not say (width, image
 size, normalization, class names) comes from flags, and flags win. After the
 export the same intake the server runs checks the file, so the owner learns the
 verdict before uploading.
@@ -26,7 +28,7 @@ if TYPE_CHECKING:
 
     from free_common.models.intake import IntakeResult
 
-__all__ = ["ARCHITECTURES", "ExportOptions", "export", "export_checkpoint"]
+__all__ = ["ARCHITECTURES", "ExportOptions", "export", "export_checkpoint", "tag_onnx"]
 
 ARCHITECTURES = ("conv4", "resnet10", "resnet18", "mlp")
 """The names in `free_common.models.backbones.BACKBONES`, for ``--help`` without loading
@@ -157,6 +159,54 @@ def export_checkpoint(checkpoint: Path, out: Path, options: ExportOptions) -> Ta
     return task
 
 
+def tag_onnx(source: Path, out: Path, options: ExportOptions) -> TaskMetadata:
+    """Copy the ONNX model `source` to `out` with the task metadata written into it.
+
+    The graph is not changed. The task comes from flags, then the source's own
+    ``free.*`` metadata, then its declared shapes (`free_client.task_flags`).
+
+    Raises
+    ------
+    ConfigError
+        The source cannot be read, or a flag that only checkpoints take was given.
+    IntakeError
+        The source is not an ONNX model, or the task it ends up with is incomplete.
+    """
+    from free_client.task_flags import TaskFlags, resolve_task
+    from free_common.models.metadata import write_metadata
+    from free_common.models.onnx_static import IntakeLimits, declared_task_shapes, parse_model
+
+    if options.arch is not None or options.width is not None:
+        raise ConfigError("--arch and --width describe a checkpoint; --from-onnx takes the graph")
+    try:
+        data = source.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {source}: {exc.strerror or exc}") from None
+    model = parse_model(data, IntakeLimits())
+    shape = None
+    if options.channels is not None or options.image_size is not None:
+        declared, _ = declared_task_shapes(model)
+        channels = options.channels or (declared[0] if declared else None)
+        size = options.image_size or (declared[1] if declared else None)
+        if channels is None or size is None:
+            raise ConfigError(
+                "the model does not declare its image size: give both --channels and --image-size"
+            )
+        shape = f"{channels},{size},{size}"
+    flags = TaskFlags(
+        num_classes=options.num_classes,
+        input_shape=shape,
+        channel_order=options.channel_order,
+        mean=[",".join(map(str, options.mean))] if options.mean else (),
+        std=[",".join(map(str, options.std))] if options.std else (),
+        class_names=None if options.class_names is None else ",".join(options.class_names),
+    )
+    task = resolve_task(data, flags)
+    write_metadata(model, task)
+    write_synced(out, model.SerializeToString())
+    return task
+
+
 def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
     if text is None:
         return None
@@ -180,8 +230,16 @@ def _print_verdict(result: IntakeResult) -> None:
 
 
 def export(
-    checkpoint: Annotated[Path, typer.Argument(help="safetensors file of your model's weights")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="ONNX file to write")],
+    checkpoint: Annotated[
+        Path | None, typer.Argument(help="safetensors file of your model's weights")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="ONNX file to write")] = None,
+    from_onnx: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-onnx", help="an ONNX model exported elsewhere: write the task metadata into it"
+        ),
+    ] = None,
     arch: Annotated[
         str | None, typer.Option(help=f"architecture: {', '.join(ARCHITECTURES)}")
     ] = None,
@@ -197,7 +255,15 @@ def export(
     ] = None,
     check: Annotated[bool, typer.Option(help="run intake on the result")] = True,
 ) -> None:
-    """Export your weights (safetensors) to an ONNX file with its task metadata."""
+    """Export your weights (safetensors) to an ONNX file with its task metadata.
+
+    With --from-onnx instead of weights, copy a model you exported yourself and write
+    the task metadata (--num-classes, --mean, --std, ...) into it.
+    """
+    if out is None:
+        raise ConfigError("give --out FILE: where to write the ONNX model")
+    if (checkpoint is None) == (from_onnx is None):
+        raise ConfigError("give either a checkpoint (safetensors weights) or --from-onnx FILE")
     options = ExportOptions(
         arch=arch,
         width=width,
@@ -209,7 +275,11 @@ def export(
         std=_floats(std, "--std"),
         class_names=None if class_names is None else tuple(class_names.split(",")),
     )
-    task = export_checkpoint(checkpoint, out, options)
+    if from_onnx is not None:
+        task = tag_onnx(from_onnx, out, options)
+    else:
+        assert checkpoint is not None
+        task = export_checkpoint(checkpoint, out, options)
     _show(
         f"wrote {out}: {task.num_classes} classes, input {list(task.input_shape)} "
         f"{task.channel_order.value}, mean {list(task.mean)}, std {list(task.std)}"

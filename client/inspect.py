@@ -2,9 +2,10 @@
 
 The same `run_intake` the server runs after an upload (static checks, then the
 bounded worker with the onnxruntime probe and the torch conversion), so what it
-prints is what the server will see. Exit status 0 when the model would be
-accepted, 2 when refused; ``--json`` prints
-``{"verdict": "accept"|"refuse", "reason": ..., ...}``.
+prints is what the server will see. It takes the task flags of `submit`
+(`free_client.task_flags`), resolved the same way, so what inspect accepts, submit
+accepts. Exit status 0 when the model would be accepted, 2 when refused; ``--json``
+prints ``{"verdict": "accept"|"refuse", "reason": ..., ...}``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,16 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from free_client.task_flags import (
+    ChannelOrderOption,
+    ClassNamesOption,
+    InputShapeOption,
+    MeanOption,
+    NumClassesOption,
+    StdOption,
+    TaskFlags,
+    resolve_task,
+)
 from free_common.console import out_console
 
 if TYPE_CHECKING:
@@ -25,9 +36,9 @@ __all__ = ["inspect", "inspect_file"]
 
 
 def inspect_file(
-    path: Path, limits: IntakeLimits | None = None
+    path: Path, limits: IntakeLimits | None = None, flags: TaskFlags | None = None
 ) -> tuple[IntakeResult, dict[str, Any]]:
-    """Run intake on the model file at `path`.
+    """Run intake on the model file at `path`, with the task `flags` give (as `submit` would).
 
     Returns
     -------
@@ -43,7 +54,10 @@ def inspect_file(
     with path.open("rb") as handle:
         # One byte over the cap is enough for intake to refuse the size.
         data = handle.read(limits.max_bytes + 1)
-    result = run_intake(data, limits=limits)
+    task = None
+    if flags is not None and flags.given and len(data) <= limits.max_bytes:
+        task = resolve_task(data, flags)
+    result = run_intake(data, task=task, limits=limits)
     report = result.to_dict()
     if not result.accepted:
         declared = peek(data, limits)
@@ -66,8 +80,13 @@ def _print_report(path: Path, result: IntakeResult, report: dict[str, Any]) -> N
         s = result.summary
         task = s.task
         _show(f"{path}: accept")
-        _show(f"  input    {s.input_name} {_shape(list(s.input_shape))} float32")
-        _show(f"  output   {s.output_name} {_shape(list(s.output_shape))}")
+        layout = " (NHWC: transposed to NCHW for the teacher)" if s.channels_last else ""
+        _show(f"  input    {s.input_name} {_shape(list(s.input_shape))} float32{layout}")
+        head = {
+            "softmax": " (ends in Softmax: the teacher is used on the logits beneath it)",
+            "log_softmax": " (ends in LogSoftmax: the teacher is used on the logits beneath it)",
+        }.get(s.output_head, "")
+        _show(f"  output   {s.output_name} {_shape(list(s.output_shape))}{head}")
         names = f" ({', '.join(task.class_names)})" if task.class_names else ""
         _show(f"  classes  {task.num_classes}{names}")
         _show(
@@ -79,6 +98,10 @@ def _print_report(path: Path, result: IntakeResult, report: dict[str, Any]) -> N
             f"{s.num_parameters:,} parameters; {s.num_batch_norms} batch-norm layers"
         )
         _show(f"  nodes    {ops}")
+        if s.folded_nodes:
+            _show(
+                f"  folded   {s.folded_nodes} shape-computing nodes, into constants for this size"
+            )
         _show(f"  parity   max |torch - onnxruntime| = {s.max_abs_diff:.2g}")
         for key, value in s.metadata_props.items():
             _show(f"  metadata {key} = {value}")
@@ -100,9 +123,19 @@ def _print_report(path: Path, result: IntakeResult, report: dict[str, Any]) -> N
 def inspect(
     model: Annotated[Path, typer.Argument(help="the .onnx file to check")],
     as_json: Annotated[bool, typer.Option("--json", help="print the verdict as JSON")] = False,
+    classes: NumClassesOption = None,
+    input_shape: InputShapeOption = None,
+    channel_order: ChannelOrderOption = None,
+    mean: MeanOption = None,
+    std: StdOption = None,
+    class_names: ClassNamesOption = None,
 ) -> None:
-    """Show what the server's intake will see in MODEL and whether it accepts it."""
-    result, report = inspect_file(model)
+    """Show what the server's intake will see in MODEL and whether it accepts it.
+
+    The task flags are those of `submit`: give them for a model without FREE metadata.
+    """
+    flags = TaskFlags(classes, input_shape, channel_order, mean or (), std or (), class_names)
+    result, report = inspect_file(model, flags=flags)
     if as_json:
         typer.echo(json.dumps(report, indent=2, ensure_ascii=False))
     else:

@@ -19,8 +19,6 @@ received). ``--json`` prints::
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -37,85 +35,24 @@ from free_client.options import (
     pinned_key,
 )
 from free_client.stub import ExchangeClient
+from free_client.task_flags import (
+    ChannelOrderOption,
+    ClassNamesOption,
+    InputShapeOption,
+    MeanOption,
+    NumClassesOption,
+    StdOption,
+    TaskFlags,
+    resolve_task,
+)
 from free_client.uploader import RetryPolicy, upload, wait_for_verdict
 from free_common.console import out_console
-from free_common.errors import ConfigError, IntakeError, MetadataError
-from free_common.models.metadata import read_metadata, task_from_dict, task_to_dict
-from free_common.models.onnx_static import IntakeLimits, parse_model
+from free_common.errors import ConfigError, IntakeError
 from free_common.security.canonical import canonical_json
 from free_common.security.keys import load_private_key
-from free_common.types import ChannelOrder, TaskMetadata, Verdict, VerdictState
+from free_common.types import TaskMetadata, Verdict, VerdictState
 
-__all__ = ["TaskFlags", "resolve_task", "submit"]
-
-
-@dataclass(frozen=True)
-class TaskFlags:
-    """Task metadata given on the command line; None or empty means "from the model"."""
-
-    num_classes: int | None = None
-    input_shape: str | None = None
-    channel_order: str | None = None
-    mean: Sequence[str] = ()
-    std: Sequence[str] = ()
-    class_names: str | None = None
-
-
-def _numbers(flag: str, values: Sequence[str], kind: type[float] | type[int]) -> list[Any]:
-    parts = [p.strip() for value in values for p in value.split(",") if p.strip()]
-    try:
-        return [kind(p) for p in parts]
-    except ValueError:
-        raise ConfigError(f"{flag} takes numbers separated by commas, got {values!r}") from None
-
-
-def resolve_task(data: bytes, flags: TaskFlags) -> TaskMetadata:
-    """Return the task metadata of a model: its own ``metadata_props``, overridden by flags.
-
-    Raises
-    ------
-    NotOnnxError, ModelTooLarge
-        The bytes are not an ONNX model this client can read.
-    MetadataError
-        The model's metadata is malformed, or the result is incomplete or inconsistent.
-    ConfigError
-        A flag is malformed.
-    """
-    own = read_metadata(parse_model(data, IntakeLimits()))
-    merged: dict[str, Any] = {} if own is None else task_to_dict(own)
-    if flags.num_classes is not None:
-        merged["num_classes"] = flags.num_classes
-    if flags.input_shape is not None:
-        merged["input_shape"] = _numbers("--input-shape", [flags.input_shape], int)
-    if flags.channel_order is not None:
-        merged["channel_order"] = flags.channel_order.lower()
-    elif "channel_order" not in merged and len(merged.get("input_shape", [])) == 3:
-        # Without a word from the owner, one channel is gray and three are RGB.
-        merged["channel_order"] = (
-            ChannelOrder.GRAY if merged["input_shape"][0] == 1 else ChannelOrder.RGB
-        ).value
-    if flags.mean:
-        merged["mean"] = _numbers("--mean", flags.mean, float)
-    if flags.std:
-        merged["std"] = _numbers("--std", flags.std, float)
-    if flags.class_names is not None:
-        merged["class_names"] = [n.strip() for n in flags.class_names.split(",") if n.strip()]
-    missing = [
-        flag
-        for key, flag in (
-            ("num_classes", "--classes"),
-            ("input_shape", "--input-shape"),
-            ("mean", "--mean"),
-            ("std", "--std"),
-        )
-        if key not in merged
-    ]
-    if missing:
-        raise MetadataError(
-            "the model carries no FREE task metadata: export it with `free-client export`,"
-            f" or give {', '.join(missing)}"
-        )
-    return task_from_dict(merged)
+__all__ = ["submit"]
 
 
 def _local_intake(model: Path, data: bytes, task: TaskMetadata) -> None:
@@ -149,26 +86,12 @@ def submit(
         Path | None,
         typer.Option("--server-pub", help="The aggregator's server.pub: verify the receipt."),
     ] = None,
-    classes: Annotated[
-        int | None,
-        typer.Option("--classes", "--num-classes", help="Number of classes (overrides the model)."),
-    ] = None,
-    input_shape: Annotated[
-        str | None, typer.Option("--input-shape", help="C,H,W of one image (overrides).")
-    ] = None,
-    channel_order: Annotated[
-        str | None, typer.Option("--channel-order", help="gray, rgb or bgr (overrides).")
-    ] = None,
-    mean: Annotated[
-        list[str] | None,
-        typer.Option("--mean", help="Per-channel mean, e.g. 0.5 or 0.48,0.45,0.40 (overrides)."),
-    ] = None,
-    std: Annotated[
-        list[str] | None, typer.Option("--std", help="Per-channel std, like --mean (overrides).")
-    ] = None,
-    class_names: Annotated[
-        str | None, typer.Option("--class-names", help="Comma-separated class names (overrides).")
-    ] = None,
+    classes: NumClassesOption = None,
+    input_shape: InputShapeOption = None,
+    channel_order: ChannelOrderOption = None,
+    mean: MeanOption = None,
+    std: StdOption = None,
+    class_names: ClassNamesOption = None,
     no_wait: Annotated[
         bool, typer.Option("--no-wait", help="Return at the receipt; do not wait for the verdict.")
     ] = False,

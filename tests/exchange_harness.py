@@ -196,9 +196,9 @@ def padded_model(pad_chars: int) -> bytes:
 
 
 def unsupported_op_model() -> bytes:
-    """Refused by the static checks (Softmax is not on the allow-list)."""
+    """Refused by the static checks (TopK is not on the allow-list)."""
     model = copy(tiny_model(seed=2))
-    model.graph.node[2].op_type = "Softmax"
+    model.graph.node[2].op_type = "TopK"
     return bytes(model.SerializeToString())
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import onnxruntime as ort
 import pytest
 import torch
+from foreign_models import build_foreign, export_foreign
 from onnx_builders import copy, point_to_external, tiny_model
 from safetensors.torch import save_file
 from typer.testing import CliRunner
@@ -23,7 +24,7 @@ from free_common.models.backbones import BACKBONES, build_backbone
 from free_common.models.checkpoint import read_checkpoint, save_checkpoint
 from free_common.models.export import INPUT_NAME
 from free_common.models.metadata import read_metadata
-from free_common.models.onnx_static import check_static
+from free_common.models.onnx_static import IntakeLimits, check_static, parse_model
 from free_common.types import ChannelOrder, TaskMetadata
 
 runner = CliRunner()
@@ -187,3 +188,55 @@ def test_inspect_console_script_exit_codes(exported: Path, tmp_path: Path) -> No
     assert missing.returncode == 1
     assert "Traceback" not in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def foreign(folder: Path) -> Path:
+    """A model as torch.onnx writes it by default: no FREE metadata, batch 1, a Softmax head."""
+    path = folder / "foreign.onnx"
+    path.write_bytes(export_foreign(build_foreign("softmax-cnn"), dynamo=False))
+    return path
+
+
+def test_inspect_takes_the_task_flags_of_submit(foreign: Path) -> None:
+    bare = runner.invoke(app, ["inspect", str(foreign)])
+    assert bare.exit_code == 2
+    assert "refuse (MetadataError)" in bare.output and "--mean" in bare.output
+    flagged = runner.invoke(app, ["inspect", str(foreign), "--mean", "0.5", "--std", "0.25"])
+    assert flagged.exit_code == 0, flagged.output
+    text = flagged.output
+    assert "classes  5" in text  # from the graph's declared [1, 5] output
+    assert "rgb, mean [0.5, 0.5, 0.5]" in text
+    assert "ends in Softmax" in text
+    assert "fixed batch size of 1" in text
+    assert "folded its batch norms" in text
+
+
+def test_export_from_onnx_writes_the_metadata_and_leaves_the_graph(
+    foreign: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "tagged.onnx"
+    result = runner.invoke(
+        app,
+        ["export", "--from-onnx", str(foreign), "--out", str(out), "--mean", "0.5",
+         "--std", "0.25", "--class-names", "a,b,c,d,e"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "intake check: accept" in result.output
+    tagged, source = (parse_model(p.read_bytes(), IntakeLimits()) for p in (out, foreign))
+    assert tagged.graph == source.graph
+    task = read_metadata(tagged)
+    assert task is not None and task.class_names == tuple("abcde")
+    assert runner.invoke(app, ["inspect", str(out)]).exit_code == 0
+
+
+def test_export_needs_one_source(foreign: Path, tmp_path: Path, folder: Path) -> None:
+    neither = runner.invoke(app, ["export", "--out", str(tmp_path / "x.onnx")])
+    assert isinstance(neither.exception, ConfigError)
+    assert "--from-onnx" in str(neither.exception)
+    both = runner.invoke(
+        app, ["export", str(folder / "teacher.safetensors"), "--from-onnx", str(foreign),
+              "--out", str(tmp_path / "x.onnx")],
+    )  # fmt: skip
+    assert isinstance(both.exception, ConfigError)
+    assert not (tmp_path / "x.onnx").exists()

@@ -27,11 +27,12 @@ from exchange_harness import (
     start_server_process,
     unsupported_op_model,
 )
+from onnx import TensorProto, helper
 from onnx_builders import tiny_model
 
 from free_client.release_dir import MANIFEST_NAME, WEIGHTS_NAME, load_release
 from free_client.stub import Connection, ExchangeClient
-from free_client.submit import TaskFlags, resolve_task
+from free_client.task_flags import TaskFlags, resolve_task
 from free_client.uploader import sign_manifest
 from free_common.errors import ConfigError, MetadataError
 from free_common.security.keys import (
@@ -220,13 +221,23 @@ def test_task_comes_from_the_model_and_flags_win_field_by_field() -> None:
 
 def test_a_model_without_metadata_needs_flags() -> None:
     bare = tiny_model(task=None).SerializeToString()
-    with pytest.raises(MetadataError, match="--classes, --input-shape, --mean, --std"):
+    # The graph declares [batch, 1, 8, 8] images and 3 logits: only the normalization is missing.
+    with pytest.raises(MetadataError, match="give --mean, --std"):
         resolve_task(bare, TaskFlags())
+    declared = resolve_task(bare, TaskFlags(mean=["0.5"], std=["0.25"]))
+    assert (declared.num_classes, declared.input_shape) == (3, (1, 8, 8))
+    assert declared.channel_order is ChannelOrder.GRAY
+    open_graph = tiny_model(task=None)
+    open_graph.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT, None))
+    with pytest.raises(MetadataError, match="give --classes, --mean, --std"):
+        resolve_task(open_graph.SerializeToString(), TaskFlags())
     flags = TaskFlags(num_classes=3, input_shape="3,8,8", mean=["0.5,0.5", "0.5"], std=["0.25"] * 3)
     task = resolve_task(bare, flags)
     assert task.channel_order is ChannelOrder.RGB
     assert task.mean == (0.5, 0.5, 0.5)
     with pytest.raises(ConfigError, match="--mean"):
         resolve_task(bare, dataclasses.replace(flags, mean=["half"]))
+    # One value stands for every channel; any other count must match the channels.
+    assert resolve_task(bare, dataclasses.replace(flags, std=["0.25"])).std == (0.25,) * 3
     with pytest.raises(MetadataError, match="one value per channel"):
-        resolve_task(bare, dataclasses.replace(flags, std=["0.25"]))
+        resolve_task(bare, dataclasses.replace(flags, std=["0.25,0.5"]))

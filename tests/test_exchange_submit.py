@@ -302,7 +302,7 @@ def test_model_refused_by_static_checks_gets_no_receipt(
         _refused(
             lambda: upload(c, owner.key, unsupported_op_model(), TASK),
             grpc.StatusCode.INVALID_ARGUMENT,
-            "Softmax",
+            "TopK",
         )
         _refused(
             lambda: upload(c, owner.key, b"not a model at all" * 20, TASK),

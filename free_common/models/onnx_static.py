@@ -56,6 +56,7 @@ __all__ = [
     "IntakeLimits",
     "StaticReport",
     "check_static",
+    "declared_task_shapes",
     "iter_tensors",
     "parse_model",
     "peek",
@@ -548,6 +549,30 @@ def takes_channels_last(graph: onnx.GraphProto, input_name: str) -> bool:
     return perm == (0, 3, 1, 2)
 
 
+def declared_task_shapes(
+    model: onnx.ModelProto,
+) -> tuple[tuple[int, int, int] | None, int | None]:
+    """Read the image shape ``(C, H, W)`` and class count a model's graph declares.
+
+    Either is None when the graph leaves it open or declares a shape no teacher has;
+    an NHWC input counts when a transpose to NCHW comes first.
+    """
+    weights = {t.name for t in model.graph.initializer}
+    inputs = [v for v in model.graph.input if v.name not in weights]
+    image: tuple[int, int, int] | None = None
+    if len(inputs) == 1:
+        dims = _value_dims(inputs[0]) or ()
+        if len(dims) == 4 and all(isinstance(d, int) and d > 0 for d in dims[1:]):
+            a, b, c = (int(d) for d in dims[1:] if isinstance(d, int))
+            image = (c, a, b) if takes_channels_last(model.graph, inputs[0].name) else (a, b, c)
+    classes: int | None = None
+    if len(model.graph.output) == 1:
+        out = _value_dims(model.graph.output[0]) or ()
+        if len(out) == 2 and isinstance(out[1], int) and out[1] > 1:
+            classes = out[1]
+    return image, classes
+
+
 def _check_input(
     value: onnx.ValueInfoProto, task: TaskMetadata, limits: IntakeLimits, channels_last: bool
 ) -> tuple[int | str | None, ...]:
@@ -653,8 +678,10 @@ def check_static(
     task = task or own_task
     if task is None:
         raise MetadataError(
-            "the model carries no FREE task metadata (free.* metadata_props); export it with "
-            "`free-client export`, or give --num-classes, --input-shape, --mean and --std on submit"
+            "the model carries no FREE task metadata (free.* metadata_props): give --mean and "
+            "--std (and --num-classes, --input-shape where the graph does not say them) to "
+            "`free-client inspect` and `submit`, or write them into the file with "
+            "`free-client export --from-onnx`"
         )
     channels_last = takes_channels_last(model.graph, input_value.name)
     input_dims = _check_input(input_value, task, limits, channels_last)
