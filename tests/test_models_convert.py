@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -154,3 +156,9 @@ def test_unsupported_forms_are_refused(
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     with pytest.raises(UnsupportedOperatorError, match=message):
         convert(model)
+
+
+def test_the_readme_lists_every_operator_intake_accepts() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## What models can I submit?")[1].split("\n## ")[0]
+    assert all(f"`{op}`" in section for op in ALLOWED_OPS)
