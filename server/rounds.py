@@ -22,6 +22,7 @@ for example ``{"base": "cpu", "steps": 400, "learner": {"image_size": 28,
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import types
@@ -31,21 +32,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from free_common.engine import (
     PRESETS,
     EngineConfig,
-    EngineTeacher,
     Initialization,
     ProgressFn,
+    StoredTeacher,
     config_to_dict,
     preset,
     run_round,
 )
-from free_common.errors import CheckpointError, ConfigError, FreeError, TooFewTeachers
+from free_common.errors import (
+    CheckpointError,
+    ConfigError,
+    EngineError,
+    FreeError,
+    TooFewTeachers,
+)
 from free_common.models.intake import load_teacher
 from free_common.models.metadata import task_from_dict
 from free_common.models.onnx_static import IntakeLimits
 from free_server.home import ServerHome
+from free_server.records import SubmissionRow
 from free_server.store import Store
 
 __all__ = [
@@ -171,25 +181,47 @@ def _is_tuple(kind: Any) -> bool:
     return False
 
 
-def accepted_teachers(home: ServerHome, store: Store) -> list[EngineTeacher]:
-    """Every accepted submission as an engine teacher, in verdict order.
+def accepted_teachers(home: ServerHome, store: Store) -> list[StoredTeacher]:
+    """Every accepted submission as an engine teacher, in verdict order, converted when drawn.
 
-    A stored model that no longer converts (changed intake rules since it was
-    accepted) is left out with a warning rather than failing the round.
+    Nothing is read here beyond the store's rows: a round over a pool of thousands loads
+    only the teachers its steps draw (`free_common.engine.teachers.TeacherPool`).
     """
     limits = IntakeLimits(max_bytes=home.config.limits.max_upload_bytes)
-    teachers = []
-    for row in store.accepted_submissions():
-        data = store.blob_path(row.sha256).read_bytes()
-        try:
-            teacher = load_teacher(
-                data, task=task_from_dict(row.task_metadata), limits=limits, already_accepted=True
-            )
-        except FreeError as exc:
-            log.warning("submission %d left out of the round: %s", row.id, exc)
-            continue
-        teachers.append(EngineTeacher(str(row.id), teacher.module, teacher.task))
-    return teachers
+    return [
+        StoredTeacher(
+            str(row.id),
+            task_from_dict(row.task_metadata),
+            functools.partial(_load_stored, store.blob_path(row.sha256), row, limits),
+        )
+        for row in store.accepted_submissions()
+    ]
+
+
+def _load_stored(path: Path, row: SubmissionRow, limits: IntakeLimits) -> nn.Module:
+    """Convert an accepted submission's model (its static checks repeated, as at intake).
+
+    Raises
+    ------
+    EngineError
+        The stored model no longer converts (intake's rules changed since it was
+        accepted): the round stops with the submission named, rather than running
+        on a different pool than it recorded.
+    """
+    try:
+        teacher = load_teacher(
+            path.read_bytes(),
+            task=task_from_dict(row.task_metadata),
+            limits=limits,
+            already_accepted=True,
+        )
+    except (FreeError, OSError) as exc:
+        raise EngineError(
+            f"accepted submission {row.id} no longer loads ({exc}); restore its blob, or "
+            "withdraw it by revoking its owner (`free-server clients revoke NAME`), then start "
+            "the round again"
+        ) from None
+    return teacher.module
 
 
 def run_meta_round(

@@ -150,3 +150,30 @@ def test_disk_bank_index_cannot_point_outside_its_folder(tmp_path: Path) -> None
     (root / INDEX_FILE).write_text(json.dumps(index))
     with pytest.raises(MemoryBankError, match="bad class file name"):
         MemoryBank.open(root)
+
+
+def test_the_bank_keeps_at_most_max_classes_dropping_the_oldest() -> None:
+    bank = MemoryBank(SHAPE, MemoryConfig(capacity_per_class=4, max_classes=3))
+    images, labels = _batch(2, 2, start=0)
+    for teacher in ("a", "b", "c"):
+        bank.add(teacher, images, labels)
+        assert len(bank.classes) <= 3
+    assert [c.key for c in bank.classes] == ["b:1", "c:0", "c:1"]
+    assert len(bank) == 3 * 2
+    with pytest.raises(KeyError):
+        bank.size("a:0")
+
+
+def test_a_disk_bank_deletes_dropped_classes_and_never_reuses_a_file(tmp_path: Path) -> None:
+    root = tmp_path / "memory"
+    bank = MemoryBank(SHAPE, MemoryConfig(capacity_per_class=2, max_classes=2), root=root)
+    images, labels = _batch(2, 1, start=0)
+    bank.add("a", images, labels)
+    bank.add("b", images, labels)  # a's two classes go, with their files
+    assert {p.name for p in root.iterdir()} == {INDEX_FILE, "class-000002.npy", "class-000003.npy"}
+    reopened = MemoryBank.open(root)
+    assert reopened.config.max_classes == 2
+    reopened.add("c", images[:1], labels[:1])
+    assert {p.name for p in root.iterdir()} == {INDEX_FILE, "class-000003.npy", "class-000004.npy"}
+    assert [c.key for c in reopened.classes] == ["b:1", "c:0"]
+    assert torch.equal(reopened.images("c:0"), images[:1])

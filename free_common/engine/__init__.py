@@ -36,7 +36,7 @@ from free_common.engine.result import (
     read_initialization,
 )
 from free_common.engine.round import finished_round, resolve_device, run_round
-from free_common.engine.teachers import EngineTeacher
+from free_common.engine.teachers import EngineTeacher, StoredTeacher
 
 __all__ = [
     "PRESETS",
@@ -57,6 +57,7 @@ __all__ = [
     "ScratchRecovered",
     "SkippedTeacher",
     "StepFinished",
+    "StoredTeacher",
     "build_learner",
     "config_to_dict",
     "finished_round",

@@ -61,7 +61,7 @@ from free_common.engine.state import (
     restore_state,
     state_record,
 )
-from free_common.engine.teachers import EngineTeacher, TeacherPool, TeacherView
+from free_common.engine.teachers import EngineTeacher, StoredTeacher, TeacherPool, TeacherView
 from free_common.errors import CheckpointError, ConfigError, NonFiniteLoss
 from free_common.inversion.five import Recovery
 from free_common.inversion.scratch import scratch_invert
@@ -103,7 +103,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def run_round(
-    teachers: Sequence[EngineTeacher],
+    teachers: Sequence[EngineTeacher | StoredTeacher],
     config: EngineConfig,
     workdir: Path,
     *,
@@ -119,7 +119,8 @@ def run_round(
     teachers
         The accepted teachers, in a stable order. Teachers with fewer classes than
         the learner's ways are skipped (reason recorded); those with more are seen
-        through `ways` random classes at a time.
+        through `ways` random classes at a time. A `StoredTeacher` is converted only
+        when a step draws it, so a pool of thousands costs what its draws cost.
     config
         What to run (`free_common.engine.config.preset` gives the presets).
     workdir
@@ -161,7 +162,7 @@ def run_round(
 
 
 def finished_round(
-    teachers: Sequence[EngineTeacher],
+    teachers: Sequence[EngineTeacher | StoredTeacher],
     config: EngineConfig,
     workdir: Path,
     *,

@@ -9,12 +9,17 @@ The meta-learner learns `ways`-way tasks and distils each teacher through a head
   teacher's distribution conditioned on that subset, so distilling it stays sound);
   its images go to the memory under their original class index;
 - fewer: skipped, with the reason recorded in the round's manifest.
+
+A pool may hold thousands of teachers while a step draws a few, so a teacher may come
+as a `StoredTeacher`, converted only when drawn; the pool keeps the most recently drawn
+of those (`cache_size`), so its memory does not grow with the pool.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +30,7 @@ from free_common.errors import ConfigError, TooFewTeachers
 from free_common.inversion.teacher import AdaptedTeacher
 from free_common.types import TaskMetadata
 
-__all__ = ["EngineTeacher", "TeacherPool", "TeacherView"]
+__all__ = ["EngineTeacher", "StoredTeacher", "TeacherPool", "TeacherView"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,24 @@ class EngineTeacher:
     teacher_id: str
     module: nn.Module
     task: TaskMetadata
+
+
+@dataclass(frozen=True)
+class StoredTeacher:
+    """An accepted teacher that is converted only when a step draws it.
+
+    Attributes
+    ----------
+    teacher_id, task
+        As for `EngineTeacher`.
+    load
+        Returns the frozen classifier (as `EngineTeacher.module`); called again after
+        the pool evicted it. Must give the same module every time.
+    """
+
+    teacher_id: str
+    task: TaskMetadata
+    load: Callable[[], nn.Module]
 
 
 @dataclass(frozen=True)
@@ -104,6 +127,8 @@ class TeacherPool:
         Fewest usable teachers a round may run with.
     device
         Where the teachers run.
+    cache_size
+        Stored teachers kept converted at once (the most recently used).
 
     Raises
     ------
@@ -115,18 +140,23 @@ class TeacherPool:
 
     def __init__(
         self,
-        teachers: Sequence[EngineTeacher],
+        teachers: Sequence[EngineTeacher | StoredTeacher],
         ways: int,
         min_teachers: int,
         device: torch.device,
+        cache_size: int = 32,
     ) -> None:
         ids = [t.teacher_id for t in teachers]
         if len(set(ids)) != len(ids):
             dup = next(i for i in ids if ids.count(i) > 1)
             raise ConfigError(f"teacher id {dup!r:.80} appears twice; give every teacher its own")
         self.ways = ways
+        self.device = device
+        self.cache_size = cache_size
         self.skipped: list[SkippedTeacher] = []
-        self._full: list[AdaptedTeacher] = []
+        self._usable: list[EngineTeacher | StoredTeacher] = []
+        self._resident: dict[int, AdaptedTeacher] = {}  # EngineTeachers: in memory already
+        self._loaded: OrderedDict[int, AdaptedTeacher] = OrderedDict()  # StoredTeachers, LRU
         for teacher in teachers:
             classes = teacher.task.num_classes
             if classes < ways:
@@ -138,13 +168,12 @@ class TeacherPool:
                     )
                 )
                 continue
-            adapted = AdaptedTeacher(teacher.module, teacher.task, teacher.teacher_id)
-            self._full.append(adapted.to(device))
-        if len(self._full) < min_teachers:
+            self._usable.append(teacher)
+        if len(self._usable) < min_teachers:
             why = "; ".join(f"{s.teacher_id}: {s.reason}" for s in self.skipped[:3])
             raise TooFewTeachers(
                 f"a meta round needs at least {min_teachers} usable accepted teachers, got "
-                f"{len(self._full)} of {len(teachers)}"
+                f"{len(self._usable)} of {len(teachers)}"
                 + (f" ({len(self.skipped)} skipped; {why})" if self.skipped else "")
                 + ": accept more submissions before starting a round, or lower min_teachers"
             )
@@ -152,23 +181,37 @@ class TeacherPool:
     @property
     def teacher_ids(self) -> list[str]:
         """Ids of the usable teachers, in pool order."""
-        return [t.teacher_id for t in self._full]
+        return [t.teacher_id for t in self._usable]
 
     def __len__(self) -> int:
-        return len(self._full)
+        return len(self._usable)
 
     def full(self, index: int) -> AdaptedTeacher:
-        """Return the usable teacher at `index` with all its classes."""
-        return self._full[index]
+        """Return the usable teacher at `index` with all its classes (converting it if stored)."""
+        if index in self._resident:
+            return self._resident[index]
+        if index in self._loaded:
+            self._loaded.move_to_end(index)
+            return self._loaded[index]
+        teacher = self._usable[index]
+        if isinstance(teacher, EngineTeacher):
+            resident = AdaptedTeacher(teacher.module, teacher.task, teacher.teacher_id)
+            self._resident[index] = resident.to(self.device)
+            return self._resident[index]
+        loaded = AdaptedTeacher(teacher.load(), teacher.task, teacher.teacher_id)
+        self._loaded[index] = loaded.to(self.device)
+        while len(self._loaded) > self.cache_size:
+            self._loaded.popitem(last=False)
+        return self._loaded[index]
 
     def draw(self, count: int, rng: torch.Generator) -> list[TeacherView]:
         """Draw `count` teachers uniformly with replacement, each with `ways` of its classes."""
-        picks = torch.randint(0, len(self._full), (count,), generator=rng).tolist()
+        picks = torch.randint(0, len(self._usable), (count,), generator=rng).tolist()
         return [self.view(index, rng) for index in picks]
 
     def view(self, index: int, rng: torch.Generator) -> TeacherView:
         """View the teacher at `index`: all classes if it has `ways`, else a random subset."""
-        teacher = self._full[index]
+        teacher = self.full(index)
         task = teacher.task
         if task.num_classes == self.ways:
             return TeacherView(teacher, tuple(range(self.ways)), task.class_names)

@@ -3,7 +3,9 @@
 Owners' label spaces are private and may overlap, so class identity is the pair
 (teacher, class index): each pair is its own pseudo-class, unless owners declared
 class names, in which case equal names are one pseudo-class across teachers. Each
-pseudo-class keeps its newest `capacity_per_class` images (FIFO). A task draws N
+pseudo-class keeps its newest `capacity_per_class` images (FIFO), and the bank keeps at
+most `max_classes` pseudo-classes: a new one beyond that drops the oldest (first created)
+with its images, so the bank does not grow with the pool of teachers. A task draws N
 pseudo-classes uniformly from those with enough images, wherever they came from,
 so tasks mix teachers ("interpolated" tasks, as in the official code).
 
@@ -91,6 +93,8 @@ class MemoryBank:
         self._classes: dict[str, PseudoClass] = {}
         self._rings: dict[str, Ring] = {}
         self._files: dict[str, str] = {}
+        self._next_file = 0
+        self._stale: list[Path] = []
         if root is not None:
             if (root / INDEX_FILE).exists():
                 raise MemoryBankError(
@@ -117,6 +121,7 @@ class MemoryBank:
                 capacity_per_class=int(index["capacity_per_class"]),
                 dtype=index["dtype"],
                 merge_by_class_name=bool(index["merge_by_class_name"]),
+                max_classes=int(index.get("max_classes", MemoryConfig.max_classes)),
             )
             channels, height, width = (int(v) for v in index["image_shape"])
             shape = (channels, height, width)
@@ -135,6 +140,8 @@ class MemoryBank:
                 bank._classes[key] = PseudoClass(key, sources)
                 bank._rings[key] = ring
                 bank._files[key] = file
+                bank._next_file = max(bank._next_file, int(file[6:-4]) + 1)
+            bank._next_file = max(bank._next_file, int(index.get("next_file", 0)))
         except (OSError, ValueError, KeyError, TypeError, ConfigError) as err:
             raise MemoryBankError(
                 f"cannot read the memory bank in {root} ({err}); start a fresh one"
@@ -264,11 +271,14 @@ class MemoryBank:
     def _new_class(self, key: str) -> PseudoClass:
         pseudo = PseudoClass(key)
         cfg = self.config
+        while len(self._classes) >= cfg.max_classes:
+            self._drop(next(iter(self._classes)))
         if self.root is None:
             ring = Ring.in_memory(cfg.capacity_per_class, self.image_shape, cfg.dtype)
         else:
             # Numbered files: keys hold owner-chosen names, which are no file names.
-            file = f"class-{len(self._files):06d}.npy"  # matches _FILE_RE
+            file = f"class-{self._next_file:06d}.npy"  # matches _FILE_RE
+            self._next_file += 1
             ring = Ring.create_file(
                 self.root / file, cfg.capacity_per_class, self.image_shape, cfg.dtype
             )
@@ -276,6 +286,16 @@ class MemoryBank:
         self._classes[key] = pseudo
         self._rings[key] = ring
         return pseudo
+
+    def _drop(self, key: str) -> None:
+        """Forget pseudo-class `key` and its images (its file goes with the next index)."""
+        del self._classes[key]
+        del self._rings[key]
+        file = self._files.pop(key, None)
+        if file is not None and self.root is not None:
+            # The index written after this add no longer names the file; a crash before
+            # then leaves a complete old index and the file it names.
+            self._stale.append(self.root / file)
 
     def _write_index(self) -> None:
         assert self.root is not None
@@ -286,6 +306,8 @@ class MemoryBank:
             "capacity_per_class": self.config.capacity_per_class,
             "dtype": self.config.dtype,
             "merge_by_class_name": self.config.merge_by_class_name,
+            "max_classes": self.config.max_classes,
+            "next_file": self._next_file,
             "classes": [
                 {
                     "key": key,
@@ -301,3 +323,6 @@ class MemoryBank:
         write_synced(
             self.root / INDEX_FILE, json.dumps(index, ensure_ascii=False, indent=1).encode()
         )
+        for path in self._stale:
+            path.unlink(missing_ok=True)
+        self._stale.clear()

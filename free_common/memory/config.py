@@ -22,6 +22,10 @@ class MemoryConfig:
     dtype: StoredDtype = "float16"
     # When owners declare class names, equal names are one pseudo-class across teachers.
     merge_by_class_name: bool = True
+    # Pseudo-classes kept at most; the oldest is dropped for a new one. The official code
+    # never drops one, but it sees a few dozen teachers: over a pool of thousands the bank
+    # (and every checkpoint, which holds it) would grow with the pool.
+    max_classes: int = 256
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float16", "float32"):
@@ -30,3 +34,5 @@ class MemoryConfig:
             raise ConfigError(
                 f"capacity_per_class must be at least 1, got {self.capacity_per_class}"
             )
+        if self.max_classes < 1:
+            raise ConfigError(f"max_classes must be at least 1, got {self.max_classes}")
