@@ -137,6 +137,20 @@ def _constant_of_shape_bomb() -> bytes:
     return bytes(make(nodes, weights, output_shape=["batch", 3]).SerializeToString())
 
 
+def _expand_bomb() -> bytes:
+    """Expand a tiny input to [1, 1, 2^20, 2^20]: one constant shape, 4 TiB of output."""
+    nodes = [
+        helper.make_node("Expand", ["x", "shape"], ["big"]),
+        helper.make_node("Flatten", ["x"], ["flat"]),
+        helper.make_node("Gemm", ["flat", "w"], ["y"], transB=1),
+    ]
+    weights = [
+        init("shape", np.array([1, 1, 2**20, 2**20], np.int64)),
+        init("w", np.ones((3, 64), np.float32)),
+    ]
+    return bytes(make(nodes, weights, output_shape=["batch", 3]).SerializeToString())
+
+
 def _endless_loop(model: onnx.ModelProto) -> None:
     body = helper.make_graph(
         [helper.make_node("Identity", ["cond_in"], ["cond_out"])],
@@ -300,6 +314,7 @@ CASES: list[object] = [
         INVALID,
         "would create a tensor of shape",
     ),
+    ("expand-bomb", _fixed(_expand_bomb()), INVALID, "would create a tensor of shape"),
     ("loop-of-2^62", _m(_endless_loop), INVALID, "Loop node"),
     ("if-subgraph", _m(_if_subgraph), INVALID, "subgraph"),
     ("protobuf-nesting-bomb", _fixed(_nesting_bomb()), INVALID, "not an ONNX model"),
