@@ -139,6 +139,7 @@ def _one(pool: int, folder: Path) -> dict[str, Any]:
         )
         round_s = time.perf_counter() - started
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    round_loads = loads
     # What listing cost before teachers were converted lazily: every one of them, up front.
     started = time.perf_counter()
     for teacher in listed:
@@ -155,7 +156,7 @@ def _one(pool: int, folder: Path) -> dict[str, Any]:
         "list_s": round(list_s, 3),
         "round_s": round(round_s, 2),
         "eager_load_all_s": round(eager_s, 2),
-        "teachers_loaded": loads,
+        "teachers_loaded": round_loads,
         "peak_rss_mb": round(peak_rss_mb, 1),
         "engine_dir_mb": round(checkpoint / 2**20, 2),
         "memory_classes": len(manifest.get("memory", []))
