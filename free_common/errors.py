@@ -35,6 +35,7 @@ answers with, so the CLIs and the servicer never invent their own mapping::
     │   ├── RecordNotFound     no client, submission or release by that name
     │   ├── DuplicateRecord    a client name or key that is already registered
     │   ├── DamagedRecord      a stored release or blob that no longer matches its signature
+    │   │   └── AuditLogBroken an audit entry changed, removed, reordered or not the server's
     │   └── StoreFull          the disk under the store is full (transient for the owner)
     ├── IntakeError            an untrusted model refused by `models` intake
     │   ├── NotOnnxError       not a parseable ONNX model (other bytes, truncated, other proto)
@@ -85,6 +86,7 @@ __all__ = [
     "ERROR_CLASS_METADATA",
     "AppBundleRefused",
     "ArchitectureMismatch",
+    "AuditLogBroken",
     "CanonicalFormError",
     "CheckpointError",
     "ConfigError",
@@ -423,6 +425,10 @@ class DamagedRecord(StoreError):
     """A stored release or blob no longer matches its signed manifest."""
 
     grpc_status = "DATA_LOSS"
+
+
+class AuditLogBroken(DamagedRecord):
+    """An audit log entry was changed, removed, reordered or not signed by the server."""
 
 
 class ExchangeError(FreeError):

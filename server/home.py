@@ -23,6 +23,7 @@ from pathlib import Path
 from free_common.errors import HomeError
 from free_common.security.keys import (
     generate_signing_key,
+    load_private_key,
     write_private_key,
     write_public_key,
 )
@@ -114,8 +115,8 @@ class ServerHome:
         return self._path(self.config.paths.signing_pub)
 
     def open_store(self) -> Store:
-        """Open the home's store (it must exist)."""
-        return Store(self.store_dir)
+        """Open the home's store (it must exist), signing its audit entries with the server key."""
+        return Store(self.store_dir, audit_key=load_private_key(self.signing_key))
 
 
 def create_home(root: Path, hosts: Sequence[str] = ()) -> ServerHome:
@@ -158,7 +159,7 @@ def _populate(home: ServerHome, hosts: Sequence[str]) -> None:
     signing = generate_signing_key()
     write_private_key(signing, home.signing_key)
     write_public_key(signing.public_key(), home.signing_pub)
-    Store(home.store_dir, create=True).close()
+    Store(home.store_dir, create=True, audit_key=signing).close()
     # The config goes last: a folder with a config file is a complete home.
     write_config(home.config_path, home.config)
 

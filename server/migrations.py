@@ -127,7 +127,28 @@ _V2 = (
     "ALTER TABLE submissions ADD COLUMN withdrawn_at TEXT",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
+# Version 3: the append-only audit log (`free_server.audit`). The triggers refuse UPDATE
+# and DELETE, so no code path can rewrite it; editing the file itself is what
+# `free-server audit verify` catches.
+_V3 = (
+    """
+    CREATE TABLE audit (
+        seq       INTEGER PRIMARY KEY,
+        at        TEXT NOT NULL,
+        kind      TEXT NOT NULL,
+        body      TEXT NOT NULL,
+        prev      TEXT NOT NULL,
+        hash      TEXT NOT NULL UNIQUE,
+        signature BLOB NOT NULL
+    )
+    """,
+    "CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit"
+    " BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END",
+    "CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit"
+    " BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3)
 """Migration ``i`` (0-based) takes the schema from version ``i`` to ``i + 1``."""
 
 SCHEMA_VERSION = len(MIGRATIONS)

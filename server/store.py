@@ -19,6 +19,7 @@ the threads of the gRPC server on the single connection.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sqlite3
@@ -30,6 +31,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, cast
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
 from free_common.errors import (
     DuplicateRecord,
     RecordNotFound,
@@ -39,6 +42,7 @@ from free_common.errors import (
     StoreFull,
     UnknownClient,
 )
+from free_server.audit import AuditCheck, AuditEntry, append_entry, verify
 from free_server.blobs import DISK_FULL_MESSAGE, BlobStore, BlobWriter, StagedBlob
 from free_server.migrations import SCHEMA_VERSION, current_version, migrate
 from free_server.records import (
@@ -183,8 +187,10 @@ class Store:
         create: bool = False,
         busy_timeout_s: float = 10.0,
         clock: Clock = _utc_now,
+        audit_key: Ed25519PrivateKey | None = None,
     ) -> None:
         self.root = root
+        self._audit_key = audit_key
         self.db_path = root / DB_NAME
         self._clock = clock
         self._lock = threading.RLock()
@@ -291,6 +297,30 @@ class Store:
     def _now(self) -> str:
         return _ts(self._clock())
 
+    def _audit(self, conn: sqlite3.Connection, kind: str, **body: Any) -> None:
+        """Append an audit entry in the open write transaction `conn` (`free_server.audit`)."""
+        append_entry(conn, kind, body, self._now(), self._audit_key)
+
+    # -- audit log ----------------------------------------------------------------
+
+    def audit_entries(self, since: int = 0) -> list[AuditEntry]:
+        """Return the audit log's entries after sequence number `since`, oldest first."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT seq, at, kind, body, prev, hash, signature FROM audit WHERE seq > ?"
+                " ORDER BY seq",
+                (since,),
+            ).fetchall()
+        return [AuditEntry.from_row(row) for row in rows]
+
+    def verify_audit(self, public_key: Ed25519PublicKey) -> AuditCheck:
+        """Check the whole audit log's chain and signatures against the server key."""
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT seq, at, kind, body, prev, hash, signature FROM audit ORDER BY seq"
+            ).fetchall()
+        return verify(rows, public_key)
+
     @property
     def schema_version(self) -> int:
         """Schema version of the open database."""
@@ -358,6 +388,7 @@ class Store:
                 f"INSERT INTO clients ({_CLIENT_COLS}) VALUES (?, ?, ?, ?, ?, NULL, NULL)",
                 (name, key_id, public_key_pem, node_public_key, self._now()),
             )
+            self._audit(conn, "client.enrolled", name=name, key_id=key_id, node_key=node_public_key)
             return self._current_client(conn, name)
 
     def rotate_client(
@@ -409,6 +440,14 @@ class Store:
                 f"INSERT INTO clients ({_CLIENT_COLS}) VALUES (?, ?, ?, ?, ?, NULL, NULL)",
                 (name, key_id, public_key_pem, node_public_key, now),
             )
+            self._audit(
+                conn,
+                "client.rotated",
+                name=name,
+                old_key_id=current.key_id,
+                key_id=key_id,
+                node_key=node_public_key,
+            )
             return self._current_client(conn, name)
 
     def revoke_client(self, name: str, *, withdraw: bool = True) -> Revocation:
@@ -435,6 +474,9 @@ class Store:
                     " AND client_key_id IN (SELECT key_id FROM clients WHERE name = ?)",
                     (now, name),
                 ).rowcount
+            self._audit(
+                conn, "client.revoked", name=name, key_id=current.key_id, withdrawn=withdrawn
+            )
             return Revocation(self._current_client(conn, name), withdrawn)
 
     def list_clients(self) -> list[ClientRow]:
@@ -564,6 +606,14 @@ class Store:
                 ),
             )
             row_id = cast(int, cursor.lastrowid)
+            self._audit(
+                conn,
+                "submission.received",
+                id=row_id,
+                client_key_id=client_key_id,
+                sha256=staged.sha256,
+                size=staged.size,
+            )
             return SubmissionResult(self._submission_by_id(conn, row_id), duplicate=False)
 
     def submission(self, submission_id: int) -> SubmissionRow:
@@ -609,6 +659,13 @@ class Store:
                     last_seq + 1,
                     submission_id,
                 ),
+            )
+            self._audit(
+                conn,
+                "submission.verdict",
+                id=submission_id,
+                verdict="accepted" if accepted else "refused",
+                reason=reason,
             )
             return self._submission_by_id(conn, submission_id)
 
@@ -664,7 +721,9 @@ class Store:
                 "INSERT INTO rounds (requested_at, state, preset) VALUES (?, 'requested', ?)",
                 (self._now(), preset),
             )
-            return self._round_by_id(conn, cast(int, cursor.lastrowid))
+            round_id = cast(int, cursor.lastrowid)
+            self._audit(conn, "round.requested", id=round_id, preset=preset)
+            return self._round_by_id(conn, round_id)
 
     def next_round_request(self) -> RoundRow | None:
         """Return the oldest round still waiting to start, if any."""
@@ -685,6 +744,7 @@ class Store:
                 " (SELECT COALESCE(MAX(verdict_seq), 0) FROM submissions) WHERE id = ?",
                 (self._now(), round_id),
             )
+            self._audit(conn, "round.started", id=round_id, preset=current.preset)
             return self._round_by_id(conn, round_id)
 
     def finish_round(self, round_id: int, error: str | None = None) -> RoundRow:
@@ -697,6 +757,8 @@ class Store:
                 "UPDATE rounds SET state = ?, finished_at = ?, error = ? WHERE id = ?",
                 ("failed" if error else "finished", self._now(), error, round_id),
             )
+            kind = "round.failed" if error else "round.finished"
+            self._audit(conn, kind, id=round_id, error=error)
             return self._round_by_id(conn, round_id)
 
     def round(self, round_id: int) -> RoundRow:
@@ -771,6 +833,15 @@ class Store:
                     signature,
                     self._now(),
                 ),
+            )
+            self._audit(
+                conn,
+                "release.published",
+                version=version,
+                round_id=round_id,
+                sha256=staged.sha256,
+                size=staged.size,
+                manifest_sha256=hashlib.sha256(manifest).hexdigest(),
             )
             return self._release_by_version(conn, version)
 

@@ -111,8 +111,17 @@ def _quiet_upload(
 
 
 def assert_acknowledged_intact(home: ServerHome, receipts: Iterable[Signed[Receipt]]) -> None:
-    """Every acknowledged submission has its row, and its blob holds the row's bytes."""
+    """Every acknowledged submission has its row, its blob and its audit entry; the log holds.
+
+    The audit entry is written in the row's own transaction, so a kill leaves both or
+    neither: every submission row has exactly one ``submission.received`` entry.
+    """
     with home.open_store() as store:
+        check = store.verify_audit(load_public_key(home.signing_pub))
+        assert check.ok, check.reason
+        logged = [e.body["id"] for e in store.audit_entries() if e.kind == "submission.received"]
+        rows = [r.id for r in store.summary(recent=100_000).submissions]
+        assert sorted(logged) == sorted(rows)
         for signed in receipts:
             receipt = signed.record
             row = store.submission(int(receipt.submission_id))

@@ -2,7 +2,7 @@
 
 ``--json`` prints one object::
 
-    {"schema_version": 2,
+    {"schema_version": 3,
      "clients": [{"name", "key_id", "active", "state", "node_key", "added_at",
                   "revoked_at", "replaced_at"}],
      "submissions": {"received": n, "accepted": n, "refused": n, "withdrawn": n,
