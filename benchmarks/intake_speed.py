@@ -63,12 +63,11 @@ def main() -> None:
         task = TaskMetadata(5, (3, size, size), ChannelOrder.RGB, (0.5,) * 3, (0.25,) * 3)
         model = build_backbone("resnet18", 5, 3, size, width=64).eval()
         exports = {
-            "free-client export (BN kept)": lambda: to_onnx(model, task),
-            "torch.onnx legacy defaults": lambda: _default_export(model, size, False),
-            "torch.onnx dynamo defaults": lambda: _default_export(model, size, True),
+            "free-client export (BN kept)": to_onnx(model, task),
+            "torch.onnx legacy defaults": _default_export(model, size, False),
+            "torch.onnx dynamo defaults": _default_export(model, size, True),
         }
-        for name, make in exports.items():
-            data = make()
+        for name, data in exports.items():
             times = []
             for _ in range(args.repeats):
                 start = time.perf_counter()
@@ -101,8 +100,7 @@ def main() -> None:
         "# Intake time of a ResNet-18",
         "",
         f"`{report['command']}` on {os.cpu_count()} cores (torch {torch.__version__}).",
-        "Full `run_intake`, as the server runs it after an upload; median of "
-        f"{args.repeats} runs.",
+        f"Full `run_intake`, as the server runs it after an upload; median of {args.repeats} runs.",
         "",
         "| image | export | MB | BN layers | fixed batch | parity | median s | max s |",
         "|---|---|---|---|---|---|---|---|",
