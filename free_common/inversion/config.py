@@ -61,6 +61,11 @@ class FiveConfig:
     # bn: weight of the teacher's batch-norm statistics prior (`inversion.bn_prior`);
     # the official code defines it at 0 and never applies it.
     bn_weight: float = 0.0
+    # DeepInversion's image priors on the generator's output (before augmentation), to
+    # steer recovered images away from high-frequency textures; the official FREE code
+    # has neither, so both default to 0 (`inversion.losses.total_variation`, `l2_prior`).
+    tv_weight: float = 0.0  # weight of the (L2, mean-squared) total variation
+    l2_weight: float = 0.0  # weight of the mean squared pixel value (pulls towards black)
     kl_form: KlForm = "log"  # the official code uses "prob"
     augment: AugmentConfig = AugmentConfig()
     # The official code builds a fresh Adam for the meta-update on every call, so the
@@ -70,6 +75,7 @@ class FiveConfig:
     def __post_init__(self) -> None:
         if self.adapt_steps < 1 or self.images_per_class < 1:
             raise ConfigError("adapt_steps and images_per_class must be at least 1")
+        _check_prior_weights(self.tv_weight, self.l2_weight)
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,17 @@ class ScratchConfig:
     betas: tuple[float, float] = (0.5, 0.999)
     images_per_class: int = 20
     augment: AugmentConfig = AugmentConfig()
+    # The image priors of FiveConfig, for a like-for-like baseline; BiDf-MKD has neither.
+    tv_weight: float = 0.0
+    l2_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.images_per_class < 1:
             raise ConfigError("steps and images_per_class must be at least 1")
+        _check_prior_weights(self.tv_weight, self.l2_weight)
+
+
+def _check_prior_weights(tv_weight: float, l2_weight: float) -> None:
+    # `not w >= 0` also refuses NaN.
+    if not (tv_weight >= 0 and l2_weight >= 0):
+        raise ConfigError(f"tv_weight and l2_weight must be >= 0, got {tv_weight}, {l2_weight}")

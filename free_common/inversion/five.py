@@ -23,7 +23,7 @@ from free_common.inversion.augment import augment
 from free_common.inversion.bn_prior import BatchNormPrior
 from free_common.inversion.config import FiveConfig
 from free_common.inversion.generator import Generator
-from free_common.inversion.losses import inversion_loss
+from free_common.inversion.losses import image_prior_loss, inversion_loss
 from free_common.inversion.teacher import AdaptedTeacher, teacher_accuracy
 from free_common.inversion.timing import wall_clock
 
@@ -194,7 +194,12 @@ class MetaGenerator:
         loss = inversion_loss(
             teacher_logits, labels, cfg.ce_weight, cfg.adv_weight, student_logits, cfg.kl_form
         )
-        return loss + cfg.bn_weight * prior.loss().to(loss.device) if cfg.bn_weight else loss
+        if cfg.bn_weight:
+            loss = loss + cfg.bn_weight * prior.loss().to(loss.device)
+        if cfg.tv_weight or cfg.l2_weight:
+            # On the images as drawn, not as augmented: the crop's zero border is no edge.
+            loss = loss + image_prior_loss(images, cfg.tv_weight, cfg.l2_weight)
+        return loss
 
     def _adam(self) -> torch.optim.Adam:
         return torch.optim.Adam(

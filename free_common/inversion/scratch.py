@@ -16,7 +16,7 @@ from free_common.inversion.augment import augment
 from free_common.inversion.config import GeneratorConfig, ScratchConfig
 from free_common.inversion.five import Recovery, target_labels
 from free_common.inversion.generator import build_generator, reset_generator
-from free_common.inversion.losses import inversion_loss
+from free_common.inversion.losses import image_prior_loss, inversion_loss
 from free_common.inversion.teacher import AdaptedTeacher, teacher_accuracy
 from free_common.inversion.timing import wall_clock
 
@@ -73,6 +73,8 @@ def scratch_invert(
             images = generator(z)  # (N, C_s, S, S)
             logits = teacher(augment(images, config.augment, rng))  # (N, K)
             loss = inversion_loss(logits, labels, 1.0, 0.0, None, "log")
+            if config.tv_weight or config.l2_weight:
+                loss = loss + image_prior_loss(images, config.tv_weight, config.l2_weight)
             optimizer.zero_grad(set_to_none=True)
             torch.autograd.backward(loss)
             optimizer.step()
