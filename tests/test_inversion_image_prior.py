@@ -138,3 +138,37 @@ def test_scratch_inversion_applies_the_priors() -> None:
     dark_losses, dark = run(dataclasses.replace(base, l2_weight=50.0))
     assert dark_losses[0] > plain_losses[0]  # the prior is part of the objective
     assert float(l2_prior(dark)) < float(l2_prior(plain))
+
+
+def test_a_teacher_without_batch_norm_gets_total_variation_in_the_bn_priors_place() -> None:
+    # The linear teacher has no batch norm: what an exporter that folds it leaves.
+    base = FiveConfig(images_per_class=4, augment=NO_AUGMENT)
+    plain, _ = _five_losses(base)
+    rng = torch.Generator().manual_seed(3)
+    latent = torch.randn(20, GENERATOR.latent_dim, generator=rng)
+    with torch.no_grad():
+        first = build_generator(GENERATOR, 0, CPU)(latent)
+    fallback, _ = _five_losses(dataclasses.replace(base, bn_weight=0.5, tv_weight_without_bn=3.0))
+    assert fallback[0] - plain[0] == pytest.approx(float(3.0 * total_variation(first)), rel=1e-4)
+    # Without the batch-norm prior there is nothing to replace; at 0 nothing takes its place.
+    assert _five_losses(dataclasses.replace(base, tv_weight_without_bn=3.0))[0] == plain
+    off = dataclasses.replace(base, bn_weight=0.5, tv_weight_without_bn=0.0)
+    assert _five_losses(off)[0] == plain
+
+
+def test_a_teacher_with_batch_norm_keeps_its_prior_and_gets_no_total_variation() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(5))
+    model(torch.rand(2, 1, SIDE, SIDE))  # materialize the lazy layer
+    task = TaskMetadata(5, (1, SIDE, SIDE), ChannelOrder.GRAY, (0.5,), (0.5,))
+    teacher = AdaptedTeacher(model, task, "with-bn")
+
+    def losses(config: FiveConfig) -> tuple[float, ...]:
+        meta = MetaGenerator(build_generator(GENERATOR, 0, CPU), config)
+        return meta.adapt(teacher, torch.Generator().manual_seed(3))[0].losses
+
+    base = FiveConfig(images_per_class=4, augment=NO_AUGMENT, bn_weight=0.5)
+    assert losses(dataclasses.replace(base, tv_weight_without_bn=3.0)) == losses(
+        dataclasses.replace(base, tv_weight_without_bn=0.0)
+    )
+    assert losses(base) != losses(dataclasses.replace(base, bn_weight=0.0))

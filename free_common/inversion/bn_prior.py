@@ -8,7 +8,9 @@ like that data than images that only satisfy the classifier, so the prior
 
 is added to the inversion loss with weight ``FiveConfig.bn_weight`` (the official FREE
 code defines the weight, at 0, and never registers the hooks). Teachers without batch
-norm get no prior.
+norm (exporters fold it into the convolutions by default) get total variation in its
+place, at ``FiveConfig.tv_weight_without_bn``. A teacher exported with a fixed batch
+size runs one group of images at a time, so its prior matches each group's statistics.
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ class BatchNormPrior:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+    @property
+    def has_norms(self) -> bool:
+        """True when the model has batch-norm layers to match."""
+        return bool(self._norms)
 
     def loss(self) -> Tensor:
         """Return the prior summed over every batch-norm layer and pass seen (0 when none)."""

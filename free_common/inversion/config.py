@@ -66,6 +66,10 @@ class FiveConfig:
     # has neither, so both default to 0 (`inversion.losses.total_variation`, `l2_prior`).
     tv_weight: float = 0.0  # weight of the (L2, mean-squared) total variation
     l2_weight: float = 0.0  # weight of the mean squared pixel value (pulls towards black)
+    # With bn_weight on, a teacher whose exporter folded its batch norms (torch.onnx's
+    # default) has no statistics to match: it gets total variation at this weight in
+    # the batch-norm prior's place (`benchmarks/diagnostics/folded_bn.py` measures it).
+    tv_weight_without_bn: float = 1.0
     kl_form: KlForm = "log"  # the official code uses "prob"
     augment: AugmentConfig = AugmentConfig()
     # The official code builds a fresh Adam for the meta-update on every call, so the
@@ -76,6 +80,7 @@ class FiveConfig:
         if self.adapt_steps < 1 or self.images_per_class < 1:
             raise ConfigError("adapt_steps and images_per_class must be at least 1")
         _check_prior_weights(self.tv_weight, self.l2_weight)
+        _check_prior_weights(self.tv_weight_without_bn, 0.0)
 
 
 @dataclass(frozen=True)

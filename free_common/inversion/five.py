@@ -194,8 +194,10 @@ class MetaGenerator:
         loss = inversion_loss(
             teacher_logits, labels, cfg.ce_weight, cfg.adv_weight, student_logits, cfg.kl_form
         )
-        if cfg.bn_weight:
+        if cfg.bn_weight and prior.has_norms:
             loss = loss + cfg.bn_weight * prior.loss().to(loss.device)
+        elif cfg.bn_weight and cfg.tv_weight_without_bn:
+            loss = loss + image_prior_loss(images, cfg.tv_weight_without_bn, 0.0)
         if cfg.tv_weight or cfg.l2_weight:
             # On the images as drawn, not as augmented: the crop's zero border is no edge.
             loss = loss + image_prior_loss(images, cfg.tv_weight, cfg.l2_weight)

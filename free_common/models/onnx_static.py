@@ -131,9 +131,10 @@ _MULTI_OUTPUT_OPS = frozenset({"Split"})
 
 FOLDED_BATCH_NORM_WARNING = (
     "the model has convolutions but no BatchNormalization nodes: the exporter folded its batch "
-    "norms into the convolutions (torch.onnx's default), or it never had any; inversion then "
-    "cannot match the batch-norm statistics of the owner's data and recovers images with an "
-    "image prior alone (total variation and L2), which look less like that data; to keep them, "
+    "norms into the convolutions (torch.onnx's default), or it never had any; where a preset "
+    "matches batch-norm statistics (five.bn_weight) this model's recoveries get total "
+    "variation in that prior's place (five.tv_weight_without_bn) and look less like your data "
+    "(the default presets, as the official FREE code, match no statistics); to keep them, "
     "export with torch.onnx.export(..., dynamo=False, do_constant_folding=False)"
 )
 """The warning for a convolutional model without batch-norm statistics."""
