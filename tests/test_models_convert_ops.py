@@ -333,3 +333,24 @@ def test_hostile_operator_forms_are_refused_with_a_reason(case: str) -> None:
     nodes, initializers, error, text = HOSTILE[case]
     with pytest.raises(error, match=text):
         _refusal(nodes, initializers, opset=20 if "gelu" in case else 17)
+
+
+def test_large_constant_arithmetic_is_left_to_run_time_not_refused() -> None:
+    # Two 40,000-value tables concatenated: more than a fold may make, but no shape bomb.
+    table = np.linspace(-1, 1, 40_000, dtype=F32).reshape(1, 1, 5000, 8)
+    nodes = [
+        _node("Concat", ["t1", "t2"], "both", axis=2),
+        _node("Slice", ["both", "st", "en", "ax"], "part"),
+        _node("Add", ["x", "part"]),
+    ]
+    initializers = [
+        init("t1", table),
+        init("t2", -table),
+        init("st", np.array([0], I64)),
+        init("en", np.array([6], I64)),
+        init("ax", np.array([2], I64)),
+    ]
+    module = convert(_graph(nodes, initializers))
+    x = torch.zeros(2, *SHAPE)
+    assert torch.equal(module(x), x + torch.from_numpy(table[:, :, :6]))
+    assert module.graph.folded_nodes == 0

@@ -287,10 +287,12 @@ def _fold_once(probe: onnx.ModelProto, known: dict[str, np.ndarray], folded: set
                 _capped(node, np.broadcast_shapes(*(a.shape for a in args)))
             if node.op_type in ("Reshape", "Expand", "Slice", "Unsqueeze", "Squeeze"):
                 args = [args[0], *(a.astype(np.int64) for a in args[1:])]
-            known[node.output[0]] = np.asarray(_EVALUATORS[node.op_type](node, args))
+            value = np.asarray(_EVALUATORS[node.op_type](node, args))
+            if value.size > FOLD_MAX_ELEMENTS:
+                continue  # arithmetic on weights (a Concat of two tables), not a shape: run time
+            known[node.output[0]] = value
         else:
             continue
-        _capped(node, known[node.output[0]].shape)
         folded.add(index)
         progress = True
     return progress
