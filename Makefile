@@ -21,21 +21,29 @@ export FLWR_DISABLE_UPDATE_CHECK=1
 
 .PHONY: install system-deps benchmark-data test test-fast lint format proto demo clean
 
+# One line per install stage; pip's and setuptools' output goes to $(INSTALL_LOG), whose
+# last lines are shown when a stage fails.
+INSTALL_LOG ?= $(VENV)/install.log
+STAGE = stage() { echo "$$1"; shift; "$$@" >>"$(INSTALL_LOG)" 2>&1 || { \
+	echo "failed; the last lines of $(INSTALL_LOG):"; tail -n 40 "$(INSTALL_LOG)"; exit 1; }; }; stage
+
 $(PY):
-	python3 -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
+	@echo "creating the virtual environment $(VENV)"
+	@python3 -m venv $(VENV)
+	@$(STAGE) "upgrading pip" $(PIP) install --upgrade pip
 
 $(VENV)/.torch: | $(PY)
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install --quiet "$(TORCH_SPEC)"
-	touch $@
+	@$(PY) -c "import torch" 2>/dev/null || $(STAGE) "installing $(TORCH_SPEC)" $(PIP) install "$(TORCH_SPEC)"
+	@touch $@
 
 $(VENV)/.project: pyproject.toml $(VENV)/.torch
-	$(PIP) install --quiet -e ".[$(EXTRAS)]" --config-settings editable_mode=strict
-	touch $@
+	@$(STAGE) "installing the project and its dependencies ($(EXTRAS))" \
+		$(PIP) install -e ".[$(EXTRAS)]" --config-settings editable_mode=strict
+	@touch $@
 
 # Debian packages (fonts, dataset-fashion-mnist) the small glyph set and the tests need.
 system-deps: $(VENV)/.project
-	@missing="$$($(PY) -m free_common.data.debian_packages --missing small)"; \
+	@missing="$$($(PY) -W ignore::RuntimeWarning -m free_common.data.debian_packages --missing small)"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages: $$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
@@ -44,7 +52,7 @@ system-deps: $(VENV)/.project
 # The benchmark glyph set: every missing benchmark font package (about 440), then the build.
 BENCHMARK_DATA ?= data-cache/benchmark
 benchmark-data: install
-	@missing="$$($(PY) -m free_common.data.debian_packages --missing benchmark)"; \
+	@missing="$$($(PY) -W ignore::RuntimeWarning -m free_common.data.debian_packages --missing benchmark)"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing $$(echo $$missing | wc -w) Debian packages for the benchmark glyph set"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
@@ -54,7 +62,8 @@ benchmark-data: install
 # The editable install is "strict" (a link tree mypy and pytest follow), so new modules
 # need a re-install: it is cheap when nothing changed.
 install: $(VENV)/.project system-deps
-	$(PIP) install --quiet --no-deps -e . --config-settings editable_mode=strict
+	@$(STAGE) "linking the project's modules" \
+		$(PIP) install --no-deps -e . --config-settings editable_mode=strict
 
 test: install
 	$(PY) -m pytest -q
