@@ -192,7 +192,7 @@ def accepted_teachers(home: ServerHome, store: Store) -> list[StoredTeacher]:
         StoredTeacher(
             str(row.id),
             task_from_dict(row.task_metadata),
-            functools.partial(_load_stored, store.blob_path(row.sha256), row, limits),
+            functools.partial(_load_stored, store.blobs.path_of(row.sha256), row, limits),
         )
         for row in store.accepted_submissions()
     ]

@@ -1,0 +1,32 @@
+"""The server's round over its store: teachers listed from rows, converted when drawn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from flower_harness import add_accepted_teachers, add_owner, flower_home
+
+from free_common.errors import EngineError
+from free_server import rounds
+
+
+def test_listing_the_pool_reads_no_model(tmp_path: Path) -> None:
+    home = flower_home(tmp_path / "home")
+    ids = add_accepted_teachers(home, add_owner(home, tmp_path, "alice"), [1, 2, 3])
+    with home.open_store() as store:
+        for row in store.accepted_submissions():
+            store.blob_path(row.sha256).unlink()  # listing must not need the bytes
+        listed = rounds.accepted_teachers(home, store)
+    assert [t.teacher_id for t in listed] == [str(i) for i in ids]
+    assert all(t.task.num_classes == 5 for t in listed)
+
+
+def test_a_drawn_model_that_no_longer_loads_stops_the_round_naming_it(tmp_path: Path) -> None:
+    home = flower_home(tmp_path / "home")
+    add_accepted_teachers(home, add_owner(home, tmp_path, "alice"), [1, 2])
+    with home.open_store() as store:
+        for row in store.accepted_submissions():
+            store.blob_path(row.sha256).write_bytes(b"not onnx any more")
+        with pytest.raises(EngineError, match=r"accepted submission \d+ no longer loads"):
+            rounds.run_meta_round(home, store, "tiny", device="cpu")
