@@ -33,11 +33,7 @@ def main() -> None:
     workers, device = init_from_env("cpu")
 
     def on_event(event: EngineEvent) -> None:
-        if (
-            isinstance(event, CheckpointSaved)
-            and event.step == args.kill_at
-            and workers.rank == 1
-        ):
+        if isinstance(event, CheckpointSaved) and event.step == args.kill_at and workers.rank == 1:
             os.kill(os.getpid(), signal.SIGKILL)
 
     config = tiny.config(steps=STEPS, teachers_per_step=TEACHERS)

@@ -30,7 +30,7 @@ __all__ = ["Workers", "current", "init_from_env", "shutdown"]
 
 @dataclass
 class Workers:
-    """This process's place among the round's processes, and the collectives between them.
+    """A process's place among the round's processes, and the collectives between them.
 
     Attributes
     ----------
@@ -87,7 +87,7 @@ class Workers:
 
 
 def current() -> Workers:
-    """The default process group as `Workers`, or a single process when none is initialized."""
+    """Return the default process group as `Workers`, or one process when none is initialized."""
     if dist.is_available() and dist.is_initialized():
         return Workers(dist.get_rank(), dist.get_world_size())
     return Workers()

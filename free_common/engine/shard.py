@@ -66,7 +66,7 @@ def sum_in_order(
     total = rows[0]
     for index in range(1, count):
         total = total + rows[index]
-    return [part.view(shape) for part, shape in zip(total.split(sizes), shapes, strict=True)]
+    return [part.view(shape) for part, shape in zip(torch.split(total, sizes), shapes, strict=True)]
 
 
 def gather_in_order(
