@@ -168,7 +168,10 @@ def main() -> None:
     if args.rank:
         _rank(args)
         return
+    # Wall times on a machine shared with other work: the load says how busy it was.
+    load_before = os.getloadavg()[0]
     runs = [_launch(n, args) for n in args.workers]
+    load = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     base = runs[0]
     for run in runs:
         for phase in ("warmup", "meta"):
@@ -177,7 +180,11 @@ def main() -> None:
             )
     result = {
         "command": "python benchmarks/distributed_steps.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "load_average_start_end": load,
+        },
         "torch": torch.__version__,
         "backend": "gloo",
         "config": {

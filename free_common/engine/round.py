@@ -19,7 +19,13 @@ is). The state is checkpointed every `checkpoint_every` steps; calling again wit
 same teachers and config after a kill resumes there and ends exactly where an
 uninterrupted run would. A finished round's state carries into the next call (a new
 round, warm start) unless ``fresh=True``. CPU and CUDA take the same path: every
-random draw comes from one CPU generator.
+random draw comes from one CPU generator, or from a teacher's own generator seeded by it
+(so a teacher's draws do not depend on the teachers before it).
+
+Several processes (`free_common.engine.distributed`, torch's launcher) run one round
+together: each adapts and reads its share of a step's teachers (`free_common.engine.shard`)
+and gets every other's results, so all hold the same memory bank and run BELL on the
+same inputs; rank 0 writes the checkpoints. They compute what one process computes.
 """
 
 from __future__ import annotations
