@@ -28,9 +28,10 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("work", type=Path)
     parser.add_argument("--kill-at", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    workers, device = init_from_env("cpu")
+    workers, device = init_from_env(args.device)
 
     def on_event(event: EngineEvent) -> None:
         if isinstance(event, CheckpointSaved) and event.step == args.kill_at and workers.rank == 1:

@@ -91,6 +91,17 @@ def test_a_killed_rank_fails_the_launch_and_the_next_launch_resumes(tmp_path: Pa
     _assert_close(tmp_path / "whole.safetensors", tmp_path / "cut.safetensors")
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs a GPU for each of 2 ranks")
+def test_two_nccl_ranks_reach_the_single_process_initialization(tmp_path: Path) -> None:
+    # On CUDA the kernels may sum in another order than the CPU's: compare CUDA with CUDA.
+    one = _launch(1, tmp_path / "one.safetensors", tmp_path / "one", "--device", "cuda")
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = _launch(2, tmp_path / "two.safetensors", tmp_path / "two", "--device", "cuda")
+    assert two.returncode == 0, two.stderr[-2000:]
+    _assert_close(tmp_path / "one.safetensors", tmp_path / "two.safetensors")
+
+
 def test_one_process_collectives_hand_back_their_input() -> None:
     workers = current()
     assert (workers.rank, workers.world, workers.is_main) == (0, 1, True)
