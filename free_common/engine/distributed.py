@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,7 +42,7 @@ class Workers:
 
     rank: int = 0
     world: int = 1
-    comm_seconds: float = field(default=0.0)
+    comm_seconds: float = 0.0
 
     @property
     def is_main(self) -> bool:
