@@ -57,7 +57,7 @@ from free_common.engine import (
     resolve_device,
     run_round,
 )
-from free_common.engine.distributed import Workers, current
+from free_common.engine.distributed import Workers, current, shutdown
 from free_common.errors import ArchitectureMismatch, ConfigError, DataError
 from free_common.meta.baselines import random_init, weight_average
 from free_common.meta.config import EvalConfig
@@ -272,6 +272,9 @@ def run_benchmark(
         if workers.is_main:
             rounds[method].initialization.write(workdir, "init")
         timings[f"{method} round"] = time.perf_counter() - clock
+    # The ranks part here: measurement and the report are rank 0's alone, and may
+    # outlast any collective's timeout.
+    shutdown()
     if request.rounds_only or not workers.is_main:
         return {"rounds": {m: r.initialization.sha256 for m, r in rounds.items()}}
 

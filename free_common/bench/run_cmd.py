@@ -102,10 +102,8 @@ def run(
     if under_launcher():
         group, _ = init_from_env(device)
         main = group.is_main
-    try:
-        _run(preset, data, zoo, out, device, seed, rounds, reuse_rounds, skip, main)
-    finally:
-        shutdown()
+    _run(preset, data, zoo, out, device, seed, rounds, reuse_rounds, skip, main)
+    shutdown()
 
 
 def _run(

@@ -132,6 +132,12 @@ def init_from_env(device: str = "auto") -> tuple[Workers, torch.device]:
 
 
 def shutdown() -> None:
-    """Leave the process group (if any), so the launcher sees a clean exit."""
+    """Leave the process group (if any) once every rank is done, for a clean exit.
+
+    Call it on success only: after an error the launcher stops the other ranks.
+    """
     if dist.is_available() and dist.is_initialized():
+        # Together: a rank tearing down while its peer still does aborted now and then
+        # ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
