@@ -68,6 +68,23 @@ def test_an_empty_zoo_folder_says_how_to_build_one(tmp_path: Path) -> None:
         load_zoo(tmp_path)
 
 
+@pytest.mark.slow
+def test_workers_run_the_command_on_ranks_of_torchs_launcher(tmp_path: Path) -> None:
+    # Nothing to run on: each of the 2 ranks stops at the same error, and the launch fails.
+    (tmp_path / "zoo").mkdir()
+    args = ["run", "--preset", "smoke", "--data", tmp_path / "data", "--zoo", tmp_path / "zoo"]
+    done = subprocess.run(
+        [str(FREE_BENCH), *map(str, args), "--out", str(tmp_path / "out"), "--workers", "2"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert done.stderr.count("data folder") == 2 and "free_common.bench.cli FAILED" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def _results() -> dict[str, Any]:
     rows = [
         {

@@ -138,7 +138,9 @@ def test_a_teacher_with_more_classes_is_seen_through_ways_of_them() -> None:
 def test_wide_teachers_feed_memory_under_their_own_classes(tmp_path: Path) -> None:
     names = tuple(f"glyph-{i}" for i in range(8))
     pool = [tiny.teacher(0), tiny.teacher(1, classes=8, names=names)]
-    result, _ = _run(tmp_path, teachers=pool, validation=None)
+    # Four draws a step: the wide teacher is all but sure to be drawn after warm-up.
+    config = tiny.config(teachers_per_step=4)
+    result, _ = _run(tmp_path, teachers=pool, validation=None, config=config)
     assert result.initialization.manifest["teacher_ids"] == ["teacher-0", "teacher-1"]
     saved = read_engine_checkpoint(tmp_path)
     assert saved is not None

@@ -34,3 +34,7 @@ app.command("run")(run)
 def main() -> NoReturn:
     """Console-script entry point of `free-bench`."""
     run_app(app)
+
+
+if __name__ == "__main__":  # the ranks of `free-bench run --workers N` start here
+    main()

@@ -57,6 +57,7 @@ from free_common.engine import (
     resolve_device,
     run_round,
 )
+from free_common.engine.distributed import Workers, current, shutdown
 from free_common.errors import ArchitectureMismatch, ConfigError, DataError
 from free_common.meta.baselines import random_init, weight_average
 from free_common.meta.config import EvalConfig
@@ -176,7 +177,9 @@ def load_zoo(folder: Path, limit: int | None = None) -> list[ZooTeacher]:
     return loaded
 
 
-def run_benchmark(request: BenchRequest, notify: Notify | None = None) -> dict[str, Any]:
+def run_benchmark(
+    request: BenchRequest, notify: Notify | None = None, workers: Workers | None = None
+) -> dict[str, Any]:
     """Run every method, measure, draw, and write results.json and results.md.
 
     Parameters
@@ -185,12 +188,17 @@ def run_benchmark(request: BenchRequest, notify: Notify | None = None) -> dict[s
         Preset, folders, device, seed and the command line to record.
     notify
         Receives (method, engine event or a message) as the run goes.
+    workers
+        The processes each round runs on (default: the initialized process group, else
+        this one). Every rank calls this; the rounds are shared, and rank 0 alone writes
+        the initializations, measures, evaluates and reports.
 
     Returns
     -------
     dict
-        The results.json document.
+        The results.json document (other ranks: the rounds' initialization hashes).
     """
+    workers = workers or current()
     started = time.perf_counter()
     load_before = os.getloadavg()[0]
     tell: Notify = notify or (lambda _method, _event: None)
@@ -259,10 +267,15 @@ def run_benchmark(request: BenchRequest, notify: Notify | None = None) -> dict[s
             device=device,
             on_event=_forward(tell, method),
             fresh=True,
+            workers=workers,
         )
-        rounds[method].initialization.write(workdir, "init")
+        if workers.is_main:
+            rounds[method].initialization.write(workdir, "init")
         timings[f"{method} round"] = time.perf_counter() - clock
-    if request.rounds_only:
+    # The ranks part here: measurement and the report are rank 0's alone, and may
+    # outlast any collective's timeout.
+    shutdown()
+    if request.rounds_only or not workers.is_main:
         return {"rounds": {m: r.initialization.sha256 for m, r in rounds.items()}}
 
     clock = time.perf_counter()
@@ -337,6 +350,7 @@ def run_benchmark(request: BenchRequest, notify: Notify | None = None) -> dict[s
             "python": platform.python_version(),
             "machine": platform.machine(),
             "cpus": os.cpu_count(),
+            "round_workers": workers.world,
             # Wall times on a machine shared with other work are not comparable across
             # runs: the 1-minute load average at the start and the end says how busy it was.
             "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],

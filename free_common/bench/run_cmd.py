@@ -17,6 +17,7 @@ from typing import Annotated
 
 import typer
 
+from free_common.bench.launch import relaunch, under_launcher
 from free_common.bench.run import METHODS, BenchRequest, run_benchmark
 from free_common.console import Advance, out_console, progress
 from free_common.engine import (
@@ -26,6 +27,7 @@ from free_common.engine import (
     ScratchRecovered,
     StepFinished,
 )
+from free_common.engine.distributed import init_from_env, shutdown
 
 __all__ = ["run"]
 
@@ -84,8 +86,38 @@ def run(
         str | None,
         typer.Option(help="leave out trained methods (comma-separated; not free); reported"),
     ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="processes per round (torch.distributed: gloo on CPU, NCCL with one GPU "
+            "each); rank 0 measures and writes the results",
+        ),
+    ] = 1,
 ) -> None:
     """Run FREE, FREE without iGA, scratch inversion, weight averaging and random init."""
+    if workers > 1 and not under_launcher():
+        raise typer.Exit(relaunch(workers, sys.argv[1:]))
+    main = True
+    if under_launcher():
+        group, _ = init_from_env(device)
+        main = group.is_main
+    _run(preset, data, zoo, out, device, seed, rounds, reuse_rounds, skip, main)
+    shutdown()
+
+
+def _run(
+    preset: str,
+    data: Path,
+    zoo: Path,
+    out: Path,
+    device: str,
+    seed: int | None,
+    rounds: str | None,
+    reuse_rounds: bool,
+    skip: str | None,
+    main: bool,
+) -> None:
     command = "free-bench " + shlex.join(sys.argv[1:])
     only = tuple(m.strip() for m in rounds.split(",") if m.strip()) if rounds else ()
     left_out = tuple(m.strip() for m in skip.split(",") if m.strip()) if skip else ()
@@ -94,9 +126,11 @@ def run(
     )
     reporter = _Progress()
     try:
-        results = run_benchmark(request, reporter)
+        results = run_benchmark(request, reporter if main else None)
     finally:
         reporter.close()
+    if not main:
+        return
     if only:
         for method, sha in results["rounds"].items():
             out_console.print(f"{method}: round finished, initialization {sha[:16]}...",

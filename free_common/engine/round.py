@@ -19,7 +19,13 @@ is). The state is checkpointed every `checkpoint_every` steps; calling again wit
 same teachers and config after a kill resumes there and ends exactly where an
 uninterrupted run would. A finished round's state carries into the next call (a new
 round, warm start) unless ``fresh=True``. CPU and CUDA take the same path: every
-random draw comes from one CPU generator.
+random draw comes from one CPU generator, or from a teacher's own generator seeded by it
+(so a teacher's draws do not depend on the teachers before it).
+
+Several processes (`free_common.engine.distributed`, torch's launcher) run one round
+together: each adapts and reads its share of a step's teachers (`free_common.engine.shard`)
+and gets every other's results, so all hold the same memory bank and run BELL on the
+same inputs; rank 0 writes the checkpoints. They compute what one process computes.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from torch import Tensor
 
 from free_common.engine.checkpoint import clear_checkpoint, read_checkpoint, write_checkpoint
 from free_common.engine.config import EngineConfig, config_matches, config_to_dict
+from free_common.engine.distributed import Workers, current
 from free_common.engine.events import (
     CheckpointSaved,
     EngineEvent,
@@ -54,6 +61,7 @@ from free_common.engine.result import (
     RoundResult,
     make_initialization,
 )
+from free_common.engine.shard import gather_in_order, sum_in_order, teacher_rngs
 from free_common.engine.state import (
     TrainingState,
     carry_state,
@@ -63,7 +71,7 @@ from free_common.engine.state import (
 )
 from free_common.engine.teachers import EngineTeacher, StoredTeacher, TeacherPool, TeacherView
 from free_common.errors import CheckpointError, ConfigError, NonFiniteLoss
-from free_common.inversion.five import Recovery
+from free_common.inversion.five import Recovery, StudentFn
 from free_common.inversion.scratch import scratch_invert
 from free_common.inversion.teacher import distillation_targets, teacher_labels
 from free_common.memory.episode import Episode
@@ -111,6 +119,7 @@ def run_round(
     device: str | torch.device = "auto",
     on_event: ProgressFn | None = None,
     fresh: bool = False,
+    workers: Workers | None = None,
 ) -> RoundResult:
     """Run (or resume) one meta round and return the meta-learned initialization.
 
@@ -136,6 +145,12 @@ def run_round(
         by calling again).
     fresh
         Discard the folder's state and start over from the seed.
+    workers
+        The round's processes (`free_common.engine.distributed`); by default the
+        initialized process group, else this process alone. With several, every rank
+        calls `run_round` with the same arguments and folder: each step's teachers are
+        shared out, rank 0 writes the checkpoints, and every rank returns the same result.
+        Events reach every rank's `on_event`.
 
     Returns
     -------
@@ -152,12 +167,15 @@ def run_round(
         damaged checkpoint.
     """
     torch_device = resolve_device(device)
+    workers = workers or current()
     pool = TeacherPool(teachers, config.learner.ways, config.min_teachers, torch_device)
-    workdir.mkdir(parents=True, exist_ok=True)
-    if fresh:
-        clear_checkpoint(workdir)
+    if workers.is_main:
+        workdir.mkdir(parents=True, exist_ok=True)
+        if fresh:
+            clear_checkpoint(workdir)
+    workers.barrier()  # every rank reads the folder as rank 0 left it
     state, resumed, warm = _load_or_start(config, pool, torch_device, workdir)
-    runner = _Round(config, pool, torch_device, workdir, state, validation, on_event)
+    runner = _Round(config, pool, torch_device, workdir, state, validation, on_event, workers)
     return runner.run(resumed=resumed, warm_start=warm)
 
 
@@ -183,7 +201,7 @@ def finished_round(
     if not record.get("finished") or not _same_round(record, config, pool):
         return None
     state = restore_state(config, torch_device, tensors, record)
-    return _Round(config, pool, torch_device, workdir, state, None, None)._result()
+    return _Round(config, pool, torch_device, workdir, state, None, None, Workers())._result()
 
 
 def _same_round(record: dict[str, Any], config: EngineConfig, pool: TeacherPool) -> bool:
@@ -223,8 +241,10 @@ class _Round:
         state: TrainingState,
         validation: Sequence[EpisodeLike] | None,
         on_event: ProgressFn | None,
+        workers: Workers,
     ) -> None:
         self.config = config
+        self.workers = workers
         self.pool = pool
         self.device = device
         self.workdir = workdir
@@ -310,6 +330,7 @@ class _Round:
         state, config = self.state, self.config
         started = time.perf_counter()
         views = self.pool.draw(config.teachers_per_step, state.rng)
+        rngs = teacher_rngs(len(views), state.rng)
         if config.recovery == "scratch":
             batches = [self._fixed_images(view) for view in views]
             accuracy = _mean([state.scratch[v.teacher_id].teacher_accuracy for v in views])
@@ -317,7 +338,7 @@ class _Round:
         else:
             warm = state.step <= state.warmup
             student = None if warm else as_student(state.learner)
-            recoveries = state.meta_generator.step([v.teacher for v in views], state.rng, student)
+            recoveries = self._recover(views, rngs, student)
             last_losses = [r.losses[-1] for r in recoveries]
             self._check_finite("generator loss", last_losses)
             generator_loss = _mean(last_losses)
@@ -328,7 +349,7 @@ class _Round:
                 return
             self._remember(views, recoveries)
             batches = [r.images for r in recoveries]
-        distill, replay_loss, tasks = self._meta_update(views, batches)
+        distill, replay_loss, tasks = self._meta_update(views, batches, rngs)
         self._report(
             views,
             "meta",
@@ -340,6 +361,26 @@ class _Round:
             replay_loss,
             tasks,
         )
+
+    def _recover(
+        self, views: list[TeacherView], rngs: list[torch.Generator], student: StudentFn | None
+    ) -> list[Recovery]:
+        """FIVE's step with the teachers shared out over the ranks; every rank gets all recoveries.
+
+        Each rank adapts its own teachers; their meta-gradients are summed over all
+        teachers in teacher order, so every rank takes the same meta-step.
+        """
+        meta, workers = self.state.meta_generator, self.workers
+        owned: dict[int, Recovery] = {}
+        grads: dict[int, list[Tensor]] = {}
+        for index, (view, rng) in enumerate(zip(views, rngs, strict=True)):
+            if workers.owns(index):
+                owned[index], grads[index] = meta.adapt(view.teacher, rng, student)
+        params = list(meta.generator.parameters())
+        total = sum_in_order(workers, len(views), grads, params)
+        if total is not None:
+            meta.meta_step(total)
+        return gather_in_order(workers, len(views), owned, self.device)
 
     def _report(
         self,
@@ -391,16 +432,21 @@ class _Round:
             )
 
     def _meta_update(
-        self, views: list[TeacherView], images: list[Tensor]
+        self, views: list[TeacherView], images: list[Tensor], rngs: list[torch.Generator]
     ) -> tuple[float, float | None, int]:
-        """BELL on this step's teachers; returns mean distillation loss, replay loss, tasks."""
+        """BELL on this step's teachers; returns mean distillation loss, replay loss, tasks.
+
+        Each teacher's distillation pair is read on the rank that owns it and shared;
+        BELL itself runs replicated on every rank: iGA's inner steps go from teacher to
+        teacher in turn, so they cannot be split without changing the method.
+        """
         state, config = self.state, self.config
-        batches = []
-        for view, batch in zip(views, images, strict=True):
-            inputs, logits = distillation_targets(
-                view.teacher, batch, config.five.augment, state.rng
-            )
-            batches.append(KdBatch(inputs, logits))
+        owned: dict[int, KdBatch] = {}
+        for index, (view, batch, rng) in enumerate(zip(views, images, rngs, strict=True)):
+            if self.workers.owns(index):
+                inputs, logits = distillation_targets(view.teacher, batch, config.five.augment, rng)
+                owned[index] = KdBatch(inputs.detach(), logits.detach())
+        batches = gather_in_order(self.workers, len(views), owned, self.device)
         stats = bell_update(
             state.learner, state.optimizer, batches, self._task_sampler(), config.bell
         )
@@ -492,18 +538,22 @@ class _Round:
     def _checkpoint(self, *, finished: bool) -> None:
         state = self.state
         self._tick()
-        tensors, record = state_record(state)
-        record.update(
-            finished=finished,
-            steps=self.config.steps,
-            config=config_to_dict(self.config),
-            teacher_ids=self.pool.teacher_ids,
-            skipped=[dataclasses.asdict(s) for s in self.pool.skipped],
-            device=str(self.device),
-        )
-        path = write_checkpoint(self.workdir, tensors, record)
+        written: str | None = None
+        if self.workers.is_main:
+            tensors, record = state_record(state)
+            record.update(
+                finished=finished,
+                steps=self.config.steps,
+                config=config_to_dict(self.config),
+                teacher_ids=self.pool.teacher_ids,
+                skipped=[dataclasses.asdict(s) for s in self.pool.skipped],
+                device=str(self.device),
+            )
+            written = str(write_checkpoint(self.workdir, tensors, record))
+        # Also the barrier: no rank goes on, or reports the checkpoint, before it is on disk.
+        path = self.workers.all_gather_objects(written)[0]
         self._last_checkpoint = state.step
-        self._emit(CheckpointSaved(state.round, state.step, str(path)))
+        self._emit(CheckpointSaved(state.round, state.step, path))
 
     def _tick(self) -> None:
         now = time.perf_counter()

@@ -153,12 +153,16 @@ class MetaGenerator:
             recoveries.append(recovery)
             total = grads if total is None else [a + b for a, b in zip(total, grads, strict=True)]
         if total is not None:
-            optimizer = self._meta_optimizer or self._adam()
-            optimizer.zero_grad(set_to_none=True)
-            for param, grad in zip(self.generator.parameters(), total, strict=True):
-                param.grad = grad
-            optimizer.step()
+            self.meta_step(total)
         return recoveries
+
+    def meta_step(self, total: Sequence[Tensor]) -> None:
+        """One Adam step on phi along `total`, the summed meta-gradients of `adapt`."""
+        optimizer = self._meta_optimizer or self._adam()
+        optimizer.zero_grad(set_to_none=True)
+        for param, grad in zip(self.generator.parameters(), total, strict=True):
+            param.grad = grad
+        optimizer.step()
 
     def state_dict(self) -> dict[str, Any]:
         """Return a copy of the generator weights, and of the meta-optimizer's moments if kept."""
