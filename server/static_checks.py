@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -169,11 +170,17 @@ class StaticCheckPool:
         self._live = 0  # idle, busy, or being started
         self._closed = True
         self._changed = threading.Condition()
+        self._spawner: ThreadPoolExecutor | None = None
 
     def start(self) -> None:
         """Accept checks; workers start on first use and are then kept."""
         with self._changed:
             self._closed = False
+            if self._spawner is None:
+                # Workers die with the thread that started them (`free_common.lifetime`),
+                # and a check may come from a thread that ends next: one thread that lives
+                # as long as the pool starts them all.
+                self._spawner = ThreadPoolExecutor(1, thread_name_prefix="static-check-spawner")
 
     def stop(self, grace_s: float) -> None:
         """Refuse new checks, wait up to `grace_s` for running ones, then end every worker."""
@@ -186,6 +193,10 @@ class StaticCheckPool:
             worker.close()
         if self._live:
             log.info("%d static checks still running after %.1f s", self._live, grace_s)
+        with self._changed:
+            spawner, self._spawner = self._spawner, None
+        if spawner is not None:
+            spawner.shutdown(wait=False)
 
     def check(self, path: Path, task: TaskMetadata | None) -> tuple[str, ...]:
         """Run the static checks on the model file at `path`; return its warnings.
@@ -238,7 +249,14 @@ class StaticCheckPool:
                     break
                 self._changed.wait()
         try:
-            return _Worker(self._limits)
+            if self._spawner is None:
+                raise RuntimeError("stopped")
+            return self._spawner.submit(_Worker, self._limits).result()
+        except RuntimeError:  # the pool stopped between the check above and the spawn
+            self._release(None)
+            raise ServerUnavailable(
+                "the server is shutting down: submit again once it is back"
+            ) from None
         except OSError:
             self._release(None)
             raise
