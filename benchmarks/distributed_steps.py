@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from free_common.bench.launch import launcher_command
 from free_common.engine import EngineConfig, EngineEvent, EngineTeacher, StepFinished, run_round
 from free_common.engine.config import LearnerSpec
 from free_common.engine.distributed import init_from_env, shutdown
@@ -129,21 +130,19 @@ def _summary(ranks: list[list[dict[str, Any]]], phase: str) -> dict[str, Any]:
 def _launch(workers: int, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         rank_out = Path(tmp) / "ranks.json"
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={workers}",
-            __file__,
-            "--rank",
-            "--rank-out",
-            str(rank_out),
-            "--steps",
-            str(args.steps),
-            "--teachers-per-step",
-            str(args.teachers_per_step),
-        ]
+        command = launcher_command(
+            workers,
+            [
+                __file__,
+                "--rank",
+                "--rank-out",
+                str(rank_out),
+                "--steps",
+                str(args.steps),
+                "--teachers-per-step",
+                str(args.teachers_per_step),
+            ],
+        )
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         subprocess.run(command, env=env, check=True)
         ranks = json.loads(rank_out.read_text())

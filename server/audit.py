@@ -27,7 +27,17 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-__all__ = ["GENESIS", "AuditCheck", "AuditEntry", "append_entry", "entry_hash", "verify"]
+__all__ = [
+    "GENESIS",
+    "AuditCheck",
+    "AuditEntry",
+    "AuditLog",
+    "append_entry",
+    "entry_hash",
+    "head",
+    "read_rows",
+    "verify",
+]
 
 GENESIS = "0" * 64
 """The `prev` of the first entry."""
@@ -107,6 +117,18 @@ def entry_hash(seq: int, at: str, kind: str, body_text: str, prev: str) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def head(conn: sqlite3.Connection) -> tuple[int, str]:
+    """Return the last entry's sequence number and hash; ``(0, GENESIS)`` for an empty log."""
+    last = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+    return (0, GENESIS) if last is None else (int(last["seq"]), str(last["hash"]))
+
+
+def read_rows(conn: sqlite3.Connection, since: int = 0) -> list[sqlite3.Row]:
+    """Return the rows of the entries after sequence number `since`, oldest first."""
+    query = f"SELECT {_COLS} FROM audit WHERE seq > ? ORDER BY seq"  # noqa: S608 (constant)
+    return conn.execute(query, (since,)).fetchall()
+
+
 def append_entry(
     conn: sqlite3.Connection,
     kind: str,
@@ -115,8 +137,8 @@ def append_entry(
     key: Ed25519PrivateKey | None,
 ) -> None:
     """Append one entry inside the caller's open write transaction."""
-    last = conn.execute("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
-    seq, prev = (1, GENESIS) if last is None else (int(last["seq"]) + 1, str(last["hash"]))
+    last, prev = head(conn)
+    seq = last + 1
     text = _body_text(body)
     digest = entry_hash(seq, at, kind, text, prev)
     signature = b"" if key is None else key.sign(bytes.fromhex(digest))
@@ -124,6 +146,14 @@ def append_entry(
         f"INSERT INTO audit ({_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",  # noqa: S608 (constant)
         (seq, at, kind, text, prev, digest, signature),
     )
+
+
+@dataclass(frozen=True)
+class AuditLog:
+    """Entries of the log (oldest first) and the hash of its last entry, from one snapshot."""
+
+    entries: list[AuditEntry]
+    head: str
 
 
 @dataclass(frozen=True)

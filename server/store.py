@@ -42,7 +42,9 @@ from free_common.errors import (
     StoreFull,
     UnknownClient,
 )
-from free_server.audit import AuditCheck, AuditEntry, append_entry, verify
+from free_server.audit import AuditCheck, AuditEntry, AuditLog, append_entry, verify
+from free_server.audit import head as audit_head
+from free_server.audit import read_rows as audit_rows
 from free_server.blobs import DISK_FULL_MESSAGE, BlobStore, BlobWriter, StagedBlob
 from free_server.migrations import SCHEMA_VERSION, current_version, migrate
 from free_server.records import (
@@ -303,23 +305,16 @@ class Store:
 
     # -- audit log ----------------------------------------------------------------
 
-    def audit_entries(self, since: int = 0) -> list[AuditEntry]:
-        """Return the audit log's entries after sequence number `since`, oldest first."""
+    def audit_log(self, since: int = 0) -> AuditLog:
+        """Return the entries after sequence number `since` and the head, in one snapshot."""
         with self._read() as conn:
-            rows = conn.execute(
-                "SELECT seq, at, kind, body, prev, hash, signature FROM audit WHERE seq > ?"
-                " ORDER BY seq",
-                (since,),
-            ).fetchall()
-        return [AuditEntry.from_row(row) for row in rows]
+            entries = [AuditEntry.from_row(row) for row in audit_rows(conn, since)]
+            return AuditLog(entries, audit_head(conn)[1])
 
     def verify_audit(self, public_key: Ed25519PublicKey) -> AuditCheck:
         """Check the whole audit log's chain and signatures against the server key."""
         with self._read() as conn:
-            rows = conn.execute(
-                "SELECT seq, at, kind, body, prev, hash, signature FROM audit ORDER BY seq"
-            ).fetchall()
-        return verify(rows, public_key)
+            return verify(audit_rows(conn), public_key)
 
     @property
     def schema_version(self) -> int:

@@ -17,12 +17,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx_builders import tiny_model
 from PIL import Image
 
@@ -34,6 +35,7 @@ from free_common.types import ChannelOrder, SubmissionManifest, TaskMetadata
 from free_server.commands.clients import _node_public_key
 from free_server.flower_plane import FlowerPlane, flower_components
 from free_server.home import ServerHome, create_home
+from free_server.store import Store
 from free_server.superlink import SuperLinkSettings
 
 BIN = Path(sys.executable).parent
@@ -114,33 +116,41 @@ def add_owner(home: ServerHome, root: Path, name: str, *, enrolled: bool = True)
 
 def add_accepted_teachers(home: ServerHome, owner: Owner, seeds: list[int]) -> list[int]:
     """Store one tiny 5-class ONNX teacher per seed, signed by `owner`, and accept it."""
-    key = load_private_key(owner.keys.client_key)
-    ids = []
+    models = [tiny_model(seed, classes=5, task=TEACHER_TASK).SerializeToString() for seed in seeds]
     with home.open_store() as store:
-        for seed in seeds:
-            data = tiny_model(seed, classes=5, task=TEACHER_TASK).SerializeToString()
-            with store.blob_writer(len(data)) as writer:
-                writer.write(data)
-                staged = writer.finish()
-                manifest = SubmissionManifest(
-                    client_id=key_id(key.public_key()),
-                    payload_sha256=staged.sha256,
-                    payload_size=staged.size,
-                    task=TEACHER_TASK,
-                    created_at_ms=int(time.time() * 1000),
-                    nonce=secrets.token_bytes(16),
-                )
-                signed = sign(key, manifest)
-                result = store.record_submission(
-                    staged,
-                    client_key_id=manifest.client_id,
-                    manifest=canonical_bytes(manifest),
-                    signature=signed.signature,
-                    nonce=manifest.nonce,
-                    task_metadata=dataclasses.asdict(TEACHER_TASK) | {"channel_order": "gray"},
-                )
-            store.set_verdict(result.row.id, accepted=True)
-            ids.append(result.row.id)
+        return store_accepted_models(
+            store, load_private_key(owner.keys.client_key), models, TEACHER_TASK
+        )
+
+
+def store_accepted_models(
+    store: Store, key: Ed25519PrivateKey, models: Iterable[bytes], task: TaskMetadata
+) -> list[int]:
+    """Record each model as a submission signed by `key` (as intake leaves one) and accept it."""
+    ids = []
+    for data in models:
+        with store.blob_writer(len(data)) as writer:
+            writer.write(data)
+            staged = writer.finish()
+            manifest = SubmissionManifest(
+                client_id=key_id(key.public_key()),
+                payload_sha256=staged.sha256,
+                payload_size=staged.size,
+                task=task,
+                created_at_ms=int(time.time() * 1000),
+                nonce=secrets.token_bytes(16),
+            )
+            result = store.record_submission(
+                staged,
+                client_key_id=manifest.client_id,
+                manifest=canonical_bytes(manifest),
+                signature=sign(key, manifest).signature,
+                nonce=manifest.nonce,
+                task_metadata=dataclasses.asdict(task)
+                | {"channel_order": task.channel_order.value},
+            )
+        store.set_verdict(result.row.id, accepted=True)
+        ids.append(result.row.id)
     return ids
 
 

@@ -21,6 +21,7 @@ import pytest
 import torch
 from safetensors.torch import load as load_tensors
 
+from free_common.bench.launch import launcher_command
 from free_common.engine.checkpoint import CHECKPOINT_FILE, read_checkpoint
 from free_common.engine.distributed import Workers, current
 from free_common.engine.shard import gather_in_order, sum_in_order, teacher_rngs
@@ -32,17 +33,8 @@ ATOL, RTOL = 1e-6, 1e-5
 
 def _launch(ranks: int, out: Path, work: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
-    if ranks == 1:
-        command = [sys.executable, str(SCRIPT)]
-    else:
-        command = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={ranks}",
-            str(SCRIPT),
-        ]
+    one = [sys.executable, str(SCRIPT)]
+    command = one if ranks == 1 else launcher_command(ranks, [str(SCRIPT)])
     return subprocess.run(
         [*command, str(out), str(work), *extra],
         env=env,

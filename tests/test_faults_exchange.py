@@ -119,7 +119,8 @@ def assert_acknowledged_intact(home: ServerHome, receipts: Iterable[Signed[Recei
     with home.open_store() as store:
         check = store.verify_audit(load_public_key(home.signing_pub))
         assert check.ok, check.reason
-        logged = [e.body["id"] for e in store.audit_entries() if e.kind == "submission.received"]
+        entries = store.audit_log().entries
+        logged = [e.body["id"] for e in entries if e.kind == "submission.received"]
         rows = [r.id for r in store.summary(recent=100_000).submissions]
         assert sorted(logged) == sorted(rows)
         for signed in receipts:

@@ -37,7 +37,7 @@ def home(tmp_path: Path) -> ServerHome:
 
 def _kinds(home: ServerHome) -> list[str]:
     with home.open_store() as store:
-        return [e.kind for e in store.audit_entries()]
+        return [e.kind for e in store.audit_log().entries]
 
 
 def _verify(home: ServerHome) -> tuple[bool, int | None, str]:
@@ -68,7 +68,7 @@ def test_every_event_appends_one_signed_entry_in_order(home: ServerHome) -> None
     ]
     assert _verify(home) == (True, None, "")
     with home.open_store() as store:
-        verdict = store.audit_entries()[2]
+        verdict = store.audit_log().entries[2]
     assert verdict.body == {"id": 1, "verdict": "accepted", "reason": None}
 
 

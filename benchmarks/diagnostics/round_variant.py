@@ -49,6 +49,7 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--set", action="append", default=[], help="dotted.path=JSON value")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -86,7 +87,7 @@ def main() -> None:
         config,
         args.out.with_suffix(".work"),
         validation=validation,
-        device="cpu",
+        device=args.device,
         on_event=on_event,
         fresh=True,
     )
@@ -103,6 +104,7 @@ def main() -> None:
         "final_norms": weight_norms(learner, names),
         "replay_tasks_per_step": sum(tasks) / max(1, len(tasks)),
         "seconds": round(time.perf_counter() - started, 1),
+        "device": result.initialization.manifest["device"],
     }
     print(json.dumps(report), flush=True)
     args.out.write_text(json.dumps(report, indent=1) + "\n")

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-__all__ = ["relaunch", "under_launcher"]
+__all__ = ["launcher_command", "relaunch", "under_launcher"]
 
 
 def under_launcher() -> bool:
@@ -23,16 +23,22 @@ def under_launcher() -> bool:
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def relaunch(workers: int, args: Sequence[str]) -> int:
-    """Run ``free-bench ARGS`` on `workers` local processes; returns the launcher's exit code."""
-    command = [
+def launcher_command(workers: int, program: Sequence[str]) -> list[str]:
+    """Return the command that runs `program` on `workers` local ranks under torch's launcher.
+
+    `program` is a script or ``-m`` and a module, then its arguments.
+    """
+    return [
         sys.executable,
         "-m",
         "torch.distributed.run",
         "--standalone",
         f"--nproc-per-node={workers}",
-        "-m",
-        "free_common.bench.cli",
-        *args,
+        *program,
     ]
+
+
+def relaunch(workers: int, args: Sequence[str]) -> int:
+    """Run ``free-bench ARGS`` on `workers` local processes; returns the launcher's exit code."""
+    command = launcher_command(workers, ["-m", "free_common.bench.cli", *args])
     return subprocess.run(command, check=False).returncode

@@ -365,11 +365,29 @@ class _Reshape(nn.Module):
         self.allowzero = allowzero
 
     def forward(self, x: torch.Tensor, *graph_input: torch.Tensor) -> torch.Tensor:
-        shape = self.shape
-        if isinstance(shape, BatchAffine):
-            shape = shape.at(graph_input[0].shape[0])
+        shape = _at_batch(self.shape, graph_input)
         target = [x.shape[i] if s == 0 and not self.allowzero else s for i, s in enumerate(shape)]
         return x.reshape(target)
+
+
+def _shape_operand(
+    node: onnx.NodeProto, ctx: _Context, what: str
+) -> tuple[tuple[int, ...] | BatchAffine, tuple[str, ...]]:
+    """Input 1 of `node` as a constant shape, or as the batch-dependent one folding found.
+
+    A batch-dependent shape is filled in at run time from the graph input's batch, so
+    the graph input becomes the module's second argument.
+    """
+    affine = ctx.batch_dependent.get(node.input[1])
+    if affine is not None:
+        return affine, (node.input[0], ctx.graph_input)
+    return tuple(int(s) for s in ctx.constant(node, 1, what).reshape(-1)), (node.input[0],)
+
+
+def _at_batch(
+    shape: tuple[int, ...] | BatchAffine, graph_input: tuple[torch.Tensor, ...]
+) -> tuple[int, ...]:
+    return shape.at(graph_input[0].shape[0]) if isinstance(shape, BatchAffine) else shape
 
 
 def _flatten(node: onnx.NodeProto, ctx: _Context) -> Converted:
@@ -378,11 +396,8 @@ def _flatten(node: onnx.NodeProto, ctx: _Context) -> Converted:
 
 def _reshape(node: onnx.NodeProto, ctx: _Context) -> Converted:
     allowzero = bool(_Attributes(node).get_int("allowzero", 0))
-    affine = ctx.batch_dependent.get(node.input[1])
-    if affine is not None:
-        return _Reshape(affine, allowzero), (node.input[0], ctx.graph_input)
-    shape = ctx.constant(node, 1, "target shape")
-    return _Reshape(tuple(int(s) for s in shape.reshape(-1)), allowzero), (node.input[0],)
+    shape, inputs = _shape_operand(node, ctx, "target shape")
+    return _Reshape(shape, allowzero), inputs
 
 
 def _gemm(node: onnx.NodeProto, ctx: _Context) -> Converted:
@@ -777,21 +792,12 @@ class _Expand(nn.Module):
         self.shape = shape
 
     def forward(self, x: torch.Tensor, *graph_input: torch.Tensor) -> torch.Tensor:
-        shape = self.shape
-        if isinstance(shape, BatchAffine):
-            shape = shape.at(graph_input[0].shape[0])
-        return x.expand(np.broadcast_shapes(tuple(x.shape), shape))
+        return x.expand(np.broadcast_shapes(tuple(x.shape), _at_batch(self.shape, graph_input)))
 
 
 def _expand(node: onnx.NodeProto, ctx: _Context) -> Converted:
-    affine = ctx.batch_dependent.get(node.input[1])
-    shape: tuple[int, ...] | BatchAffine
-    if affine is not None:
-        shape, per_image = affine, affine.at(1)
-        inputs: tuple[str, ...] = (node.input[0], ctx.graph_input)
-    else:
-        shape = per_image = tuple(int(s) for s in ctx.constant(node, 1, "shape").reshape(-1))
-        inputs = (node.input[0],)
+    shape, inputs = _shape_operand(node, ctx, "shape")
+    per_image = shape.at(1) if isinstance(shape, BatchAffine) else shape
     if any(s < 0 for s in per_image):
         raise InvalidModelError(f"Expand node {node.name!r:.60}: negative shape {list(per_image)}")
     if math.prod(per_image) > ctx.limits.max_activation_elements:

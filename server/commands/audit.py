@@ -22,7 +22,6 @@ from rich.table import Table
 from free_common.console import out_console
 from free_common.errors import AuditLogBroken
 from free_common.security.keys import load_public_key
-from free_server.audit import GENESIS
 from free_server.commands.options import HomeOption
 from free_server.home import ServerHome
 
@@ -44,11 +43,11 @@ def show(
 ) -> None:
     """Print the audit log's entries, oldest first."""
     with ServerHome.open(home).open_store() as store:
-        everything = store.audit_entries()
-    last = everything[-1].hash if everything else GENESIS
-    entries = [e for e in everything if e.seq > since]
+        log = store.audit_log(since)
+    entries = log.entries
     if as_json:
-        report = {"entries": [e.to_json() for e in entries], "head": last, "count": len(entries)}
+        report: dict[str, object] = {"entries": [e.to_json() for e in entries]}
+        report |= {"head": log.head, "count": len(entries)}
         typer.echo(json.dumps(report, indent=2, ensure_ascii=False))
         return
     table = Table("seq", "at", "kind", "details", box=None, pad_edge=False)
