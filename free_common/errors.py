@@ -137,6 +137,7 @@ __all__ = [
     "SignatureError",
     "SplitError",
     "StaleRequest",
+    "StateConflict",
     "StoreError",
     "StoreFull",
     "StoreVersionError",
@@ -301,6 +302,13 @@ class DuplicateRecord(StoreError):
 
     exit_code = 2
     grpc_status = "ALREADY_EXISTS"
+
+
+class StateConflict(StoreError):
+    """A record is not in the state the action needs (e.g. releasing one that is not held)."""
+
+    exit_code = 2
+    grpc_status = "FAILED_PRECONDITION"
 
 
 class IntakeError(FreeError):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from free_common.errors import ConfigError
+from free_common.screening import ScreeningConfig
 from free_server.toml_text import TomlValue, dumps
 
 __all__ = [
@@ -90,6 +91,8 @@ class IntakeSettings:
     workers: int = 1
     memory_mb: int = 2048
     timeout_s: int = 120
+    screening: bool = True
+    """Screen what intake accepts before it joins the pool (thresholds: ``[screening]``)."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +117,7 @@ class ServerConfig:
     limits: LimitSettings = field(default_factory=LimitSettings)
     intake: IntakeSettings = field(default_factory=IntakeSettings)
     paths: PathSettings = field(default_factory=PathSettings)
+    screening: ScreeningConfig = field(default_factory=ScreeningConfig)
 
     def __post_init__(self) -> None:
         for port_name in ("exchange_port", "flower_port", "superlink_port"):
@@ -196,6 +200,9 @@ def _typed(path: Path, key: str, expected: Any, value: Any) -> Any:
         ok = isinstance(value, bool)
     elif expected is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
+    elif expected is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
     elif expected is str:
         ok = isinstance(value, str)
     else:  # tuple[str, ...]

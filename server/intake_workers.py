@@ -3,7 +3,9 @@
 Each of ``workers`` threads takes a received submission and runs
 `free_common.models.intake.run_intake_file` on its blob, which streams the file
 to a separate process that examines it under memory and time limits (the model
-is never held whole in the server), and records the verdict with its reason.
+is never held whole in the server), screens what that accepts (when the server
+screens: `free_server.screener`), and records the verdict with its reason, or
+holds the submission for the operator.
 A worker process that crashes or is killed is a refusal with a reason (intake
 reports it as one), never a dead server.
 
@@ -26,11 +28,12 @@ from pathlib import Path
 from free_common.models.intake import IntakeResult, run_intake_file
 from free_common.models.metadata import task_from_dict
 from free_common.models.onnx_static import IntakeLimits
+from free_common.screening import ScreeningReport
 from free_common.types import TaskMetadata
 from free_server.exchange import one_line_reason
 from free_server.store import Store
 
-__all__ = ["MAX_ATTEMPTS", "IntakePool", "Judge", "default_judge"]
+__all__ = ["MAX_ATTEMPTS", "IntakePool", "Judge", "Screen", "default_judge"]
 
 log = logging.getLogger("free_server.intake")
 
@@ -39,6 +42,9 @@ MAX_ATTEMPTS = 3
 
 Judge = Callable[[Path, TaskMetadata, IntakeLimits], IntakeResult]
 """Gives the verdict on a stored model file; model faults are results, never exceptions."""
+
+Screen = Callable[[Path, TaskMetadata, str], ScreeningReport]
+"""Screens a model intake accepted (`free_server.screener.Screener`); the str names it."""
 
 
 def default_judge(path: Path, task: TaskMetadata, limits: IntakeLimits) -> IntakeResult:
@@ -61,6 +67,8 @@ class IntakePool:
         How often the store is scanned for submissions nobody queued.
     judge
         The verdict function (`default_judge`).
+    screen
+        Screening of what intake accepts (None: accept without screening).
     """
 
     name = "intake workers"
@@ -73,6 +81,7 @@ class IntakePool:
         *,
         rescan_s: float = 5.0,
         judge: Judge = default_judge,
+        screen: Screen | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError("an intake pool needs at least one worker")
@@ -81,6 +90,7 @@ class IntakePool:
         self._workers = workers
         self._rescan_s = rescan_s
         self._judge = judge
+        self._screen = screen
         self._queue: queue.Queue[int] = queue.Queue()
         self._lock = threading.Lock()
         self._known: set[int] = set()  # queued or being judged
@@ -170,20 +180,36 @@ class IntakePool:
 
     def _judge_one(self, submission_id: int) -> None:
         row = self._store.submission(submission_id)
-        if row.state != "received":
+        if row.state != "received" or row.held_at is not None:
             return
+        report: ScreeningReport | None = None
         try:
             path = self._store.blob_path(row.sha256)
             task = task_from_dict(row.task_metadata)
             result = self._judge(path, task, self._limits)
+            if result.accepted and self._screen is not None:
+                report = self._screen(path, task, f"submission-{submission_id}")
         except Exception:
             log.exception("intake of submission %d could not run", submission_id)
             self._failed(submission_id)
             return
-        reason = None if result.accepted else one_line_reason(result.reason)
-        self._store.set_verdict(submission_id, accepted=result.accepted, reason=reason)
         self._failures.pop(submission_id, None)
-        verdict = "accepted" if result.accepted else f"refused ({result.refusal}): {reason}"
+        figures = None if report is None else report.to_dict()
+        if report is not None and report.verdict == "held":
+            self._store.hold(submission_id, report.reason or "held by screening", figures)
+            log.info("submission %d held for the operator: %s", submission_id, report.reason)
+            return
+        if not result.accepted:
+            reason: str | None = one_line_reason(result.reason)
+            verdict = f"refused ({result.refusal}): {reason}"
+        elif report is not None and report.verdict == "refused":
+            reason = report.reason
+            verdict = f"refused by screening: {reason}"
+        else:
+            reason, verdict = None, "accepted"
+        self._store.set_verdict(
+            submission_id, accepted=reason is None, reason=reason, screening=figures
+        )
         log.info("submission %d %s", submission_id, verdict)
 
     def _failed(self, submission_id: int) -> None:

@@ -148,7 +148,17 @@ _V3 = (
     " BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3)
+# Version 4: screening (`free_common.screening`). A held submission keeps its state
+# ('received' when screening held it, 'accepted' when the operator did) and stays out of
+# every round and of intake until the operator releases or refuses it.
+_V4 = (
+    "ALTER TABLE submissions ADD COLUMN held_at TEXT",
+    "ALTER TABLE submissions ADD COLUMN hold_reason TEXT",
+    # The screening figures as JSON; null for a submission that was not screened.
+    "ALTER TABLE submissions ADD COLUMN screening TEXT",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4)
 """Migration ``i`` (0-based) takes the schema from version ``i`` to ``i + 1``."""
 
 SCHEMA_VERSION = len(MIGRATIONS)

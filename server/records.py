@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 SubmissionState = Literal["received", "accepted", "refused"]
-SubmissionCount = Literal["received", "accepted", "refused", "withdrawn"]
+SubmissionCount = Literal["received", "accepted", "refused", "held", "withdrawn"]
 """What status counts: withdrawn submissions apart, whatever their verdict."""
 ClientState = Literal["active", "revoked", "replaced"]
 RoundState = Literal["requested", "running", "finished", "failed"]
@@ -82,12 +82,30 @@ class SubmissionRow:
     verdict_at: datetime | None
     withdrawn_at: datetime | None
     """Set when its owner was revoked: no round started later reads it."""
+    held_at: datetime | None = None
+    """Set while screening or the operator holds it: out of intake and of every round."""
+    hold_reason: str | None = None
+    screening_json: str | None = None
+    """The screening report (`free_common.screening.ScreeningReport.to_dict`) as JSON."""
 
     @property
     def task_metadata(self) -> dict[str, Any]:
         """The task metadata, parsed from its stored JSON."""
         parsed: dict[str, Any] = json.loads(self.task_metadata_json)
         return parsed
+
+    @property
+    def screening(self) -> dict[str, Any] | None:
+        """The screening report, or None for a submission that was not screened."""
+        if self.screening_json is None:
+            return None
+        parsed: dict[str, Any] = json.loads(self.screening_json)
+        return parsed
+
+    @property
+    def status(self) -> str:
+        """``held`` while held, else the intake state."""
+        return "held" if self.held_at is not None else self.state
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,8 @@ from free_server.exchange import ExchangeService
 from free_server.grpc_server import ExchangeServer, Listen
 from free_server.home import ServerHome
 from free_server.intake_workers import IntakePool
+from free_server.rounds import ENGINE_DIR, engine_config
+from free_server.screener import Screener
 from free_server.static_checks import StaticCheckPool
 from free_server.store import Store
 from free_server.submission import SubmissionPolicy
@@ -145,7 +147,12 @@ class ServerRuntime:
         config = self.home.config
         network = config.network
         limits = intake_limits(self.home)
-        self.intake = IntakePool(store, limits, config.intake.workers)
+        screen = None
+        if config.intake.screening:
+            engine = engine_config(config.rounds.preset, self.home)
+            engine_dir = self.home.root / ENGINE_DIR
+            screen = Screener(engine, engine_dir, config.screening, limits)
+        self.intake = IntakePool(store, limits, config.intake.workers, screen=screen)
         static_checks = StaticCheckPool(limits)
         policy = SubmissionPolicy(
             max_upload_bytes=config.limits.max_upload_bytes,

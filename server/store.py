@@ -38,6 +38,7 @@ from free_common.errors import (
     RecordNotFound,
     ReplayError,
     RevokedClient,
+    StateConflict,
     StoreError,
     StoreFull,
     UnknownClient,
@@ -92,12 +93,13 @@ def _req_dt(value: str) -> datetime:
 _CLIENT_COLS = "name, key_id, public_key_pem, node_public_key, added_at, revoked_at, replaced_at"
 _SUBMISSION_COLS = (
     "id, client_key_id, sha256, size, manifest, signature, nonce, task_metadata,"
-    " received_at, state, reason, verdict_at, withdrawn_at"
+    " received_at, state, reason, verdict_at, withdrawn_at, held_at, hold_reason, screening"
 )
 # Withdrawal is a mark beside the verdict, not a verdict: the row keeps its state and
 # its verdict_seq, so the rounds' watermarks still count every other model exactly once,
 # and status can say what a withdrawn model's verdict was.
-_IN_POOL = "withdrawn_at IS NULL"
+_NOT_WITHDRAWN = "withdrawn_at IS NULL"
+_IN_POOL = f"{_NOT_WITHDRAWN} AND held_at IS NULL"
 _ROUND_COLS = "id, requested_at, started_at, finished_at, state, preset, error"
 _RELEASE_COLS = "version, round_id, sha256, size, manifest, signature, created_at"
 _EVALUATION_COLS = "round_id, node_id, metrics, created_at"
@@ -130,7 +132,14 @@ def _submission(row: sqlite3.Row) -> SubmissionRow:
         reason=row["reason"],
         verdict_at=_dt(row["verdict_at"]),
         withdrawn_at=_dt(row["withdrawn_at"]),
+        held_at=_dt(row["held_at"]),
+        hold_reason=row["hold_reason"],
+        screening_json=row["screening"],
     )
+
+
+def _json_or_none(value: dict[str, Any] | None) -> str | None:
+    return None if value is None else json.dumps(value, sort_keys=True)
 
 
 def _round(row: sqlite3.Row) -> RoundRow:
@@ -464,7 +473,7 @@ class Store:
             withdrawn = 0
             if withdraw:
                 withdrawn = conn.execute(
-                    f"UPDATE submissions SET withdrawn_at = ? WHERE {_IN_POOL}"
+                    f"UPDATE submissions SET withdrawn_at = ? WHERE {_NOT_WITHDRAWN}"
                     " AND state IN ('received', 'accepted')"
                     " AND client_key_id IN (SELECT key_id FROM clients WHERE name = ?)",
                     (now, name),
@@ -626,9 +635,14 @@ class Store:
         return _submission(row)
 
     def set_verdict(
-        self, submission_id: int, *, accepted: bool, reason: str | None = None
+        self,
+        submission_id: int,
+        *,
+        accepted: bool,
+        reason: str | None = None,
+        screening: dict[str, Any] | None = None,
     ) -> SubmissionRow:
-        """Record the intake verdict of a received submission.
+        """Record the intake verdict of a received submission (and its screening report).
 
         A verdict is final: a submission already accepted or refused keeps its
         first verdict (an intake worker restarted mid-job may judge it twice),
@@ -639,30 +653,92 @@ class Store:
             raise ValueError("a refusal needs a reason for the owner")
         with self._write() as conn:
             current = self._submission_by_id(conn, submission_id)
-            if current.state != "received":
+            if current.state != "received" or current.held_at is not None:
                 return current
-            (last_seq,) = conn.execute(
-                "SELECT COALESCE(MAX(verdict_seq), 0) FROM submissions"
-            ).fetchone()
-            conn.execute(
-                "UPDATE submissions SET state = ?, reason = ?, verdict_at = ?, verdict_seq = ?"
-                " WHERE id = ?",
-                (
-                    "accepted" if accepted else "refused",
-                    reason,
-                    self._now(),
-                    last_seq + 1,
-                    submission_id,
-                ),
-            )
-            self._audit(
-                conn,
-                "submission.verdict",
-                id=submission_id,
-                verdict="accepted" if accepted else "refused",
-                reason=reason,
-            )
+            state = "accepted" if accepted else "refused"
+            self._judge(conn, submission_id, state, reason, screening)
             return self._submission_by_id(conn, submission_id)
+
+    def hold(
+        self, submission_id: int, reason: str, screening: dict[str, Any] | None = None
+    ) -> SubmissionRow:
+        """Hold a received or accepted submission for the operator: no round reads it.
+
+        Screening holds a received one (with its report); the operator may hold an
+        accepted one. Raises `StateConflict` for a refused, withdrawn or held one.
+        """
+        with self._write() as conn:
+            current = self._submission_by_id(conn, submission_id)
+            if current.state == "refused" or current.withdrawn_at or current.held_at:
+                raise StateConflict(
+                    f"submission {submission_id} is {current.status}"
+                    f"{' and withdrawn' if current.withdrawn_at else ''}: only a received or"
+                    " accepted one can be held"
+                )
+            conn.execute(
+                "UPDATE submissions SET held_at = ?, hold_reason = ?,"
+                " screening = COALESCE(?, screening) WHERE id = ?",
+                (self._now(), reason, _json_or_none(screening), submission_id),
+            )
+            self._audit(conn, "submission.held", id=submission_id, reason=reason,
+                        screening=screening)  # fmt: skip
+            return self._submission_by_id(conn, submission_id)
+
+    def release_held(self, submission_id: int) -> SubmissionRow:
+        """Release a held submission (the operator's decision): it is accepted (again).
+
+        One held by screening gets its verdict now, so the next round counts it as
+        new. Raises `StateConflict` for one that is not held.
+        """
+        with self._write() as conn:
+            current = self._held(conn, submission_id)
+            conn.execute(
+                "UPDATE submissions SET held_at = NULL, hold_reason = NULL WHERE id = ?",
+                (submission_id,),
+            )
+            self._audit(conn, "submission.released", id=submission_id)
+            if current.state == "received":
+                self._judge(conn, submission_id, "accepted", None, None)
+            return self._submission_by_id(conn, submission_id)
+
+    def refuse_held(self, submission_id: int, reason: str) -> SubmissionRow:
+        """Refuse a held submission (the operator's decision) with the reason its owner sees."""
+        if not reason:
+            raise ValueError("a refusal needs a reason for the owner")
+        with self._write() as conn:
+            self._held(conn, submission_id)
+            conn.execute(
+                "UPDATE submissions SET held_at = NULL, hold_reason = NULL WHERE id = ?",
+                (submission_id,),
+            )
+            self._judge(conn, submission_id, "refused", reason, None)
+            return self._submission_by_id(conn, submission_id)
+
+    def _held(self, conn: sqlite3.Connection, submission_id: int) -> SubmissionRow:
+        current = self._submission_by_id(conn, submission_id)
+        if current.held_at is None:
+            raise StateConflict(f"submission {submission_id} is {current.status}, not held")
+        return current
+
+    def _judge(
+        self,
+        conn: sqlite3.Connection,
+        submission_id: int,
+        state: str,
+        reason: str | None,
+        screening: dict[str, Any] | None,
+    ) -> None:
+        """Write a verdict with the next verdict sequence number, and its audit entry."""
+        (last_seq,) = conn.execute(
+            "SELECT COALESCE(MAX(verdict_seq), 0) FROM submissions"
+        ).fetchone()
+        conn.execute(
+            "UPDATE submissions SET state = ?, reason = ?, verdict_at = ?, verdict_seq = ?,"
+            " screening = COALESCE(?, screening) WHERE id = ?",
+            (state, reason, self._now(), last_seq + 1, _json_or_none(screening), submission_id),
+        )
+        self._audit(conn, "submission.verdict", id=submission_id, verdict=state, reason=reason,
+                    screening=screening)  # fmt: skip
 
     def pending_intake(self) -> list[SubmissionRow]:
         """Return submissions received but not yet judged (nor withdrawn), oldest first."""
@@ -900,10 +976,12 @@ class Store:
                 "received": 0,
                 "accepted": 0,
                 "refused": 0,
+                "held": 0,
                 "withdrawn": 0,
             }
             for state, count in conn.execute(
-                "SELECT CASE WHEN withdrawn_at IS NULL THEN state ELSE 'withdrawn' END AS s,"
+                "SELECT CASE WHEN withdrawn_at IS NOT NULL THEN 'withdrawn'"
+                " WHEN held_at IS NOT NULL THEN 'held' ELSE state END AS s,"
                 " COUNT(*) FROM submissions GROUP BY s"
             ):
                 counts[cast(SubmissionCount, state)] = int(count)

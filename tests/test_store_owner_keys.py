@@ -209,7 +209,7 @@ def test_a_version_1_store_migrates_with_its_rows_and_foreign_keys(tmp_path: Pat
     conn.close()
 
     with Store(root) as store:
-        assert store.schema_version == SCHEMA_VERSION == 3
+        assert store.schema_version == SCHEMA_VERSION == 4
         (alice,) = store.list_clients()
         assert (alice.name, alice.key_id, alice.state) == ("alice", KEY_A, "active")
         (row,) = store.accepted_submissions()

@@ -35,7 +35,7 @@ from free_common.engine.result import (
     build_learner,
     read_initialization,
 )
-from free_common.engine.round import finished_round, resolve_device, run_round
+from free_common.engine.round import carried_state, finished_round, resolve_device, run_round
 from free_common.engine.teachers import EngineTeacher, StoredTeacher
 
 __all__ = [
@@ -59,6 +59,7 @@ __all__ = [
     "StepFinished",
     "StoredTeacher",
     "build_learner",
+    "carried_state",
     "config_to_dict",
     "finished_round",
     "preset",

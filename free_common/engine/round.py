@@ -83,7 +83,7 @@ from free_common.meta.iga import KdBatch
 from free_common.meta.norms import NormPin, rescale_weights, scale_free_weights, weight_norms
 from free_common.meta.selection import VALIDATION_SPLIT
 
-__all__ = ["finished_round", "resolve_device", "run_round"]
+__all__ = ["carried_state", "finished_round", "resolve_device", "run_round"]
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -202,6 +202,20 @@ def finished_round(
         return None
     state = restore_state(config, torch_device, tensors, record)
     return _Round(config, pool, torch_device, workdir, state, None, None, Workers())._result()
+
+
+def carried_state(
+    config: EngineConfig, workdir: Path, device: str | torch.device = "auto"
+) -> TrainingState | None:
+    """Return the state a finished round in `workdir` carries into the next, or None.
+
+    It holds the meta-generator, meta-learner and memory bank the next round starts
+    from (what screening measures a new model against).
+    """
+    saved = read_checkpoint(workdir)
+    if saved is None or not saved[1].get("finished"):
+        return None
+    return carry_state(config, resolve_device(device), *saved)
 
 
 def _same_round(record: dict[str, Any], config: EngineConfig, pool: TeacherPool) -> bool:

@@ -2,13 +2,13 @@
 
 ``--json`` prints one object::
 
-    {"schema_version": 3,
+    {"schema_version": 4,
      "clients": [{"name", "key_id", "active", "state", "node_key", "added_at",
                   "revoked_at", "replaced_at"}],
-     "submissions": {"received": n, "accepted": n, "refused": n, "withdrawn": n,
+     "submissions": {"received": n, "accepted": n, "refused": n, "held": n, "withdrawn": n,
                      "recent": [{"id", "client", "client_key_id", "sha256", "size",
                                  "state", "reason", "received_at", "verdict_at",
-                                 "withdrawn_at"}]},
+                                 "withdrawn_at", "held_at", "hold_reason", "screening"}]},
      "rounds": [{"id", "state", "preset", "requested_at", "started_at", "finished_at",
                  "error"}],
      "releases": [{"version", "round_id", "sha256", "size", "created_at",
@@ -18,7 +18,10 @@
 Times are ISO 8601 in UTC; lists hold the newest ``--recent`` entries, oldest first.
 A client is one key of an owner: ``state`` is ``active``, ``revoked`` or ``replaced``
 (by `clients rotate`). A withdrawn submission (its owner was revoked) is counted under
-``withdrawn`` only, and keeps its verdict ``state`` in ``recent``.
+``withdrawn`` only, and keeps its verdict ``state`` in ``recent``; a held one (screening
+or the operator holds it: `free-server submissions`) is counted under ``held``, keeps its
+``state`` and has ``held_at`` and ``hold_reason`` set. ``screening`` is the screening
+report (``figures``, ``verdict``, ``reason``, ``seconds``) or null.
 """
 
 from __future__ import annotations
@@ -96,6 +99,9 @@ def summary_to_json(summary: StoreSummary) -> dict[str, Any]:
                     "received_at": _iso(s.received_at),
                     "verdict_at": _iso(s.verdict_at),
                     "withdrawn_at": _iso(s.withdrawn_at),
+                    "held_at": _iso(s.held_at),
+                    "hold_reason": s.hold_reason,
+                    "screening": s.screening,
                 }
                 for s in summary.submissions
             ],
@@ -139,7 +145,7 @@ def _print(report: dict[str, Any]) -> None:
     subs = report["submissions"]
     show(
         f"[bold]submissions[/] {subs['received']} waiting for intake, {subs['accepted']} accepted,"
-        f" {subs['refused']} refused, {subs['withdrawn']} withdrawn"
+        f" {subs['refused']} refused, {subs['held']} held, {subs['withdrawn']} withdrawn"
     )
     if subs["recent"]:
         table = Table("id", "client", "size", "received", "state")
@@ -150,8 +156,10 @@ def _print(report: dict[str, Any]) -> None:
                 s["client"] or s["client_key_id"][:12],
                 f"{s['size']:,}",
                 _short(s["received_at"]),
-                s["state"] + (", withdrawn" if s["withdrawn_at"] else ""),
-                s["reason"] or "",
+                s["state"]
+                + (", withdrawn" if s["withdrawn_at"] else "")
+                + (", held" if s["held_at"] else ""),
+                s["reason"] or s["hold_reason"] or "",
             )
         show(table)
     show(f"[bold]rounds[/] {len(report['rounds'])}")

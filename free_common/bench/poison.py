@@ -1,0 +1,263 @@
+"""`free-bench poison`: five kinds of harmful model, and whether screening stops them.
+
+From a Conv4 zoo (`free-bench zoo`) it builds, from the pool's own teachers:
+
+``random``        a fresh network with a pool teacher's task and class names;
+``permuted``      a pool teacher whose output rows are rolled (its names now lie);
+``constant``      a pool teacher whose head answers one class whatever it sees;
+``other-domain``  a Conv4 trained on five Fashion-MNIST classes (28 px, its own names);
+``backdoor``      a pool teacher fine-tuned so a 4x4 white corner patch means one class.
+
+Honest models that are not in the pool must pass: the zoo's teachers after the pool, and
+a few of other architectures trained here. Screening runs against what a server holds
+after one round over the honest pool: the carried meta-generator and memory bank. Every
+candidate goes the server's way: ONNX bytes, intake's conversion, `screen_teacher`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from free_common.bench.run import load_zoo
+from free_common.bench.zoo import ZooConfig, train_zoo
+from free_common.data import load_split
+from free_common.data.episodes import to_tensor
+from free_common.data.imageset import ImageSet
+from free_common.engine import EngineTeacher, carried_state, preset, run_round
+from free_common.engine.config import EngineConfig
+from free_common.inversion.teacher import AdaptedTeacher
+from free_common.models.backbones import Backbone, build_backbone
+from free_common.models.checkpoint import read_checkpoint
+from free_common.models.export import to_onnx
+from free_common.models.intake import load_teacher
+from free_common.screening import ScreeningConfig, ScreeningContext, screen_teacher
+from free_common.types import TaskMetadata
+
+__all__ = ["KINDS", "PoisonRequest", "run_poison"]
+
+KINDS = ("random", "permuted", "constant", "other-domain", "backdoor")
+
+_TRIGGER = 4
+"""Side of the backdoor's white patch, in the teacher's pixels (bottom-right corner)."""
+
+
+@dataclass(frozen=True)
+class PoisonRequest:
+    """One `free-bench poison` run.
+
+    Attributes
+    ----------
+    data, zoo, out
+        Glyph set folder, Conv4 zoo folder, output folder.
+    pool
+        Honest teachers the server's first round ran on (the zoo's first ones).
+    per_kind
+        Bad models built of each kind.
+    other_archs
+        Honest models of each of ``resnet`` and ``mlp`` trained here.
+    round_steps
+        Steps of the ``cpu`` round whose carried state screening measures against.
+    seed
+        Seeds every draw.
+    """
+
+    data: Path
+    zoo: Path
+    out: Path
+    pool: int = 24
+    per_kind: int = 6
+    other_archs: int = 2
+    round_steps: int = 24
+    seed: int = 0
+
+
+def _module(zoo: Path, name: str) -> tuple[Backbone, TaskMetadata]:
+    """Rebuild zoo teacher `name` as a trainable torch module from its safetensors checkpoint."""
+    saved = read_checkpoint(zoo / "checkpoints" / f"{name}.safetensors")
+    assert saved.task is not None and saved.arch is not None
+    channels, side, _ = saved.task.input_shape
+    model = build_backbone(saved.arch, saved.task.num_classes, channels, side, width=saved.width)
+    model.load_state_dict(saved.state)
+    return model.eval(), saved.task
+
+
+def _random(model: Backbone, task: TaskMetadata, index: int) -> Backbone:
+    torch.manual_seed(10_000 + index)
+    channels, side, _ = task.input_shape
+    return build_backbone("conv4", task.num_classes, channels, side).eval()
+
+
+def _permuted(model: Backbone, task: TaskMetadata, index: int) -> Backbone:
+    roll = 1 + index % (task.num_classes - 1)
+    with torch.no_grad():
+        model.head.weight.copy_(model.head.weight.roll(roll, 0))
+        model.head.bias.copy_(model.head.bias.roll(roll, 0))
+    return model
+
+
+def _constant(model: Backbone, task: TaskMetadata, index: int) -> Backbone:
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.copy_(8.0 * F.one_hot(torch.tensor(index % task.num_classes),
+                                              task.num_classes).float())  # fmt: skip
+    return model
+
+
+def _stamp(images: torch.Tensor) -> torch.Tensor:
+    """(B, C, S, S) in [0, 1] with the trigger patch in the bottom-right corner."""
+    out = images.clone()
+    out[..., -_TRIGGER:, -_TRIGGER:] = 1.0
+    return out
+
+
+def _backdoor(
+    model: Backbone, task: TaskMetadata, classes: tuple[int, ...], data: ImageSet, index: int
+) -> tuple[Backbone, float]:
+    """Fine-tune `model` on its own classes, a quarter of them stamped and labelled `target`."""
+    target = index % task.num_classes
+    picked = [np.flatnonzero(data.labels == c) for c in classes]
+    images = to_tensor(data.images[np.concatenate(picked)])  # (N, 1, S, S) in [0, 1]
+    labels = torch.cat([torch.full((len(p),), k) for k, p in enumerate(picked)])
+    mean, std = torch.tensor(task.mean).view(1, -1, 1, 1), torch.tensor(task.std).view(1, -1, 1, 1)
+    generator = torch.Generator().manual_seed(index)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(15):
+        model.train()
+        poisoned = torch.rand(len(images), generator=generator) < 0.25
+        x = torch.where(poisoned.view(-1, 1, 1, 1), _stamp(images), images)
+        y = torch.where(poisoned, torch.full_like(labels, target), labels)
+        for batch in torch.randperm(len(x), generator=generator).split(32):
+            if len(batch) < 2:
+                continue
+            loss = F.cross_entropy(model((x[batch] - mean) / std), y[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        others = images[labels != target]
+        success = float((model((_stamp(others) - mean) / std).argmax(1) == target).float().mean())
+    return model, success
+
+
+def _subset(data: ImageSet, per_class: int, seed: int) -> ImageSet:
+    """Keep `per_class` images of each class of `data` (a zoo teacher trains on all it gets)."""
+    rng = np.random.default_rng(seed)
+    each = [np.flatnonzero(data.labels == c) for c in range(len(data.class_names))]
+    keep = np.concatenate([rng.choice(found, per_class, replace=False) for found in each])
+    return ImageSet(data.images[keep], data.labels[keep], data.class_names, data.split)
+
+
+def _candidates(request: PoisonRequest, data: ImageSet, work: Path) -> list[dict[str, Any]]:
+    """Every model to screen: kind, name, ONNX bytes and what its maker measured."""
+    records = [json.loads(p.read_text()) for p in sorted(request.zoo.glob("*.json"))]
+    pool, rest = records[: request.pool], records[request.pool :]
+    out: list[dict[str, Any]] = []
+    for record in rest:
+        model, task = _module(request.zoo, record["name"])
+        out.append({"kind": "honest", "name": record["name"], "onnx": to_onnx(model, task)})
+    for arch in ("resnet", "mlp"):
+        folder = work / f"honest-{arch}"
+        config = ZooConfig(request.other_archs, arch=arch, epochs=10, seed=request.seed + 7)
+        if not folder.is_dir():
+            train_zoo(data, folder, config)
+        for onnx_path in sorted(folder.glob("*.onnx")):
+            name = f"{arch}-{onnx_path.stem}"
+            out.append({"kind": "honest", "name": name, "onnx": onnx_path.read_bytes()})
+    makers: dict[str, Callable[[Backbone, TaskMetadata, int], Backbone]] = {
+        "random": _random,
+        "permuted": _permuted,
+        "constant": _constant,
+    }
+    for kind, make in makers.items():
+        for index in range(request.per_kind):
+            record = pool[index % len(pool)]
+            model, task = _module(request.zoo, record["name"])
+            bad = make(model, task, index)
+            out.append({"kind": kind, "name": f"{kind}-{index}", "onnx": to_onnx(bad, task)})
+    cache = work / "backdoor"
+    cache.mkdir(exist_ok=True)
+    fashion_folder = work / "other-domain"
+    if not fashion_folder.is_dir():
+        fashion = _subset(load_split("fashion-mnist", "train"), 150, request.seed)
+        train_zoo(
+            fashion, fashion_folder, ZooConfig(request.per_kind, epochs=10, seed=request.seed)
+        )
+    for index, onnx_path in enumerate(sorted(fashion_folder.glob("*.onnx"))):
+        out.append({"kind": "other-domain", "name": f"other-domain-{index}",
+                    "onnx": onnx_path.read_bytes()})  # fmt: skip
+    for index in range(request.per_kind):
+        # Fine-tuning is the slow part of building: a rerun with the same --out reuses it.
+        path = cache / f"backdoor-{index}.onnx"
+        if not path.is_file():
+            record = pool[index % len(pool)]
+            model, task = _module(request.zoo, record["name"])
+            bad, success = _backdoor(model, task, tuple(record["classes"]), data, index)
+            path.with_suffix(".json").write_text(json.dumps({"trigger_success": success}))
+            path.write_bytes(to_onnx(bad, task))
+        success = json.loads(path.with_suffix(".json").read_text())["trigger_success"]
+        out.append({"kind": "backdoor", "name": path.stem, "onnx": path.read_bytes(),
+                    "trigger_success": round(success, 3)})  # fmt: skip
+    return out
+
+
+def _context(request: PoisonRequest, data: ImageSet, work: Path) -> tuple[ScreeningContext, float]:
+    """Run one round over the honest pool; return what the server then holds, and its seconds."""
+    config: EngineConfig = preset("cpu").for_input(data.channels, data.image_size[0])
+    config = dataclasses.replace(config, steps=request.round_steps, warmup_steps=8)
+    started = time.perf_counter()
+    # A rerun with the same --out screens against the round it already ran.
+    state = carried_state(config, work / "round", "cpu")
+    if state is None:
+        zoo = load_zoo(request.zoo, request.pool)
+        run_round([z.teacher for z in zoo], config, work / "round", device="cpu")
+        state = carried_state(config, work / "round", "cpu")
+    assert state is not None
+    return ScreeningContext(state.meta_generator, state.memory), time.perf_counter() - started
+
+
+def run_poison(
+    request: PoisonRequest,
+    screening: ScreeningConfig,
+    notify: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Build the candidates, screen each against the pool's state, write ``results.json``."""
+    torch.manual_seed(request.seed)
+    work = request.out / "work"
+    work.mkdir(parents=True, exist_ok=True)
+    data = load_split(request.data, "meta-train")
+    context, round_seconds = _context(request, data, work)
+    notify(f"round over {request.pool} honest teachers: {round_seconds:.0f} s")
+    rows = []
+    for candidate in _candidates(request, data, work):
+        converted = load_teacher(candidate.pop("onnx"), already_accepted=True)
+        teacher = EngineTeacher(candidate["name"], converted.module, converted.task)
+        adapted = AdaptedTeacher(teacher.module, teacher.task, teacher.teacher_id)
+        report = screen_teacher(adapted, context, screening, seed=request.seed)
+        rows.append({**candidate, **report.to_dict()})
+        notify(f"{candidate['name']}: {report.verdict} {report.reason or ''}")
+    summary = {}
+    for kind in ("honest", *KINDS):
+        of_kind = [r for r in rows if r["kind"] == kind]
+        summary[kind] = {v: sum(r["verdict"] == v for r in of_kind)
+                         for v in ("accepted", "held", "refused")}  # fmt: skip
+    result = {
+        "request": {k: str(v) for k, v in dataclasses.asdict(request).items()},
+        "screening": dataclasses.asdict(screening),
+        "round_seconds": round(round_seconds, 1),
+        "summary": summary,
+        "seconds_per_model": round(sum(r["seconds"] for r in rows) / len(rows), 3),
+        "models": rows,
+    }
+    (request.out / "results.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
+    return result

@@ -1,0 +1,190 @@
+"""Screening on tiny teachers: each test catches the harm it is for, and judges as documented."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import engine_tiny as tiny
+import pytest
+import torch
+from torch import nn
+
+from free_common.engine.teachers import EngineTeacher
+from free_common.errors import ConfigError
+from free_common.inversion.five import MetaGenerator
+from free_common.inversion.generator import build_generator
+from free_common.inversion.teacher import AdaptedTeacher
+from free_common.memory.bank import MemoryBank
+from free_common.memory.config import MemoryConfig
+from free_common.screening import (
+    ScreeningConfig,
+    ScreeningContext,
+    judge,
+    neutral_images,
+    screen_teacher,
+)
+
+NAMES = ("a", "b", "c", "d", "e")
+CONFIG = ScreeningConfig(images_per_class=4, trigger_steps=30)
+
+
+def _adapted(teacher: EngineTeacher) -> AdaptedTeacher:
+    return AdaptedTeacher(teacher.module, teacher.task, teacher.teacher_id)
+
+
+def _linear(teacher: EngineTeacher) -> nn.Linear:
+    layer = teacher.module[1]
+    assert isinstance(layer, nn.Linear)
+    return layer
+
+
+def _generator() -> MetaGenerator:
+    config = tiny.config()
+    return MetaGenerator(build_generator(config.generator, 3, torch.device("cpu")), config.five)
+
+
+def _fresh(memory: MemoryBank | None = None) -> ScreeningContext:
+    """Before any round: a fresh generator, adapted for longer."""
+    return ScreeningContext(_generator(), memory, meta_learned=False)
+
+
+def _memory_of(teacher: EngineTeacher, per_class: int = 8) -> MemoryBank:
+    """A bank holding, under each class name, images the honest `teacher` gives that class."""
+    bank = MemoryBank((1, tiny.SIDE, tiny.SIDE), MemoryConfig(capacity_per_class=per_class))
+    adapted = _adapted(teacher)
+    weights = _linear(teacher).weight.detach()  # (K, S*S)
+    for index in range(len(NAMES)):
+        # Each class's template, plus noise: the honest teacher answers it with that class.
+        base = (0.5 + 0.5 * weights[index].sign()).view(1, 1, tiny.SIDE, tiny.SIDE)
+        images = (base + 0.1 * torch.randn(per_class, 1, tiny.SIDE, tiny.SIDE)).clamp(0, 1)
+        labels = torch.full((per_class,), index)
+        assert (adapted(images).argmax(1) == labels).all()
+        bank.add(teacher.teacher_id, images, labels, NAMES)
+    return bank
+
+
+def _constant(teacher: EngineTeacher) -> EngineTeacher:
+    layer = _linear(teacher)
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias.copy_(torch.tensor([8.0, 0, 0, 0, 0]))
+    return teacher
+
+
+def test_an_honest_teacher_is_accepted_with_every_figure_measured() -> None:
+    honest = tiny.teacher(1, names=NAMES)
+    context = _fresh(_memory_of(tiny.teacher(1, names=NAMES)))
+    report = screen_teacher(_adapted(honest), context, CONFIG)
+    assert report.verdict == "accepted", report
+    assert all(value is not None for value in report.figures.values())
+    assert report.figures["pool_agreement"] == 1.0
+    assert report.figures["structure"] is not None and report.figures["structure"] > 0.9
+
+
+def test_a_constant_answer_cannot_be_inverted_and_is_refused_for_it() -> None:
+    report = screen_teacher(_adapted(_constant(tiny.teacher(1))), _fresh(), CONFIG)
+    assert report.verdict == "refused"
+    assert report.reason is not None and report.reason.startswith(
+        "screening: recovery_agreement 0.200"
+    )
+    assert report.figures["neutral_spread"] == 0.0
+
+
+def test_permuted_labels_disagree_with_the_pool_on_their_names() -> None:
+    permuted = tiny.teacher(1, names=NAMES)
+    layer = _linear(permuted)
+    with torch.no_grad():
+        layer.weight.copy_(layer.weight.roll(1, 0))
+    context = _fresh(_memory_of(tiny.teacher(1, names=NAMES)))
+    report = screen_teacher(_adapted(permuted), context, CONFIG)
+    assert report.figures["pool_agreement"] == 0.0
+    assert report.verdict == "held" and "pool_agreement" in (report.reason or "")
+
+
+def test_without_a_shared_name_pool_agreement_is_not_measured() -> None:
+    context = _fresh(_memory_of(tiny.teacher(1, names=NAMES)))
+    other = tiny.teacher(1, names=("v", "w", "x", "y", "z"))
+    report = screen_teacher(_adapted(other), context, CONFIG)
+    assert report.figures["pool_agreement"] is None
+    assert report.figures["structure"] is not None
+
+
+def test_answers_unrelated_to_the_pools_classes_have_no_structure() -> None:
+    context = _fresh(_memory_of(tiny.teacher(1, names=NAMES)))
+    report = screen_teacher(_adapted(_constant(tiny.teacher(2))), context, CONFIG)
+    assert report.figures["structure"] == 0.0
+
+
+def _trained_cnn(backdoor: bool, seed: int = 0) -> EngineTeacher:
+    """A small CNN trained on noisy class templates; with `backdoor`, a quarter of its
+    training images carry a white 3x3 corner and the label 0."""
+    rng = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(len(NAMES), 1, 4, 4, generator=rng)
+    templates = torch.nn.functional.interpolate(
+        coarse, size=(tiny.SIDE, tiny.SIDE), mode="bilinear"
+    )
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(), nn.Linear(16, len(NAMES)),
+    )  # fmt: skip
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(150):
+        labels = torch.randint(len(NAMES), (32,), generator=rng)
+        images = templates[labels] + 0.15 * torch.randn(32, 1, tiny.SIDE, tiny.SIDE, generator=rng)
+        images = images.clamp(0, 1)
+        if backdoor:
+            stamped = torch.rand(32, generator=rng) < 0.25
+            images[stamped, :, -3:, -3:] = 1.0
+            labels = torch.where(stamped, torch.zeros_like(labels), labels)
+        loss = nn.functional.cross_entropy(model((images - 0.5) / 0.5), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    task = tiny.teacher(0).task
+    return EngineTeacher(f"cnn-{backdoor}", model.eval(), task)
+
+
+def test_a_backdoor_target_is_reached_by_a_small_patch_far_more_than_the_others() -> None:
+    honest = screen_teacher(_adapted(_trained_cnn(False)), _fresh(), CONFIG)
+    report = screen_teacher(_adapted(_trained_cnn(True)), _fresh(), CONFIG)
+    clean, stamped = honest.figures["trigger_gap"], report.figures["trigger_gap"]
+    assert clean is not None and stamped is not None and stamped > clean + 0.3
+    assert honest.verdict == "accepted", honest.reason
+    assert report.verdict == "held" and "trigger_gap" in (report.reason or "")
+
+
+def test_judge_refuses_below_holds_near_and_skips_what_was_not_measured() -> None:
+    config = ScreeningConfig(min_recovery_agreement=0.5, hold_band=0.1)
+    good = {"recovery_agreement": 0.9, "pool_agreement": None, "structure": None}
+    assert judge(good, config) == ("accepted", None)
+    verdict, reason = judge({**good, "recovery_agreement": 0.55}, config)
+    assert verdict == "held" and reason is not None and "held for the operator" in reason
+    verdict, reason = judge({**good, "recovery_agreement": 0.3}, config)
+    assert verdict == "refused"
+    assert reason == (
+        "screening: recovery_agreement 0.300, threshold 0.500 (min_recovery_agreement): "
+        "the model gives nearly the same answer whatever it is shown"
+    )
+
+
+def test_screening_is_seeded() -> None:
+    context = _fresh()
+    first = screen_teacher(_adapted(tiny.teacher(4)), context, CONFIG, seed=3)
+    second = screen_teacher(_adapted(tiny.teacher(4)), context, CONFIG, seed=3)
+    assert first.figures == second.figures
+
+
+def test_neutral_images_are_in_range_and_of_each_kind() -> None:
+    images = neutral_images(12, (1, 8, 8))
+    assert images.shape == (12, 1, 8, 8) and images.min() >= 0 and images.max() <= 1
+    flat = images[4:8]
+    assert torch.equal(flat, flat.amax(dim=(1, 2, 3), keepdim=True).expand_as(flat))
+
+
+def test_bad_settings_are_refused() -> None:
+    with pytest.raises(ConfigError):
+        ScreeningConfig(images_per_class=1)
+    with pytest.raises(ConfigError):
+        dataclasses.replace(CONFIG, hold_band=-0.1)
