@@ -21,6 +21,7 @@ from free_server.toml_text import TomlValue, dumps
 
 __all__ = [
     "CONFIG_NAME",
+    "ConsoleSettings",
     "IntakeSettings",
     "LimitSettings",
     "NetworkSettings",
@@ -71,6 +72,8 @@ class RoundSettings:
     """A round starts once this many newly accepted models wait."""
     preset: str = "cpu"
     """Engine preset for rounds the scheduler starts."""
+    tensorboard: bool = False
+    """Write TensorBoard event files of each round to ``HOME/tensorboard/round-<id>/``."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,18 @@ class IntakeSettings:
     workers: int = 1
     memory_mb: int = 2048
     timeout_s: int = 120
+
+
+@dataclass(frozen=True)
+class ConsoleSettings:
+    """The operator's read-only web console (served only with ``start --console-port``)."""
+
+    listen: str = "127.0.0.1"
+    """Address it binds to: loopback, so only this host's operator reaches it by default."""
+    show_recovered: bool = False
+    """Show the recovered images of the engine's memory bank. They are inverted from the
+    owners' models and may reveal something of the owners' data (docs/security.md
+    section 7): turn this on only where whoever holds a console token may see that."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +128,7 @@ class ServerConfig:
     rounds: RoundSettings = field(default_factory=RoundSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     intake: IntakeSettings = field(default_factory=IntakeSettings)
+    console: ConsoleSettings = field(default_factory=ConsoleSettings)
     paths: PathSettings = field(default_factory=PathSettings)
 
     def __post_init__(self) -> None:

@@ -1,0 +1,197 @@
+"""What each console page shows, read from the store the way `free-server status` reads it.
+
+Every figure comes from `Store.summary` (one snapshot, the same rows `status --json`
+prints, through `summary_to_json`), from a round's journal (`free_server.round_journal`)
+and, for the recovered images, from the engine's checkpoint. Nothing here writes.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from free_common.errors import RecordNotFound
+from free_common.security.canonical import record_from_canonical, release_document
+from free_common.types import ReleaseManifest, Signed
+from free_server.commands.status import summary_to_json
+from free_server.home import ServerHome
+from free_server.round_journal import JOURNAL_NAME, RoundProgress, read_journal, round_dir
+from free_server.store import Store
+
+__all__ = [
+    "ALL",
+    "ConsoleData",
+    "duration_s",
+    "release_deltas",
+    "store_bytes",
+]
+
+ALL = sys.maxsize
+"""`Store.summary`'s `recent` for "every row"."""
+
+
+def duration_s(start: str | None, end: str | None) -> float | None:
+    """Seconds between two ISO times of the status JSON; None when one is missing."""
+    if start is None or end is None:
+        return None
+    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+
+
+def store_bytes(root: Path) -> int:
+    """Bytes the store folder takes on disk: database, its WAL and every blob."""
+    total = 0
+    for path in root.rglob("*"):
+        try:
+            if path.is_file():
+                total += path.stat().st_size
+        except OSError:
+            continue  # a temp file renamed or removed while walking
+    return total
+
+
+def release_deltas(releases: list[dict[str, Any]]) -> dict[int, dict[str, float]]:
+    """Per release version, each numeric metric minus the previous release's."""
+    out: dict[int, dict[str, float]] = {}
+    previous: dict[str, Any] = {}
+    for release in releases:
+        metrics = release.get("metrics", {})
+        out[release["version"]] = {
+            key: float(value) - float(previous[key])
+            for key, value in metrics.items()
+            if _number(value) and _number(previous.get(key))
+        }
+        previous = metrics
+    return out
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class ConsoleData:
+    """The console's read-only view of one server home.
+
+    Parameters
+    ----------
+    home
+        The server home.
+    store
+        Its store, opened read-only.
+    """
+
+    home: ServerHome
+    store: Store
+
+    def report(self, recent: int = ALL) -> dict[str, Any]:
+        """Return the ``status --json`` document, with the newest `recent` rows of each list."""
+        return summary_to_json(self.store.summary(recent=recent))
+
+    def progress(self, round_id: int) -> RoundProgress | None:
+        """Return what round `round_id`'s journal says (None when it wrote none)."""
+        return read_journal(round_dir(self.home.root, round_id) / JOURNAL_NAME)
+
+    def overview(self) -> dict[str, Any]:
+        """Return counts of owners, submissions, rounds and releases, and the server's health."""
+        report = self.report(recent=10)
+        usage = shutil.disk_usage(self.home.store_dir)
+        running = [r for r in report["rounds"] if r["state"] == "running"]
+        return {
+            "report": report,
+            "owners": Counter(c["state"] for c in report["clients"]),
+            "rounds": Counter(r["state"] for r in self.report()["rounds"]),
+            "releases": self.store.next_release_version() - 1,
+            "running": [(r, self.progress(r["id"])) for r in running],
+            "store_bytes": store_bytes(self.home.store_dir),
+            "disk_free": usage.free,
+            "schema_version": report["schema_version"],
+        }
+
+    def owners(self) -> list[dict[str, Any]]:
+        """One entry per owner name: its keys and its submissions by state."""
+        report = self.report()
+        by_key = {c["key_id"]: c["name"] for c in report["clients"]}
+        counts: dict[str, Counter[str]] = {}
+        for sub in report["submissions"]["recent"]:
+            name = by_key.get(sub["client_key_id"], "?")
+            counts.setdefault(name, Counter())[
+                "withdrawn" if sub["withdrawn_at"] else sub["state"]
+            ] += 1
+        owners: dict[str, dict[str, Any]] = {}
+        for client in report["clients"]:
+            entry = owners.setdefault(client["name"], {"name": client["name"], "keys": []})
+            entry["keys"].append(client)
+            entry["state"] = client["state"]  # the newest key's state is the owner's
+            entry["submissions"] = counts.get(client["name"], Counter())
+        return list(owners.values())
+
+    def rounds(self) -> list[dict[str, Any]]:
+        """Every round, newest first, with its journal and the release it published."""
+        report = self.report()
+        releases = {r["round_id"]: r for r in report["releases"]}
+        out = []
+        for row in reversed(report["rounds"]):
+            out.append(
+                {
+                    **row,
+                    "seconds": duration_s(row["started_at"], row["finished_at"]),
+                    "progress": self.progress(row["id"]),
+                    "release": releases.get(row["id"]),
+                }
+            )
+        return out
+
+    def round(self, round_id: int) -> dict[str, Any]:
+        """One round in full: the rounds-page entry, the owners of the models it used.
+
+        Raises
+        ------
+        RecordNotFound
+            No round has that id.
+        """
+        found = [r for r in self.rounds() if r["id"] == round_id]
+        if not found:
+            raise RecordNotFound(f"no round with id {round_id}")
+        entry = found[0]
+        release = entry["release"]
+        models = []
+        if release is not None:
+            report = self.report()
+            names = {c["key_id"]: c["name"] for c in report["clients"]}
+            subs = {str(s["id"]): s for s in report["submissions"]["recent"]}
+            for sub_id in release.get("source_submission_ids", []):
+                sub = subs.get(sub_id)
+                owner = names.get(sub["client_key_id"], "?") if sub else "?"
+                models.append({"id": sub_id, "owner": owner, "submission": sub})
+        latest = self.store.latest_started_round()
+        return {**entry, "models": models, "latest": latest is not None and latest.id == round_id}
+
+    def releases(self) -> list[dict[str, Any]]:
+        """Every release, newest first, with its metrics' change from the one before."""
+        releases = self.report()["releases"]
+        deltas = release_deltas(releases)
+        previous = {r["version"]: p["version"] for p, r in itertools.pairwise(releases)}
+        return [
+            {**r, "delta": deltas[r["version"]], "previous": previous.get(r["version"])}
+            for r in reversed(releases)
+        ]
+
+    def manifest_document(self, version: int) -> bytes:
+        """Release `version`'s signed manifest, as ``manifest.json`` on an owner's disk.
+
+        Raises
+        ------
+        RecordNotFound
+            No release has that version.
+        CanonicalFormError
+            The stored manifest is damaged.
+        """
+        row = self.store.release(version)
+        record = record_from_canonical(row.manifest, ReleaseManifest)
+        return release_document(Signed(record, row.signature))
