@@ -117,6 +117,9 @@ class RoundProgress:
         Engine time of the finished round (None while running).
     selected_step
         The step the initialization was taken from (None while running).
+    checkpoint_step
+        The step of the round's newest checkpoint (None before its first): a round
+        that checkpointed is the one whose memory bank the engine folder holds.
     """
 
     step: int = 0
@@ -129,6 +132,7 @@ class RoundProgress:
     teacher_accuracy: list[tuple[int, float]] = field(default_factory=list)
     seconds: float | None = None
     selected_step: int | None = None
+    checkpoint_step: int | None = None
 
     def apply(self, event: EngineEvent) -> None:
         """Fold one event into the summary."""
@@ -143,6 +147,8 @@ class RoundProgress:
             self.teacher_accuracy.append((event.step, event.teacher_accuracy))
         elif isinstance(event, Evaluated):
             self.curve.append((event.step, event.mean, event.ci95))
+        elif isinstance(event, CheckpointSaved):
+            self.checkpoint_step = event.step
         elif isinstance(event, RoundFinished):
             self.stage, self.seconds = "finished", event.seconds
             self.selected_step = event.selected_step

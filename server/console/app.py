@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import PlainTextResponse, Response
-from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from free_common.errors import ConfigError
@@ -35,7 +33,7 @@ _CHALLENGE = 'Basic realm="FREE-Fed console", charset="UTF-8"'
 
 
 def console_app(data: ConsoleData) -> FastAPI:
-    """Build the console: pages, ``/metrics`` and its stylesheet, all behind the token."""
+    """Build the console: its pages and ``/metrics``, all behind the token."""
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     app.state.data = data
     metrics = registry(data)
@@ -62,7 +60,6 @@ def console_app(data: ConsoleData) -> FastAPI:
         return Response(generate_latest(metrics), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(router)
-    app.mount("/static", StaticFiles(directory=Path(__file__).parent / "static"), name="static")
     return app
 
 

@@ -114,7 +114,7 @@ def round_page(request: Request, round_id: int) -> HTMLResponse:
         raise HTTPException(404, exc.message) from None
     progress = entry["progress"]
     recovered = None
-    if entry["latest"] and data.home.config.console.show_recovered:
+    if entry["holds_bank"] and data.home.config.console.show_recovered:
         recovered = read_recovered(data.home.root / ENGINE_DIR, _IMAGES_PER_CLASS)
     steps = []
     if progress is not None:
@@ -137,9 +137,8 @@ def recovered_grid(request: Request, round_id: int, teacher: str) -> Response:
     data = _data(request)
     if not data.home.config.console.show_recovered:
         raise HTTPException(404, "recovered images are off: [console] show_recovered = false")
-    latest = data.store.latest_started_round()
-    if latest is None or latest.id != round_id:
-        raise HTTPException(404, "only the latest round's recovered images are kept")
+    if data.bank_round() != round_id:
+        raise HTTPException(404, "the engine keeps the recovered images of its latest round only")
     recovered = read_recovered(data.home.root / ENGINE_DIR, _IMAGES_PER_CLASS)
     classes = None if recovered is None else recovered.by_teacher.get(teacher)
     if classes is None:

@@ -148,7 +148,7 @@ class ConsoleData:
         return out
 
     def round(self, round_id: int) -> dict[str, Any]:
-        """One round in full: the rounds-page entry, the owners of the models it used.
+        """Return one round in full: its rounds-page entry, the models it used, the owners' replies.
 
         Raises
         ------
@@ -161,16 +161,35 @@ class ConsoleData:
         entry = found[0]
         release = entry["release"]
         models = []
+        report = self.report()
+        evaluations = [e for e in report["evaluations"] if e["round_id"] == round_id]
         if release is not None:
-            report = self.report()
             names = {c["key_id"]: c["name"] for c in report["clients"]}
             subs = {str(s["id"]): s for s in report["submissions"]["recent"]}
             for sub_id in release.get("source_submission_ids", []):
                 sub = subs.get(sub_id)
                 owner = names.get(sub["client_key_id"], "?") if sub else "?"
                 models.append({"id": sub_id, "owner": owner, "submission": sub})
-        latest = self.store.latest_started_round()
-        return {**entry, "models": models, "latest": latest is not None and latest.id == round_id}
+        return {
+            **entry,
+            "models": models,
+            "evaluations": evaluations,
+            "holds_bank": self.bank_round() == round_id,
+        }
+
+    def bank_round(self) -> int | None:
+        """Return the round whose recovered images the engine folder holds, if any.
+
+        The engine keeps one memory bank, carried from round to round, in its newest
+        checkpoint: it is the latest round whose journal records a checkpoint.
+        """
+        for row in reversed(self.store.rounds()):
+            if row.started_at is None:
+                continue
+            progress = self.progress(row.id)
+            if progress is not None and progress.checkpoint_step is not None:
+                return row.id
+        return None
 
     def releases(self) -> list[dict[str, Any]]:
         """Every release, newest first, with its metrics' change from the one before."""

@@ -1,0 +1,127 @@
+"""A server home holding a finished meta round, for the console's tests.
+
+`finished_round_home` builds it with the server's own parts: two owners, accepted tiny
+teachers and one refused model in the store, then one round run the way the ServerApp
+runs it (`free_server.rounds.run_meta_round` with the round's journal and TensorBoard
+logger as the event callback, `publish_release`, the store's round rows and an owner's
+evaluation reply), minus the push to SuperNodes. A second round is left running, with
+a journal of a few steps. `console_token` makes a token the way the CLI does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from flower_harness import TEACHER_TASK, add_accepted_teachers, add_owner, flower_home
+from onnx_builders import tiny_model
+
+from free_common.engine import EngineEvent, Evaluated, RoundStarted, StepFinished
+from free_common.engine.tensorboard import TensorBoardLogger
+from free_common.security.canonical import canonical_bytes
+from free_common.security.keys import key_id, load_private_key
+from free_common.security.signing import sign
+from free_common.types import SubmissionManifest
+from free_server.console.auth import add_token
+from free_server.home import ServerHome
+from free_server.release import publish_release
+from free_server.round_journal import JOURNAL_NAME, RoundJournal, round_dir
+from free_server.rounds import run_meta_round
+from free_server.server_app import TENSORBOARD_DIR
+
+REFUSAL = "operator Loop is not on the intake allow-list: export the model without loops"
+
+
+@dataclass(frozen=True)
+class FinishedRound:
+    home: ServerHome
+    round_id: int
+    running_id: int
+    release_version: int
+    accepted: list[int]
+    refused: int
+
+
+def _refused_submission(home: ServerHome, owner_key: Path) -> int:
+    key = load_private_key(owner_key)
+    data = tiny_model(99, classes=5, task=TEACHER_TASK).SerializeToString()
+    with home.open_store() as store:
+        with store.blob_writer(len(data)) as writer:
+            writer.write(data)
+            staged = writer.finish()
+            manifest = SubmissionManifest(
+                client_id=key_id(key.public_key()),
+                payload_sha256=staged.sha256,
+                payload_size=staged.size,
+                task=TEACHER_TASK,
+                created_at_ms=int(time.time() * 1000),
+                nonce=secrets.token_bytes(16),
+            )
+            result = store.record_submission(
+                staged,
+                client_key_id=manifest.client_id,
+                manifest=canonical_bytes(manifest),
+                signature=sign(key, manifest).signature,
+                nonce=manifest.nonce,
+                task_metadata=dataclasses.asdict(TEACHER_TASK) | {"channel_order": "gray"},
+            )
+        store.set_verdict(result.row.id, accepted=False, reason=REFUSAL)
+        return result.row.id
+
+
+def finished_round_home(root: Path, *, show_recovered: bool = True) -> FinishedRound:
+    """A loopback home with one finished round (release 1) and one running round."""
+    home = flower_home(root / "home")
+    text = home.config_path.read_text()
+    text = text.replace("tensorboard = false", "tensorboard = true")
+    if show_recovered:
+        text = text.replace("show_recovered = false", "show_recovered = true")
+    home.config_path.write_text(text)
+    home = ServerHome.open(home.root)
+    alice = add_owner(home, root, "alice")
+    bob = add_owner(home, root, "bob")
+    accepted = add_accepted_teachers(home, alice, [1, 2]) + add_accepted_teachers(home, bob, [3])
+    refused = _refused_submission(home, bob.keys.client_key)
+    with home.open_store() as store:
+        round_id = store.request_round("tiny").id
+        store.start_round(round_id)
+        folder = round_dir(home.root, round_id)
+        journal = RoundJournal(folder / JOURNAL_NAME)
+        board = TensorBoardLogger(folder / TENSORBOARD_DIR)
+
+        def on_event(event: EngineEvent) -> None:
+            journal(event)
+            board(event)
+
+        output = run_meta_round(home, store, "tiny", on_event=on_event)
+        journal.close()
+        board.close()
+        release, _ = publish_release(
+            store, output, load_private_key(home.signing_key), round_id=round_id
+        )
+        store.record_evaluation(
+            round_id, "alice", {"version": 1, "stored": 1, "accuracy": 0.8, "ci95": 0.05}
+        )
+        store.finish_round(round_id)
+        running_id = store.request_round("tiny").id
+        store.start_round(running_id)
+    _running_journal(home, running_id)
+    return FinishedRound(home, round_id, running_id, release.version, accepted, refused)
+
+
+def _running_journal(home: ServerHome, round_id: int) -> None:
+    """A journal as a round two steps into four, with one meta-val score, leaves it."""
+    journal = RoundJournal(round_dir(home.root, round_id) / JOURNAL_NAME)
+    journal(RoundStarted(1, 4, 0, 1, 3, (), "cpu", False, True))
+    for step in (1, 2):
+        phase = "warmup" if step == 1 else "meta"
+        journal(StepFinished(1, step, 4, phase, ("1", "2"), 0.5, 0.75, 0.25, 1.0, 1.5, 1, 2.0))
+    journal(Evaluated(1, 2, "meta-val", 0.625, 0.05, 3, True))
+    journal.close()
+
+
+def console_token(home: ServerHome) -> str:
+    return add_token(home.root)
