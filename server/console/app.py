@@ -86,6 +86,11 @@ class ConsoleServer:
         self._serving: AsgiThread | None = None
 
     @property
+    def port(self) -> int:
+        """The port it listens on (the real one once started, when 0 was asked)."""
+        return self._listen.port if self._serving is None else self._serving.port
+
+    @property
     def address(self) -> str:
         """``HOST:PORT`` it listens on (the real port once started)."""
         if self._serving is None:
