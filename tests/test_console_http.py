@@ -40,9 +40,11 @@ ROUTES = [
     "/rounds",
     "/rounds/1",
     "/rounds/2",
-    "/rounds/1/recovered/1.png",
+    "/rounds/3",
+    "/rounds/2/recovered/1.png",
     "/releases",
     "/releases/1/manifest.json",
+    "/releases/2/manifest.json",
     "/metrics",
 ]
 
@@ -138,20 +140,20 @@ def test_metrics_parse_with_prometheus_own_parser(
     assert samples[("free_submissions_pending", ())] == 0
     with finished.home.open_store() as store:
         sizes = [store.submission(i).size for i in [*finished.accepted, finished.refused]]
-        round_row = store.round(finished.round_id)
+        done = [store.round(i) for i in (finished.first_round_id, finished.round_id)]
     assert samples[("free_upload_bytes_total", ())] == sum(sizes)
     assert samples[("free_intake_latency_seconds_count", ())] == 4
     assert samples[("free_intake_latency_seconds_bucket", (("le", "+Inf"),))] == 4
-    assert samples[("free_rounds", (("state", "finished"),))] == 1
+    assert samples[("free_rounds", (("state", "finished"),))] == 2
     assert samples[("free_rounds", (("state", "running"),))] == 1
-    assert round_row.started_at is not None and round_row.finished_at is not None
-    duration = (round_row.finished_at - round_row.started_at).total_seconds()
+    duration = sum((r.finished_at - r.started_at).total_seconds() for r in done)  # type: ignore[operator]
+    assert samples[("free_round_duration_seconds_count", ())] == 2
     assert samples[("free_round_duration_seconds_sum", ())] == pytest.approx(duration)
     running = (("round", str(finished.running_id)),)
     assert samples[("free_round_step", running)] == 2
     assert samples[("free_round_steps", running)] == 4
-    assert samples[("free_releases_total", ())] == 1
-    assert samples[("free_release_latest_version", ())] == 1
+    assert samples[("free_releases_total", ())] == 2
+    assert samples[("free_release_latest_version", ())] == 2
     assert samples[("free_owners", (("state", "active"),))] == 2
     store_size = sum(p.stat().st_size for p in finished.home.store_dir.rglob("*") if p.is_file())
     assert samples[("free_store_bytes", ())] == store_size
@@ -185,6 +187,11 @@ def test_pages_show_the_stores_figures(
     assert f"{metrics['recovery_seconds_per_teacher']:.1f} s" in round_page
     assert f"{100 * metrics['teacher_accuracy']:.1f}%" in round_page
     assert round_page.count('class="grid"') == 3  # one grid per model, show_recovered on
+    earlier = _get(console, f"/rounds/{finished.first_round_id}", token).text
+    assert 'class="grid"' not in earlier and "holds a later round" in earlier
+    assert _get(console, "/rounds/1/recovered/1.png", token).status_code == 404
+    releases = _get(console, "/releases", token).text
+    assert releases.count("signed manifest</a>") == 2
     running = _get(console, f"/rounds/{finished.running_id}", token).text
     assert "2 / 4" in running and '<svg class="curve"' in running and "62.5%" in running
 
