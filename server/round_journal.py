@@ -21,15 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from free_common.engine import (
-    CheckpointSaved,
-    EngineEvent,
-    Evaluated,
-    RoundFinished,
-    RoundStarted,
-    ScratchRecovered,
-    StepFinished,
-)
+from free_common.engine import EngineEvent
 
 __all__ = [
     "JOURNAL_NAME",
@@ -44,17 +36,6 @@ log = logging.getLogger("free_server.round_journal")
 
 ROUNDS_DIR = "rounds"
 JOURNAL_NAME = "events.jsonl"
-_KINDS: dict[str, type[EngineEvent]] = {
-    cls.__name__: cls
-    for cls in (
-        RoundStarted,
-        ScratchRecovered,
-        StepFinished,
-        Evaluated,
-        CheckpointSaved,
-        RoundFinished,
-    )
-}
 
 
 def round_dir(home_root: Path, round_id: int) -> Path:
@@ -134,36 +115,26 @@ class RoundProgress:
     selected_step: int | None = None
     checkpoint_step: int | None = None
 
-    def apply(self, event: EngineEvent) -> None:
-        """Fold one event into the summary."""
-        if isinstance(event, RoundStarted):
-            self.steps, self.step, self.stage = event.steps, event.start_step, "starting"
-            self.teachers, self.device = event.teachers, event.device
-        elif isinstance(event, ScratchRecovered):
+    def apply(self, record: dict[str, Any]) -> None:
+        """Fold one journal line (an event as `RoundJournal` wrote it) into the summary."""
+        kind = record.get("kind")
+        if kind == "RoundStarted":
+            self.steps, self.step, self.stage = record["steps"], record["start_step"], "starting"
+            self.teachers, self.device = record["teachers"], record["device"]
+        elif kind == "ScratchRecovered":
             self.stage = "scratch"
-        elif isinstance(event, StepFinished):
-            self.step, self.steps, self.stage = event.step, event.steps, event.phase
-            self.recovery_seconds.append((event.step, event.recovery_seconds))
-            self.teacher_accuracy.append((event.step, event.teacher_accuracy))
-        elif isinstance(event, Evaluated):
-            self.curve.append((event.step, event.mean, event.ci95))
-        elif isinstance(event, CheckpointSaved):
-            self.checkpoint_step = event.step
-        elif isinstance(event, RoundFinished):
-            self.stage, self.seconds = "finished", event.seconds
-            self.selected_step = event.selected_step
-
-
-def _event(line: str) -> EngineEvent | None:
-    try:
-        data = json.loads(line)
-        cls = _KINDS[data.pop("kind")]
-        for name, kind in ((f.name, f.type) for f in dataclasses.fields(cls)):
-            if "tuple" in str(kind) and isinstance(data.get(name), list):
-                data[name] = tuple(data[name])
-        return cls(**data)
-    except (ValueError, KeyError, TypeError):
-        return None  # a half-written last line, or a line of a newer format
+        elif kind == "StepFinished":
+            step = record["step"]
+            self.step, self.steps, self.stage = step, record["steps"], record["phase"]
+            self.recovery_seconds.append((step, record["recovery_seconds"]))
+            self.teacher_accuracy.append((step, record["teacher_accuracy"]))
+        elif kind == "Evaluated":
+            self.curve.append((record["step"], record["mean"], record["ci95"]))
+        elif kind == "CheckpointSaved":
+            self.checkpoint_step = record["step"]
+        elif kind == "RoundFinished":
+            self.stage, self.seconds = "finished", record["seconds"]
+            self.selected_step = record["selected_step"]
 
 
 def read_journal(path: Path) -> RoundProgress | None:
@@ -177,7 +148,8 @@ def read_journal(path: Path) -> RoundProgress | None:
         return None
     progress = RoundProgress()
     for line in text.splitlines():
-        event = _event(line)
-        if event is not None:
-            progress.apply(event)
+        try:
+            progress.apply(json.loads(line))
+        except (ValueError, KeyError, TypeError):
+            continue  # a half-written last line, or a line of a newer format
     return progress

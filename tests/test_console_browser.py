@@ -1,10 +1,11 @@
 """Debian's headless Chromium drives the console of a real `free-server start`.
 
 The server is the real command (`free-server start --console-port 0`) on a home that
-holds a finished round (`console_harness`). The browser is Chromium from Debian driven
-by Debian's chromedriver, both found at fixed paths so Selenium Manager never looks
-for (or downloads) one; `make install` puts them there. Chromium trusts the server's
-certificate by its public key hash alone (``--ignore-certificate-errors-spki-list``).
+holds finished rounds (`console_harness`). The browser is Chromium from Debian driven
+by Debian's chromedriver, both at fixed paths (`make install` puts them there; nothing
+downloads a browser), through the small WebDriver client in `webdriver.py`. Chromium
+trusts the server's certificate by its public key hash alone
+(``--ignore-certificate-errors-spki-list``).
 
 Each page is loaded with the token, its figures are read from the rendered page, and a
 full-page screenshot is saved in pytest's temporary folder, or in the folder named by
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import os
 import re
 import subprocess
@@ -28,9 +28,7 @@ from console_harness import REFUSAL, FinishedRound, console_token, finished_roun
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from exchange_harness import BIN, CLI_ENV
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
-from selenium.webdriver.chrome.webdriver import WebDriver
+from webdriver import Chromium
 
 from free_common.data.debian_packages import CHROMEDRIVER, CHROMIUM
 
@@ -43,8 +41,8 @@ pytestmark = [
 ]
 
 _CONSOLE = re.compile(r"console on (https://\S+/) ")
-# Selenium Manager stays offline even if asked: the driver and browser paths are given.
-os.environ["SE_OFFLINE"] = "true"
+_TABLE = """return [...document.querySelectorAll('#' + arguments[0] + ' tr')].slice(1)
+  .map(row => [...row.querySelectorAll('td')].map(cell => cell.innerText.trim()))"""
 
 
 @dataclass
@@ -90,35 +88,19 @@ def _spki_hash(cert_pem: bytes) -> str:
     return base64.b64encode(hashlib.sha256(der).digest()).decode()
 
 
-def _browser(served: Served, authorization: str | None) -> WebDriver:
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
+def _browser(served: Served, authorization: str | None) -> Chromium:
     spki = _spki_hash(served.finished.home.tls_cert.read_bytes())
-    for argument in (
-        "--headless=new",
-        "--no-sandbox",  # the tests run as root
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--window-size=1280,900",
-        f"--ignore-certificate-errors-spki-list={spki}",
-    ):
-        options.add_argument(argument)
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
-    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
-    driver.set_page_load_timeout(30)
+    browser = Chromium([f"--ignore-certificate-errors-spki-list={spki}"])
     if authorization is not None:
-        driver.execute_cdp_cmd("Network.enable", {})
-        driver.execute_cdp_cmd(
-            "Network.setExtraHTTPHeaders", {"headers": {"Authorization": authorization}}
-        )
-    return driver
+        browser.cdp("Network.enable", {})
+        browser.cdp("Network.setExtraHTTPHeaders", {"headers": {"Authorization": authorization}})
+    return browser
 
 
 @pytest.fixture(scope="module")
-def browser(served: Served) -> Iterator[WebDriver]:
-    driver = _browser(served, f"Bearer {served.token}")
-    yield driver
-    driver.quit()
+def browser(served: Served) -> Iterator[Chromium]:
+    with _browser(served, f"Bearer {served.token}") as opened:
+        yield opened
 
 
 def _shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -128,22 +110,24 @@ def _shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _open(driver: WebDriver, served: Served, path: str, shots: Path, name: str) -> str:
+def _open(browser: Chromium, served: Served, path: str, shots: Path, name: str) -> str:
     """Load a page, save a full-page screenshot `name`.png, return the page's text."""
-    driver.get(served.url.rstrip("/") + path)
-    height = driver.execute_script("return document.documentElement.scrollHeight")
-    driver.set_window_size(1280, max(600, min(int(height) + 40, 4000)))
-    assert driver.save_screenshot(str(shots / f"console-{name}.png"))
-    return str(driver.find_element("tag name", "body").text)
+    browser.get(served.url.rstrip("/") + path)
+    height = int(browser.run("return document.documentElement.scrollHeight"))
+    browser.screenshot(shots / f"console-{name}.png", max(600, min(height + 100, 4000)))
+    return str(browser.run("return document.body.innerText"))
 
 
-def _table(driver: WebDriver, table_id: str) -> list[list[str]]:
-    rows = driver.find_elements("css selector", f"#{table_id} tr")
-    return [[cell.text for cell in row.find_elements("css selector", "td")] for row in rows[1:]]
+def _table(browser: Chromium, table_id: str) -> list[list[str]]:
+    return list(browser.run(_TABLE, table_id))
+
+
+def _text(browser: Chromium, element_id: str) -> str:
+    return str(browser.run("return document.getElementById(arguments[0]).innerText", element_id))
 
 
 def test_each_page_loads_with_the_stores_figures(
-    served: Served, browser: WebDriver, tmp_path_factory: pytest.TempPathFactory
+    served: Served, browser: Chromium, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     shots = _shots(tmp_path_factory)
     finished = served.finished
@@ -152,7 +136,7 @@ def test_each_page_loads_with_the_stores_figures(
 
     text = _open(browser, served, "/", shots, "overview")
     cards = {
-        card: browser.find_element("id", f"card-{card}").text
+        card: _text(browser, f"card-{card}")
         for card in ("owners", "submissions", "rounds", "releases")
     }
     assert cards["owners"].startswith("2\nactive owner keys")
@@ -183,13 +167,14 @@ def test_each_page_loads_with_the_stores_figures(
     assert "Round 2: finished" in text and "4 / 4" in text
     models = _table(browser, "models")
     assert sorted((m[0], m[1]) for m in models) == [("1", "alice"), ("2", "alice"), ("3", "bob")]
-    grids = browser.find_elements("css selector", "img.grid")
-    assert len(grids) == 3
-    assert all(browser.execute_script("return arguments[0].naturalWidth", g) > 0 for g in grids)
+    widths = browser.run(
+        "return [...document.querySelectorAll('img.grid')].map(i => i.naturalWidth)"
+    )
+    assert len(widths) == 3 and all(w > 0 for w in widths)  # every grid loaded as an image
 
     text = _open(browser, served, f"/rounds/{finished.running_id}", shots, "round-running")
     assert "Round 3: running" in text and "2 / 4" in text and "62.5%" in text
-    assert browser.find_elements("css selector", "svg.curve polyline")
+    assert browser.run("return document.querySelectorAll('svg.curve polyline').length") == 1
 
     _open(browser, served, "/releases", shots, "releases")
     newest, first = _table(browser, "releases")
@@ -197,30 +182,20 @@ def test_each_page_loads_with_the_stores_figures(
     assert newest[6] == first[6] == "1, 2, 3"
     assert "recovery_seconds_per_teacher" in newest[7]
     assert re.search(r"\([+-]\d", newest[7]) and not re.search(r"\([+-]\d", first[7])
-    links = browser.find_elements("link text", "signed manifest")
-    assert [a.get_attribute("href").rsplit("/", 2)[1] for a in links] == ["2", "1"]
-
-
-def _document_status(driver: WebDriver, url: str) -> int | None:
-    for entry in driver.get_log("performance"):
-        message = json.loads(entry["message"])["message"]
-        if message["method"] == "Network.responseReceived":
-            response = message["params"]["response"]
-            if response["url"] == url:
-                return int(response["status"])
-    return None
+    links = browser.run(
+        "return [...document.querySelectorAll('a')].filter(a => a.innerText == 'signed manifest')"
+        ".map(a => a.href)"
+    )
+    assert [link.rsplit("/", 2)[1] for link in links] == ["2", "1"]
 
 
 @pytest.mark.parametrize("authorization", [None, "Bearer wrong-token"])
 def test_the_browser_is_refused_without_the_token(
     served: Served, authorization: str | None, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    driver = _browser(served, authorization)
-    try:
-        driver.get(served.url)
-        assert _document_status(driver, served.url) == 401
-        assert "Overview" not in driver.page_source
+    with _browser(served, authorization) as browser:
+        browser.get(served.url)
+        assert browser.document_status(served.url) == 401
+        assert "Overview" not in str(browser.run("return document.documentElement.outerHTML"))
         name = "no-token" if authorization is None else "bad-token"
-        driver.save_screenshot(str(_shots(tmp_path_factory) / f"console-{name}.png"))
-    finally:
-        driver.quit()
+        browser.screenshot(_shots(tmp_path_factory) / f"console-{name}.png", 600)

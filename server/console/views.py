@@ -11,7 +11,7 @@ import itertools
 import shutil
 import sys
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -88,14 +88,32 @@ class ConsoleData:
 
     home: ServerHome
     store: Store
+    _journals: dict[Path, tuple[tuple[int, int], RoundProgress | None]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def report(self, recent: int = ALL) -> dict[str, Any]:
         """Return the ``status --json`` document, with the newest `recent` rows of each list."""
         return summary_to_json(self.store.summary(recent=recent))
 
     def progress(self, round_id: int) -> RoundProgress | None:
-        """Return what round `round_id`'s journal says (None when it wrote none)."""
-        return read_journal(round_dir(self.home.root, round_id) / JOURNAL_NAME)
+        """Return what round `round_id`'s journal says (None when it wrote none).
+
+        A journal is read again only when its size or time changed: a finished
+        round's never does, so a page of fifty rounds reads only the running one.
+        """
+        path = round_dir(self.home.root, round_id) / JOURNAL_NAME
+        try:
+            info = path.stat()
+        except FileNotFoundError:
+            return None
+        key = (info.st_mtime_ns, info.st_size)
+        cached = self._journals.get(path)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        progress = read_journal(path)
+        self._journals[path] = (key, progress)
+        return progress
 
     def overview(self) -> dict[str, Any]:
         """Return counts of owners, submissions, rounds and releases, and the server's health."""
@@ -105,7 +123,7 @@ class ConsoleData:
         return {
             "report": report,
             "owners": Counter(c["state"] for c in report["clients"]),
-            "rounds": Counter(r["state"] for r in self.report()["rounds"]),
+            "rounds": Counter(row.state for row in self.store.rounds()),
             "releases": self.store.next_release_version() - 1,
             "running": [(r, self.progress(r["id"])) for r in running],
             "store_bytes": store_bytes(self.home.store_dir),
@@ -132,20 +150,20 @@ class ConsoleData:
         return list(owners.values())
 
     def rounds(self) -> list[dict[str, Any]]:
-        """Every round, newest first, with its journal and the release it published."""
+        """Return every round, newest first, with its journal and the release it published."""
         report = self.report()
         releases = {r["round_id"]: r for r in report["releases"]}
-        out = []
-        for row in reversed(report["rounds"]):
-            out.append(
-                {
-                    **row,
-                    "seconds": duration_s(row["started_at"], row["finished_at"]),
-                    "progress": self.progress(row["id"]),
-                    "release": releases.get(row["id"]),
-                }
-            )
-        return out
+        return [self._round_entry(row, releases) for row in reversed(report["rounds"])]
+
+    def _round_entry(
+        self, row: dict[str, Any], releases: dict[int | None, dict[str, Any]]
+    ) -> dict[str, Any]:
+        return {
+            **row,
+            "seconds": duration_s(row["started_at"], row["finished_at"]),
+            "progress": self.progress(row["id"]),
+            "release": releases.get(row["id"]),
+        }
 
     def round(self, round_id: int) -> dict[str, Any]:
         """Return one round in full: its rounds-page entry, the models it used, the owners' replies.
@@ -155,14 +173,13 @@ class ConsoleData:
         RecordNotFound
             No round has that id.
         """
-        found = [r for r in self.rounds() if r["id"] == round_id]
+        report = self.report()
+        found = [r for r in report["rounds"] if r["id"] == round_id]
         if not found:
             raise RecordNotFound(f"no round with id {round_id}")
-        entry = found[0]
+        entry = self._round_entry(found[0], {r["round_id"]: r for r in report["releases"]})
         release = entry["release"]
         models = []
-        report = self.report()
-        evaluations = [e for e in report["evaluations"] if e["round_id"] == round_id]
         if release is not None:
             names = {c["key_id"]: c["name"] for c in report["clients"]}
             subs = {str(s["id"]): s for s in report["submissions"]["recent"]}
@@ -173,7 +190,7 @@ class ConsoleData:
         return {
             **entry,
             "models": models,
-            "evaluations": evaluations,
+            "evaluations": [e for e in report["evaluations"] if e["round_id"] == round_id],
             "holds_bank": self.bank_round() == round_id,
         }
 
