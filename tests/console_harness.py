@@ -121,13 +121,13 @@ def _finished_round(home: ServerHome, store: Store, *, evaluation: float) -> int
 
 
 def _running_journal(home: ServerHome, round_id: int) -> None:
-    """A journal as a round two steps into four, with one meta-val score, leaves it."""
+    """A journal as a round two steps into four, scored on meta-val at each, leaves it."""
     journal = RoundJournal(round_dir(home.root, round_id) / JOURNAL_NAME)
     journal(RoundStarted(1, 4, 0, 1, 3, (), "cpu", False, True))
-    for step in (1, 2):
+    for step, score in ((1, 0.5), (2, 0.625)):
         phase = "warmup" if step == 1 else "meta"
         journal(StepFinished(1, step, 4, phase, ("1", "2"), 0.5, 0.75, 0.25, 1.0, 1.5, 1, 2.0))
-    journal(Evaluated(1, 2, "meta-val", 0.625, 0.05, 3, True))
+        journal(Evaluated(1, step, "meta-val", score, 0.05, 3, True))
     journal.close()
 
 

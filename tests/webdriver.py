@@ -90,9 +90,13 @@ class Chromium:
         body = {"cmd": command, "params": params}
         return self._call("POST", f"{self._session}/goog/cdp/execute", body)
 
-    def screenshot(self, path: Path, height: int) -> None:
-        """Resize the window to `height` pixels and save a PNG of it at `path`."""
-        self._call("POST", f"{self._session}/window/rect", {"width": 1280, "height": height})
+    def screenshot(self, path: Path, most: int = 4000) -> None:
+        """Save a PNG of the whole page (up to `most` pixels high) at `path`."""
+        for _ in range(2):  # the page's height changes with the window's width once
+            height = int(self.run("return document.documentElement.scrollHeight"))
+            outer = int(self.run("return window.outerHeight - window.innerHeight"))
+            rect = {"width": 1280, "height": min(height + outer, most)}
+            self._call("POST", f"{self._session}/window/rect", rect)
         path.write_bytes(base64.b64decode(self._call("GET", f"{self._session}/screenshot")))
 
     def document_status(self, url: str) -> int | None:

@@ -39,11 +39,13 @@ def _page(request: Request, name: str, **context: Any) -> HTMLResponse:
     return _TEMPLATES.TemplateResponse(request, name, context)
 
 
-def curve_svg(points: list[tuple[int, float, float]], width: int = 480, height: int = 160) -> str:
-    """Draw an SVG line of (step, accuracy, ci95) points, accuracy on a 0-100% axis."""
+def curve_svg(
+    points: list[tuple[int, float, float]], steps: int, width: int = 480, height: int = 160
+) -> str:
+    """Draw an SVG line of (step, accuracy, ci95) points: steps 0 to `steps`, accuracy 0-100%."""
     if not points:
         return ""
-    last = max(step for step, _, _ in points) or 1
+    last = max(steps, *(step for step, _, _ in points), 1)
     pad = 28
 
     def xy(step: int, value: float) -> tuple[float, float]:
@@ -125,7 +127,7 @@ def round_page(request: Request, round_id: int) -> HTMLResponse:
         "round.html",
         page="rounds",
         r=entry,
-        curve=curve_svg(progress.curve) if progress else "",
+        curve=curve_svg(progress.curve, progress.steps) if progress else "",
         steps=steps,
         recovered=recovered,
     )
