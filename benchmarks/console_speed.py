@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import platform
 import random
@@ -30,22 +31,22 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pool_scale import store_signed  # this folder's: the same signed submissions
 
 from free_common.engine import CheckpointSaved, Evaluated, RoundFinished, RoundStarted, StepFinished
 from free_common.security.canonical import canonical_bytes
 from free_common.security.keys import generate_signing_key, key_id, load_private_key, public_key_pem
 from free_common.security.signing import sign
-from free_common.types import ChannelOrder, ReleaseManifest, SubmissionManifest, TaskMetadata
+from free_common.types import ReleaseManifest
 from free_server.console.app import ConsoleServer
 from free_server.console.auth import add_token
 from free_server.home import ServerHome, create_home
 from free_server.round_journal import JOURNAL_NAME, RoundJournal, round_dir
 from free_server.store import Store
 
-TASK = TaskMetadata(5, (1, 28, 28), ChannelOrder.GRAY, (0.5,), (0.25,))
 REASONS = (
     "operator Loop is not on the intake allow-list: export the model without loops",
     "the model is 70123456 bytes, over the 67108864-byte cap: send a smaller model",
@@ -75,42 +76,19 @@ def _fill(home: ServerHome, args: argparse.Namespace, rng: random.Random) -> dic
     return {state: ends.count(state) for state in ("finished", "failed", "running")}
 
 
-def _submission(store: Store, key: Any, rng: random.Random, *, refuse: bool) -> list[int]:
-    data = secrets.token_bytes(rng.randint(2_000, 8_000))
-    with store.blob_writer(len(data)) as writer:
-        writer.write(data)
-        staged = writer.finish()
-        manifest = SubmissionManifest(
-            client_id=key_id(key.public_key()),
-            payload_sha256=staged.sha256,
-            payload_size=staged.size,
-            task=TASK,
-            created_at_ms=int(time.time() * 1000),
-            nonce=secrets.token_bytes(16),
-        )
-        row = store.record_submission(
-            staged,
-            client_key_id=manifest.client_id,
-            manifest=canonical_bytes(manifest),
-            signature=sign(key, manifest).signature,
-            nonce=manifest.nonce,
-            task_metadata={
-                "num_classes": 5,
-                "input_shape": [1, 28, 28],
-                "channel_order": "gray",
-                "mean": [0.5],
-                "std": [0.25],
-                "class_names": [],
-            },
-        ).row
-    store.set_verdict(row.id, accepted=not refuse, reason=rng.choice(REASONS) if refuse else None)
-    return [] if refuse else [row.id]
+def _submission(
+    store: Store, key: Ed25519PrivateKey, rng: random.Random, *, refuse: bool
+) -> list[int]:
+    submission_id = store_signed(store, key, secrets.token_bytes(rng.randint(2_000, 8_000)))
+    reason = rng.choice(REASONS) if refuse else None
+    store.set_verdict(submission_id, accepted=not refuse, reason=reason)
+    return [] if refuse else [submission_id]
 
 
 def _round(
     home: ServerHome,
     store: Store,
-    server_key: Any,
+    server_key: Ed25519PrivateKey,
     number: int,
     args: argparse.Namespace,
     accepted: list[int],
@@ -242,7 +220,7 @@ def main() -> None:
         {
             "page": page,
             "median_ms": 1000 * statistics.median(times),
-            "p95_ms": 1000 * sorted(times)[max(0, int(0.95 * len(times)) - 1)],
+            "p95_ms": 1000 * sorted(times)[math.ceil(0.95 * len(times)) - 1],
             "max_ms": 1000 * max(times),
         }
         for page, times in timed.items()

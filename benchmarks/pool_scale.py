@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import numpy_helper
 
 from free_client.keygen import generate_keys
@@ -45,6 +46,7 @@ from free_common.security.signing import sign
 from free_common.types import ChannelOrder, SubmissionManifest, TaskMetadata
 from free_server import rounds
 from free_server.home import create_home
+from free_server.store import Store
 
 TASK = TaskMetadata(5, (1, 16, 16), ChannelOrder.GRAY, (0.5,), (0.25,))
 PRESET = {
@@ -80,6 +82,30 @@ def _teachers(count: int) -> list[bytes]:
     return out
 
 
+def store_signed(store: Store, key: Ed25519PrivateKey, data: bytes) -> int:
+    """Store `data` as a submission of a `TASK` model signed by `key`; return its id."""
+    with store.blob_writer(len(data)) as writer:
+        writer.write(data)
+        staged = writer.finish()
+        manifest = SubmissionManifest(
+            client_id=key_id(key.public_key()),
+            payload_sha256=staged.sha256,
+            payload_size=staged.size,
+            task=TASK,
+            created_at_ms=int(time.time() * 1000),
+            nonce=secrets.token_bytes(16),
+        )
+        result = store.record_submission(
+            staged,
+            client_key_id=manifest.client_id,
+            manifest=canonical_bytes(manifest),
+            signature=sign(key, manifest).signature,
+            nonce=manifest.nonce,
+            task_metadata=dataclasses.asdict(TASK) | {"channel_order": "gray"},
+        )
+    return result.row.id
+
+
 def _one(pool: int, folder: Path) -> dict[str, Any]:
     home = create_home(folder / "home")
     (home.root / "presets").mkdir(exist_ok=True)
@@ -92,26 +118,7 @@ def _one(pool: int, folder: Path) -> dict[str, Any]:
         store.add_client("owner", key_id=key_id(key.public_key()),
                          public_key_pem=public_key_pem(key.public_key()).decode())  # fmt: skip
         for data in models:
-            with store.blob_writer(len(data)) as writer:
-                writer.write(data)
-                staged = writer.finish()
-                manifest = SubmissionManifest(
-                    client_id=key_id(key.public_key()),
-                    payload_sha256=staged.sha256,
-                    payload_size=staged.size,
-                    task=TASK,
-                    created_at_ms=int(time.time() * 1000),
-                    nonce=secrets.token_bytes(16),
-                )
-                result = store.record_submission(
-                    staged,
-                    client_key_id=manifest.client_id,
-                    manifest=canonical_bytes(manifest),
-                    signature=sign(key, manifest).signature,
-                    nonce=manifest.nonce,
-                    task_metadata=dataclasses.asdict(TASK) | {"channel_order": "gray"},
-                )
-            store.set_verdict(result.row.id, accepted=True)
+            store.set_verdict(store_signed(store, key, data), accepted=True)
     store_s = time.perf_counter() - started
     loads = 0
     real_load = rounds.load_teacher

@@ -11,21 +11,21 @@ follows release 1. A third round is left running, with a journal of a few steps.
 
 from __future__ import annotations
 
-import dataclasses
-import secrets
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from flower_harness import TEACHER_TASK, add_accepted_teachers, add_owner, flower_home
+from flower_harness import (
+    TEACHER_TASK,
+    add_accepted_teachers,
+    add_owner,
+    flower_home,
+    store_submission,
+)
 from onnx_builders import tiny_model
 
 from free_common.engine import EngineEvent, Evaluated, RoundStarted, StepFinished
 from free_common.engine.tensorboard import TensorBoardLogger
-from free_common.security.canonical import canonical_bytes
-from free_common.security.keys import key_id, load_private_key
-from free_common.security.signing import sign
-from free_common.types import SubmissionManifest
+from free_common.security.keys import load_private_key
 from free_server.console.auth import add_token
 from free_server.home import ServerHome
 from free_server.release import publish_release
@@ -49,30 +49,11 @@ class FinishedRound:
 
 
 def _refused_submission(home: ServerHome, owner_key: Path) -> int:
-    key = load_private_key(owner_key)
     data = tiny_model(99, classes=5, task=TEACHER_TASK).SerializeToString()
     with home.open_store() as store:
-        with store.blob_writer(len(data)) as writer:
-            writer.write(data)
-            staged = writer.finish()
-            manifest = SubmissionManifest(
-                client_id=key_id(key.public_key()),
-                payload_sha256=staged.sha256,
-                payload_size=staged.size,
-                task=TEACHER_TASK,
-                created_at_ms=int(time.time() * 1000),
-                nonce=secrets.token_bytes(16),
-            )
-            result = store.record_submission(
-                staged,
-                client_key_id=manifest.client_id,
-                manifest=canonical_bytes(manifest),
-                signature=sign(key, manifest).signature,
-                nonce=manifest.nonce,
-                task_metadata=dataclasses.asdict(TEACHER_TASK) | {"channel_order": "gray"},
-            )
-        store.set_verdict(result.row.id, accepted=False, reason=REFUSAL)
-        return result.row.id
+        submission_id = store_submission(store, load_private_key(owner_key), data)
+        store.set_verdict(submission_id, accepted=False, reason=REFUSAL)
+    return submission_id
 
 
 def finished_round_home(root: Path, *, show_recovered: bool = True) -> FinishedRound:

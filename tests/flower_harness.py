@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx_builders import tiny_model
 from PIL import Image
 
@@ -34,6 +35,7 @@ from free_common.types import ChannelOrder, SubmissionManifest, TaskMetadata
 from free_server.commands.clients import _node_public_key
 from free_server.flower_plane import FlowerPlane, flower_components
 from free_server.home import ServerHome, create_home
+from free_server.store import Store
 from free_server.superlink import SuperLinkSettings
 
 BIN = Path(sys.executable).parent
@@ -112,6 +114,30 @@ def add_owner(home: ServerHome, root: Path, name: str, *, enrolled: bool = True)
     return Owner(name, keys)
 
 
+def store_submission(store: Store, key: Ed25519PrivateKey, data: bytes) -> int:
+    """Store `data` as a submission signed by `key`, as the exchange would; return its id."""
+    with store.blob_writer(len(data)) as writer:
+        writer.write(data)
+        staged = writer.finish()
+        manifest = SubmissionManifest(
+            client_id=key_id(key.public_key()),
+            payload_sha256=staged.sha256,
+            payload_size=staged.size,
+            task=TEACHER_TASK,
+            created_at_ms=int(time.time() * 1000),
+            nonce=secrets.token_bytes(16),
+        )
+        result = store.record_submission(
+            staged,
+            client_key_id=manifest.client_id,
+            manifest=canonical_bytes(manifest),
+            signature=sign(key, manifest).signature,
+            nonce=manifest.nonce,
+            task_metadata=dataclasses.asdict(TEACHER_TASK) | {"channel_order": "gray"},
+        )
+    return result.row.id
+
+
 def add_accepted_teachers(home: ServerHome, owner: Owner, seeds: list[int]) -> list[int]:
     """Store one tiny 5-class ONNX teacher per seed, signed by `owner`, and accept it."""
     key = load_private_key(owner.keys.client_key)
@@ -119,28 +145,8 @@ def add_accepted_teachers(home: ServerHome, owner: Owner, seeds: list[int]) -> l
     with home.open_store() as store:
         for seed in seeds:
             data = tiny_model(seed, classes=5, task=TEACHER_TASK).SerializeToString()
-            with store.blob_writer(len(data)) as writer:
-                writer.write(data)
-                staged = writer.finish()
-                manifest = SubmissionManifest(
-                    client_id=key_id(key.public_key()),
-                    payload_sha256=staged.sha256,
-                    payload_size=staged.size,
-                    task=TEACHER_TASK,
-                    created_at_ms=int(time.time() * 1000),
-                    nonce=secrets.token_bytes(16),
-                )
-                signed = sign(key, manifest)
-                result = store.record_submission(
-                    staged,
-                    client_key_id=manifest.client_id,
-                    manifest=canonical_bytes(manifest),
-                    signature=signed.signature,
-                    nonce=manifest.nonce,
-                    task_metadata=dataclasses.asdict(TEACHER_TASK) | {"channel_order": "gray"},
-                )
-            store.set_verdict(result.row.id, accepted=True)
-            ids.append(result.row.id)
+            ids.append(store_submission(store, key, data))
+            store.set_verdict(ids[-1], accepted=True)
     return ids
 
 
