@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 from console_harness import REFUSAL, FinishedRound, console_token, finished_round_home
-from exchange_harness import run_cli
+from exchange_harness import run_cli, start_server_process
 from prometheus_client.parser import text_string_to_metric_families
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -326,3 +326,30 @@ def test_a_taken_console_port_is_one_clear_line(
     second = ConsoleServer(finished.home, console.port)
     with pytest.raises(ConfigError, match="--console-port"):
         second.start()
+
+
+def test_free_server_start_serves_the_console_until_stopped(finished: FinishedRound) -> None:
+    token = console_token(finished.home)
+    server = start_server_process(finished.home, "--console-port", "0")
+    try:
+        line = server.process.stdout.readline()  # type: ignore[union-attr]
+        while "console on" not in line:
+            line = server.process.stdout.readline()  # type: ignore[union-attr]
+        url = line.split("console on ", 1)[1].split(" ", 1)[0]
+        assert url.startswith("https://127.0.0.1:")  # loopback unless told otherwise
+        trust = ssl.create_default_context(cafile=str(finished.home.ca_cert))
+        reply = httpx.get(
+            url + "metrics", headers={"authorization": f"Bearer {token}"}, verify=trust
+        )
+        assert reply.status_code == 200 and "free_releases_total 2.0" in reply.text
+    finally:
+        code, out, _ = server.stop()
+    assert code == 0 and "server stopped" in out
+
+
+def test_a_console_port_out_of_range_is_one_clear_line(finished: FinishedRound) -> None:
+    done = run_cli(
+        "free-server", "start", "--home", str(finished.home.root), "--console-port", "70000"
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip() == "error: --console-port 70000 is not a TCP port"
