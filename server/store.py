@@ -291,6 +291,11 @@ class Store:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction, holding the database's write lock from its start."""
+        if self.read_only:
+            raise StoreError(
+                f"the store {self.db_path} is open read-only here (the console): change it"
+                " with the free-server commands"
+            )
         with self._lock, self._sql_errors():
             self._conn.execute("BEGIN IMMEDIATE")
             try:

@@ -10,6 +10,7 @@ import ast
 import base64
 import hashlib
 import json
+import sqlite3
 import ssl
 from collections.abc import Iterator
 from pathlib import Path
@@ -244,8 +245,12 @@ def test_the_read_only_store_refuses_every_write(finished: FinishedRound) -> Non
             lambda: store.set_verdict(finished.refused, accepted=True),
             lambda: store.prune_nonces(before=store.round(1).requested_at),
         ):
-            with pytest.raises(StoreError, match="busy or unreadable"):
+            with pytest.raises(StoreError, match="read-only"):
                 write()
+        # Beneath the store's own refusal, SQLite refuses writes on the connection too.
+        for statement in ("UPDATE rounds SET preset = 'x'", "DELETE FROM nonces"):
+            with pytest.raises(sqlite3.OperationalError, match=r"readonly|query_only"):
+                store._conn.execute(statement)
     with pytest.raises(StoreError, match="no store"):
         Store(finished.home.root / "nowhere", read_only=True)
 
