@@ -41,9 +41,11 @@ $(VENV)/.project: pyproject.toml $(VENV)/.torch
 		$(PIP) install -e ".[$(EXTRAS)]" --config-settings editable_mode=strict
 	@touch $@
 
-# Debian packages (fonts, dataset-fashion-mnist) the small glyph set and the tests need.
+# Debian packages (fonts, dataset-fashion-mnist) the small glyph set and the tests need;
+# with the development tools also Chromium and its driver, for the console's browser tests.
+DEB_SETS ?= small $(if $(findstring dev,$(EXTRAS)),browser,)
 system-deps: $(VENV)/.project
-	@missing="$$($(PY) -W ignore::RuntimeWarning -m free_common.data.debian_packages --missing small)"; \
+	@missing="$$($(PY) -W ignore::RuntimeWarning -m free_common.data.debian_packages --missing $(DEB_SETS))"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages: $$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \

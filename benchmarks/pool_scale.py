@@ -35,7 +35,7 @@ from onnx import numpy_helper
 
 # The submissions are stored the way the test suite's harness stores them.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from flower_harness import store_accepted_models
+from flower_harness import store_submission
 
 from free_client.keygen import generate_keys
 from free_common.engine import StepFinished
@@ -91,7 +91,8 @@ def _one(pool: int, folder: Path) -> dict[str, Any]:
     with home.open_store() as store:
         store.add_client("owner", key_id=key_id(key.public_key()),
                          public_key_pem=public_key_pem(key.public_key()).decode())  # fmt: skip
-        store_accepted_models(store, key, models, TASK)
+        for data in models:
+            store.set_verdict(store_submission(store, key, data, TASK), accepted=True)
     store_s = time.perf_counter() - started
     loads = 0
     real_load = rounds.load_teacher

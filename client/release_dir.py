@@ -31,7 +31,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from free_common.durable import fsync_dir
 from free_common.errors import CanonicalFormError, ConfigError, PayloadMismatch
-from free_common.security.canonical import DOMAIN_TAGS, canonical_json, record_from_canonical
+from free_common.security.canonical import (
+    DOMAIN_TAGS,
+    RELEASE_FORMAT,
+    record_from_canonical,
+    release_document,
+)
 from free_common.security.signing import verify
 from free_common.types import ReleaseManifest, Signed
 
@@ -45,16 +50,6 @@ __all__ = [
 
 WEIGHTS_NAME = "meta.safetensors"
 MANIFEST_NAME = "manifest.json"
-RELEASE_FORMAT = "free-fed-release/1"
-
-
-def _manifest_document(signed: Signed[ReleaseManifest]) -> bytes:
-    document = {
-        "format": RELEASE_FORMAT,
-        "manifest": canonical_json(signed.record),
-        "signature": signed.signature.hex(),
-    }
-    return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
 def _temp_file(folder: Path, name: str) -> tuple[int, Path]:
@@ -118,7 +113,7 @@ def save_release(
             )
         fd, manifest_tmp = _temp_file(out_dir, MANIFEST_NAME)
         with os.fdopen(fd, "wb") as handle:
-            handle.write(_manifest_document(signed))
+            handle.write(release_document(signed))
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(weights_tmp, out_dir / WEIGHTS_NAME)

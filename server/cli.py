@@ -9,6 +9,7 @@ import typer
 from free_common import __version__
 from free_common.console import out_console, run_app
 from free_server.commands import audit, clients, submissions
+from free_server.commands.console import app as console_app
 from free_server.commands.init import init
 from free_server.commands.run import run
 from free_server.commands.start import start
@@ -41,6 +42,7 @@ app.command("run")(run)
 app.add_typer(clients.app, name="clients")
 app.add_typer(audit.app, name="audit")
 app.add_typer(submissions.app, name="submissions")
+app.add_typer(console_app, name="console")
 
 
 def main() -> NoReturn:

@@ -22,6 +22,7 @@ from free_server.toml_text import TomlValue, dumps
 
 __all__ = [
     "CONFIG_NAME",
+    "ConsoleSettings",
     "IntakeSettings",
     "LimitSettings",
     "NetworkSettings",
@@ -72,6 +73,8 @@ class RoundSettings:
     """A round starts once this many newly accepted models wait."""
     preset: str = "cpu"
     """Engine preset for rounds the scheduler starts."""
+    tensorboard: bool = False
+    """Write TensorBoard event files of each round to ``HOME/tensorboard/round-<id>/``."""
 
 
 @dataclass(frozen=True)
@@ -91,8 +94,24 @@ class IntakeSettings:
     workers: int = 1
     memory_mb: int = 2048
     timeout_s: int = 120
-    screening: bool = True
-    """Screen what intake accepts before it joins the pool (thresholds: ``[screening]``)."""
+    screening: bool = False
+    """Screen what intake accepts before it joins the pool (thresholds: ``[screening]``).
+
+    Off by default: on the poisoned-pool benchmark its tests still hold or refuse honest
+    models of architectures the meta-generator has not met (`benchmarks/results/poison`).
+    """
+
+
+@dataclass(frozen=True)
+class ConsoleSettings:
+    """The operator's read-only web console (served only with ``start --console-port``)."""
+
+    listen: str = "127.0.0.1"
+    """Address it binds to: loopback, so only this host's operator reaches it by default."""
+    show_recovered: bool = False
+    """Show the recovered images of the engine's memory bank. They are inverted from the
+    owners' models and may reveal something of the owners' data (docs/security.md
+    section 7): turn this on only where whoever holds a console token may see that."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +135,7 @@ class ServerConfig:
     rounds: RoundSettings = field(default_factory=RoundSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     intake: IntakeSettings = field(default_factory=IntakeSettings)
+    console: ConsoleSettings = field(default_factory=ConsoleSettings)
     paths: PathSettings = field(default_factory=PathSettings)
     screening: ScreeningConfig = field(default_factory=ScreeningConfig)
 

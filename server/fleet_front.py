@@ -20,25 +20,23 @@ Everything else is answered ``403`` with one line saying why: the Control API
 checks that signature itself, so an unregistered SuperNode is still refused
 (``401``) behind the front.
 
-The front is an ASGI app served by uvicorn in a thread of the server process.
+The front is an ASGI app served by uvicorn in a thread of the server process
+(`free_server.asgi_thread`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import socket
 import ssl
-import threading
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-import uvicorn
 
-from free_common.errors import ConfigError, FlowerError
+from free_common.errors import FlowerError
+from free_server.asgi_thread import AsgiThread, TlsListen
 
 __all__ = [
     "FLEET_PATHS",
@@ -234,16 +232,20 @@ class FleetFront:
     def __init__(self, settings: FrontSettings) -> None:
         self.settings = settings
         self._app = _FleetApp(settings)
-        self._server: uvicorn.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._socket: socket.socket | None = None
-        self.port = settings.port
+        listen = TlsListen(
+            settings.host, settings.port, settings.cert, settings.key, "--flower-port"
+        )
+        self._serving = AsgiThread("Flower TLS front", self._app, listen, self._app.close)
+
+    @property
+    def port(self) -> int:
+        """The port it listens on (the real one once started, when 0 was asked)."""
+        return self._serving.port
 
     @property
     def address(self) -> str:
         """``HOST:PORT`` the front listens on (the real port when 0 was asked)."""
-        host = self.settings.host
-        return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
+        return self._serving.address
 
     def start(self) -> None:
         """Bind the port and serve; returns once the front accepts connections.
@@ -257,72 +259,9 @@ class FleetFront:
         """
         # httpx logs every forwarded call (heartbeats, polls every 3 s per node) at INFO.
         logging.getLogger("httpx").setLevel(logging.WARNING)
-        self._socket = _bind(self.settings.host, self.settings.port)
-        self.port = self._socket.getsockname()[1]
-        config = uvicorn.Config(
-            self._app,
-            ssl_certfile=str(self.settings.cert),
-            ssl_keyfile=str(self.settings.key),
-            lifespan="off",
-            ws="none",
-            log_level="warning",
-            access_log=False,
-            server_header=False,
-            timeout_keep_alive=30,
-        )
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._serve, name="fleet-front", daemon=True)
-        self._thread.start()
-        for _ in range(200):
-            if self._server.started or not self._thread.is_alive():
-                break
-            threading.Event().wait(0.05)
-        if not self._server.started:
-            self.stop(1.0)
-            raise FlowerError(f"the Flower TLS front on {self.address} did not start")
+        self._serving.start(FlowerError)
         log.info("Flower TLS front on %s (Fleet API only)", self.address)
-
-    def _serve(self) -> None:
-        server, sock = self._server, self._socket
-        assert server is not None and sock is not None
-
-        async def serve() -> None:
-            try:
-                await server.serve(sockets=[sock])
-            finally:
-                await self._app.close()
-
-        asyncio.run(serve())
 
     def stop(self, grace_s: float) -> None:
         """Stop accepting, let calls in flight end for up to `grace_s` seconds."""
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=grace_s + 5.0)
-            if self._thread.is_alive() and self._server is not None:
-                self._server.force_exit = True
-                self._thread.join(timeout=5.0)
-        if self._socket is not None:
-            self._socket.close()
-        self._server = self._thread = self._socket = None
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise ConfigError(f"cannot listen on {host!r}: {exc.strerror}") from None
-    family, _, _, _, address = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(address)
-    except OSError as exc:
-        sock.close()
-        raise ConfigError(
-            f"the Flower TLS front cannot listen on {host}:{port} ({exc.strerror or exc}):"
-            " another program uses it; stop it or pass another --flower-port"
-        ) from None
-    sock.listen(128)
-    return sock
+        self._serving.stop(grace_s)

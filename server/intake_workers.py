@@ -24,14 +24,17 @@ import queue
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from free_common.models.intake import IntakeResult, run_intake_file
 from free_common.models.metadata import task_from_dict
 from free_common.models.onnx_static import IntakeLimits
-from free_common.screening import ScreeningReport
 from free_common.types import TaskMetadata
 from free_server.exchange import one_line_reason
 from free_server.store import Store
+
+if TYPE_CHECKING:
+    from free_common.screening.screen import ScreeningReport
 
 __all__ = ["MAX_ATTEMPTS", "IntakePool", "Judge", "Screen", "default_judge"]
 
@@ -43,7 +46,7 @@ MAX_ATTEMPTS = 3
 Judge = Callable[[Path, TaskMetadata, IntakeLimits], IntakeResult]
 """Gives the verdict on a stored model file; model faults are results, never exceptions."""
 
-Screen = Callable[[Path, TaskMetadata, str], ScreeningReport]
+Screen = Callable[[Path, TaskMetadata, str], "ScreeningReport"]
 """Screens a model intake accepted (`free_server.screener.Screener`); the str names it."""
 
 

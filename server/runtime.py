@@ -1,9 +1,10 @@
 """The running server: its parts, started in order and stopped in reverse.
 
 `free-server start` builds a `ServerRuntime` and serves until SIGTERM or SIGINT.
-Each part is a `Component` (start, stop with a grace period): today the intake
-workers and the exchange service. The Flower SuperLink supervisor with its TLS
-front (on ``flower_port``) and the round scheduler (``min_models``) join the
+Each part is a `Component` (start, stop with a grace period): the intake
+workers and the exchange service, and with ``--console-port`` the operator's
+read-only console (`free_server.console`), started last. The Flower SuperLink
+supervisor with its TLS front (on ``flower_port``) and the round scheduler (``min_models``) join the
 list in `ServerRuntime._components`; they receive the same opened store and
 settings, and are stopped before the exchange service so a running round can
 checkpoint while uploads still finish.
@@ -30,13 +31,12 @@ from free_server.exchange import ExchangeService
 from free_server.grpc_server import ExchangeServer, Listen
 from free_server.home import ServerHome
 from free_server.intake_workers import IntakePool
-from free_server.rounds import ENGINE_DIR, engine_config
-from free_server.screener import Screener
 from free_server.static_checks import StaticCheckPool
 from free_server.store import Store
 from free_server.submission import SubmissionPolicy
 
 if TYPE_CHECKING:
+    from free_server.console.app import ConsoleServer
     from free_server.flower_plane import FlowerPlane
 
 __all__ = ["LOCK_NAME", "Component", "ServerRuntime", "StartOptions", "intake_limits"]
@@ -78,6 +78,8 @@ class StartOptions:
     flower
         Run the Flower plane (SuperLink, owners' TLS front, round scheduler);
         exchange-only servers in tests turn it off.
+    console_port
+        Serve the operator's console on this port (0 picks a free one); None: no console.
     """
 
     port: int | None = None
@@ -86,9 +88,10 @@ class StartOptions:
     insecure: bool = False
     grace_s: float = 10.0
     flower: bool = True
+    console_port: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("port", "flower_port"):
+        for name in ("port", "flower_port", "console_port"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 65535:
                 raise ConfigError(f"--{name.replace('_', '-')} {value} is not a TCP port")
@@ -135,6 +138,7 @@ class ServerRuntime:
         self.exchange: ExchangeServer | None = None
         self.intake: IntakePool | None = None
         self.flower: FlowerPlane | None = None
+        self.console: ConsoleServer | None = None
         self._started: list[Component] = []
         self._lock_fd: int | None = None
 
@@ -149,6 +153,10 @@ class ServerRuntime:
         limits = intake_limits(self.home)
         screen = None
         if config.intake.screening:
+            # Here, not at the top: the engine (and torch) load only when screening is on.
+            from free_server.rounds import ENGINE_DIR, engine_config
+            from free_server.screener import Screener
+
             engine = engine_config(config.rounds.preset, self.home)
             engine_dir = self.home.root / ENGINE_DIR
             screen = Screener(engine, engine_dir, config.screening, limits)
@@ -184,6 +192,12 @@ class ServerRuntime:
                 self.home, store, flower_port=self.flower_port, min_models=config.rounds.min_models
             )
             parts += self.flower.components()
+        if self.options.console_port is not None:
+            # Loaded only when asked for; last, so it stops first and watches to the end.
+            from free_server.console.app import ConsoleServer
+
+            self.console = ConsoleServer(self.home, self.options.console_port)
+            parts.append(self.console)
         return parts
 
     def _lock_home(self) -> None:

@@ -25,8 +25,8 @@ from free_common.inversion.generator import build_generator
 from free_common.inversion.teacher import AdaptedTeacher
 from free_common.models.intake import load_teacher
 from free_common.models.onnx_static import IntakeLimits
-from free_common.screening import (
-    ScreeningConfig,
+from free_common.screening import ScreeningConfig
+from free_common.screening.screen import (
     ScreeningContext,
     ScreeningReport,
     screen_teacher,

@@ -19,7 +19,10 @@ starts ``flwr-serverapp``, which calls `main` here with a `Grid`. The round:
    the engine or the publication could not go on.
 
 The round's log is ``HOME/flower/rounds/round-<id>.log`` (Flower keeps the
-ServerApp's own output for ``flwr log``).
+ServerApp's own output for ``flwr log``). Its engine events also go to
+``HOME/rounds/round-<id>/events.jsonl`` (`free_server.round_journal`, what the console
+shows of a running round) and, with ``[rounds] tensorboard = true``, to TensorBoard
+event files in ``HOME/rounds/round-<id>/tensorboard/`` (`free_common.engine.tensorboard`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,11 +51,20 @@ from free_common.security.keys import load_private_key
 from free_common.types import ReleaseManifest, Signed
 from free_server.home import ServerHome
 from free_server.release import publish_release
+from free_server.round_journal import JOURNAL_NAME, RoundJournal, round_dir
 from free_server.rounds import run_meta_round
 from free_server.store import Store
 from free_server.superlink import SuperLinkPaths
 
-__all__ = ["NodeReply", "PushOutcome", "RoundRunSettings", "app", "conduct_round", "push_release"]
+__all__ = [
+    "TENSORBOARD_DIR",
+    "NodeReply",
+    "PushOutcome",
+    "RoundRunSettings",
+    "app",
+    "conduct_round",
+    "push_release",
+]
 
 log = logging.getLogger("free_server.server_app")
 
@@ -212,6 +225,36 @@ def _progress_logger() -> Callable[[EngineEvent], None]:
     return on_event
 
 
+TENSORBOARD_DIR = "tensorboard"
+"""Folder of a round's TensorBoard event files, inside its `round_dir`."""
+
+
+@contextmanager
+def _round_events(home: ServerHome, round_id: int) -> Iterator[Callable[[EngineEvent], None]]:
+    """Yield the round's event callback: the log, the journal and, when asked, TensorBoard."""
+    folder = round_dir(home.root, round_id)
+    journal = RoundJournal(folder / JOURNAL_NAME)
+    sinks: list[Callable[[EngineEvent], None]] = [_progress_logger(), journal]
+    board = None
+    if home.config.rounds.tensorboard:
+        # Loaded only when asked for: it pulls in the tensorboard package.
+        from free_common.engine.tensorboard import TensorBoardLogger
+
+        board = TensorBoardLogger(folder / TENSORBOARD_DIR)
+        sinks.append(board)
+
+    def on_event(event: EngineEvent) -> None:
+        for sink in sinks:
+            sink(event)
+
+    try:
+        yield on_event
+    finally:
+        journal.close()
+        if board is not None:
+            board.close()
+
+
 def _finish(store: Store, round_id: int, error: str | None) -> None:
     try:
         store.finish_round(round_id, error)
@@ -239,7 +282,8 @@ def conduct_round(
         log.warning("round %d is %s, not running: nothing to do", round_id, current.state)
         return None
     try:
-        output = run_meta_round(home, store, settings.preset, on_event=_progress_logger())
+        with _round_events(home, round_id) as on_event:
+            output = run_meta_round(home, store, settings.preset, on_event=on_event)
         row, signed = publish_release(
             store, output, load_private_key(home.signing_key), round_id=round_id
         )

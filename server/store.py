@@ -189,6 +189,10 @@ class Store:
         How long a write waits for another process's write lock.
     clock
         Source of timezone-aware "now" (tests pass a fixed one).
+    read_only
+        Open the database read-only (SQLite's ``mode=ro``, and ``query_only``): every
+        write method then fails with `StoreError`. The console opens stores this way;
+        a store that needs migrating is refused, since that would be a write.
     """
 
     def __init__(
@@ -199,21 +203,25 @@ class Store:
         busy_timeout_s: float = 10.0,
         clock: Clock = _utc_now,
         audit_key: Ed25519PrivateKey | None = None,
+        read_only: bool = False,
     ) -> None:
         self.root = root
+        self.read_only = read_only
         self._audit_key = audit_key
         self.db_path = root / DB_NAME
         self._clock = clock
         self._lock = threading.RLock()
         if not self.db_path.is_file():
-            if not create:
+            if not create or read_only:
                 raise StoreError(
                     f"no store at {root}: point --home at a folder made by `free-server init`"
                 )
             root.mkdir(parents=True, exist_ok=True)
+        target = f"{self.db_path.absolute().as_uri()}?mode=ro" if read_only else str(self.db_path)
         try:
             self._conn = sqlite3.connect(
-                self.db_path,
+                target,
+                uri=read_only,
                 timeout=busy_timeout_s,
                 isolation_level=None,  # transactions are explicit: BEGIN IMMEDIATE / COMMIT
                 check_same_thread=False,  # guarded by self._lock
@@ -225,6 +233,11 @@ class Store:
             self._configure()
             with self._read() as conn:
                 found = current_version(conn)
+            if found != SCHEMA_VERSION and read_only:
+                raise StoreError(
+                    f"the store {self.db_path} has schema {found}, this free-server reads"
+                    f" {SCHEMA_VERSION}: start the server once to migrate it"
+                )
             if found != SCHEMA_VERSION:
                 # Only a store that needs migrating (or refusing) takes the write lock,
                 # so opening never waits for a busy server. Foreign keys are off while
@@ -241,6 +254,11 @@ class Store:
 
     def _configure(self) -> None:
         with self._sql_errors():
+            if self.read_only:
+                # A reader takes the writers' WAL mode as it is, and refuses writes even
+                # where the file's permissions would allow them.
+                self._conn.execute("PRAGMA query_only = ON")
+                return
             mode = self._conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise StoreError(f"the store database {self.db_path} cannot use WAL mode")
@@ -284,6 +302,11 @@ class Store:
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One write transaction, holding the database's write lock from its start."""
+        if self.read_only:
+            raise StoreError(
+                f"the store {self.db_path} is open read-only here (the console): change it"
+                " with the free-server commands"
+            )
         with self._lock, self._sql_errors():
             self._conn.execute("BEGIN IMMEDIATE")
             try:

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,43 +114,41 @@ def add_owner(home: ServerHome, root: Path, name: str, *, enrolled: bool = True)
     return Owner(name, keys)
 
 
+def store_submission(
+    store: Store, key: Ed25519PrivateKey, data: bytes, task: TaskMetadata = TEACHER_TASK
+) -> int:
+    """Store `data` as a submission signed by `key`, as the exchange would; return its id."""
+    with store.blob_writer(len(data)) as writer:
+        writer.write(data)
+        staged = writer.finish()
+        manifest = SubmissionManifest(
+            client_id=key_id(key.public_key()),
+            payload_sha256=staged.sha256,
+            payload_size=staged.size,
+            task=task,
+            created_at_ms=int(time.time() * 1000),
+            nonce=secrets.token_bytes(16),
+        )
+        result = store.record_submission(
+            staged,
+            client_key_id=manifest.client_id,
+            manifest=canonical_bytes(manifest),
+            signature=sign(key, manifest).signature,
+            nonce=manifest.nonce,
+            task_metadata=dataclasses.asdict(task) | {"channel_order": task.channel_order.value},
+        )
+    return result.row.id
+
+
 def add_accepted_teachers(home: ServerHome, owner: Owner, seeds: list[int]) -> list[int]:
     """Store one tiny 5-class ONNX teacher per seed, signed by `owner`, and accept it."""
-    models = [tiny_model(seed, classes=5, task=TEACHER_TASK).SerializeToString() for seed in seeds]
-    with home.open_store() as store:
-        return store_accepted_models(
-            store, load_private_key(owner.keys.client_key), models, TEACHER_TASK
-        )
-
-
-def store_accepted_models(
-    store: Store, key: Ed25519PrivateKey, models: Iterable[bytes], task: TaskMetadata
-) -> list[int]:
-    """Record each model as a submission signed by `key` (as intake leaves one) and accept it."""
+    key = load_private_key(owner.keys.client_key)
     ids = []
-    for data in models:
-        with store.blob_writer(len(data)) as writer:
-            writer.write(data)
-            staged = writer.finish()
-            manifest = SubmissionManifest(
-                client_id=key_id(key.public_key()),
-                payload_sha256=staged.sha256,
-                payload_size=staged.size,
-                task=task,
-                created_at_ms=int(time.time() * 1000),
-                nonce=secrets.token_bytes(16),
-            )
-            result = store.record_submission(
-                staged,
-                client_key_id=manifest.client_id,
-                manifest=canonical_bytes(manifest),
-                signature=sign(key, manifest).signature,
-                nonce=manifest.nonce,
-                task_metadata=dataclasses.asdict(task)
-                | {"channel_order": task.channel_order.value},
-            )
-        store.set_verdict(result.row.id, accepted=True)
-        ids.append(result.row.id)
+    with home.open_store() as store:
+        for seed in seeds:
+            data = tiny_model(seed, classes=5, task=TEACHER_TASK).SerializeToString()
+            ids.append(store_submission(store, key, data))
+            store.set_verdict(ids[-1], accepted=True)
     return ids
 
 

@@ -231,3 +231,31 @@ def test_smoke_benchmark_end_to_end(tmp_path_factory: pytest.TempPathFactory) ->
             assert picture.width > 100 and picture.height > 100
     assert (out / "work" / "free" / "init.safetensors").exists()
     print(f"smoke benchmark: {seconds:.0f} s; {json.dumps(recovery)}")
+
+
+def test_tensorboard_option_writes_each_methods_events_apart(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from free_common.bench.run_cmd import _TensorBoard
+    from free_common.engine import Evaluated, RoundFinished, StepFinished
+
+    board = _TensorBoard(tmp_path / "tb")
+    for method, score in (("free", 0.6), ("free-no-iga", 0.5)):
+        board(method, "a message, not an event")
+        board(method, StepFinished(1, 1, 2, "meta", ("a",), 0.3, 0.8, 0.2, 1.0, 1.2, 1, 0.5))
+        board(method, Evaluated(1, 1, "meta-val", score, 0.02, 10, True))
+        board(method, RoundFinished(1, 2, 1, "meta-val", 3.0))
+    board.close()
+    for method, score in (("free", 0.6), ("free-no-iga", 0.5)):
+        read = EventAccumulator(str(tmp_path / "tb" / method))
+        read.Reload()
+        assert [e.value for e in read.Scalars("meta_val/accuracy")] == [pytest.approx(score)]
+        assert [e.step for e in read.Scalars("train/distill_loss")] == [1]
+    result = subprocess.run(
+        [sys.executable, "-m", "free_common.bench.cli", "run", "--help"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+        check=True,
+    )
+    assert "--tensorboard" in result.stdout

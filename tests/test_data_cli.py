@@ -201,3 +201,7 @@ def test_missing_packages_are_listed_for_the_makefile(capsys, monkeypatch) -> No
     monkeypatch.setitem(debian_packages.PACKAGE_SETS, "small", ("fonts-dejavu-core",))
     assert debian_packages.main(["--missing", "small"]) == 0
     assert capsys.readouterr().out == ""
+    # Several sets at once, as `make install` asks with the development tools.
+    monkeypatch.setattr(debian_packages, "BROWSER_PACKAGES", ("zz-browser-absent",))
+    assert debian_packages.main(["--missing", "small", "browser"]) == 0
+    assert capsys.readouterr().out == "zz-browser-absent\n"

@@ -16,8 +16,8 @@ from free_common.inversion.generator import build_generator
 from free_common.inversion.teacher import AdaptedTeacher
 from free_common.memory.bank import MemoryBank
 from free_common.memory.config import MemoryConfig
-from free_common.screening import (
-    ScreeningConfig,
+from free_common.screening import ScreeningConfig
+from free_common.screening.screen import (
     ScreeningContext,
     judge,
     neutral_images,
@@ -115,42 +115,20 @@ def test_answers_unrelated_to_the_pools_classes_have_no_structure() -> None:
     assert report.figures["structure"] == 0.0
 
 
-def _trained_cnn(backdoor: bool, seed: int = 0) -> EngineTeacher:
-    """A small CNN trained on noisy class templates; with `backdoor`, a quarter of its
-    training images carry a white 3x3 corner and the label 0."""
-    rng = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(len(NAMES), 1, 4, 4, generator=rng)
-    templates = torch.nn.functional.interpolate(
-        coarse, size=(tiny.SIDE, tiny.SIDE), mode="bilinear"
-    )
-    torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(), nn.Linear(16, len(NAMES)),
-    )  # fmt: skip
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    for _ in range(150):
-        labels = torch.randint(len(NAMES), (32,), generator=rng)
-        images = templates[labels] + 0.15 * torch.randn(32, 1, tiny.SIDE, tiny.SIDE, generator=rng)
-        images = images.clamp(0, 1)
-        if backdoor:
-            stamped = torch.rand(32, generator=rng) < 0.25
-            images[stamped, :, -3:, -3:] = 1.0
-            labels = torch.where(stamped, torch.zeros_like(labels), labels)
-        loss = nn.functional.cross_entropy(model((images - 0.5) / 0.5), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    task = tiny.teacher(0).task
-    return EngineTeacher(f"cnn-{backdoor}", model.eval(), task)
-
-
 def test_a_backdoor_target_is_reached_by_a_small_patch_far_more_than_the_others() -> None:
-    honest = screen_teacher(_adapted(_trained_cnn(False)), _fresh(), CONFIG)
-    report = screen_teacher(_adapted(_trained_cnn(True)), _fresh(), CONFIG)
+    backdoored = tiny.teacher(1)
+    corner = torch.zeros(tiny.SIDE, tiny.SIDE)
+    corner[-3:, -3:] = 1.0
+    with torch.no_grad():
+        # A white 3x3 corner (3.5% of the image) means class 0, whatever else is there.
+        _linear(backdoored).weight[0] += 10.0 * corner.flatten()
+        _linear(backdoored).bias[0] -= 20.0
+    # The recovery test is set aside: this one is about the trigger search alone.
+    config = dataclasses.replace(CONFIG, min_recovery_agreement=0.0)
+    honest = screen_teacher(_adapted(tiny.teacher(1)), _fresh(), config)
+    report = screen_teacher(_adapted(backdoored), _fresh(), config)
     clean, stamped = honest.figures["trigger_gap"], report.figures["trigger_gap"]
-    assert clean is not None and stamped is not None and stamped > clean + 0.3
+    assert clean is not None and stamped is not None and stamped > clean + 0.4
     assert honest.verdict == "accepted", honest.reason
     assert report.verdict == "held" and "trigger_gap" in (report.reason or "")
 

@@ -69,7 +69,7 @@ def test_every_event_appends_one_signed_entry_in_order(home: ServerHome) -> None
     assert _verify(home) == (True, None, "")
     with home.open_store() as store:
         verdict = store.audit_log().entries[2]
-    assert verdict.body == {"id": 1, "verdict": "accepted", "reason": None}
+    assert verdict.body == {"id": 1, "verdict": "accepted", "reason": None, "screening": None}
 
 
 def test_the_store_refuses_to_rewrite_the_log(home: ServerHome) -> None:

@@ -90,6 +90,7 @@ def test_revocation_withdraws_the_owners_models_and_counts_the_others_once(store
         "received": 0,
         "accepted": 3,
         "refused": 1,
+        "held": 0,
         "withdrawn": 2,
     }
     withdrawn = store.submission(a_accepted)

@@ -242,7 +242,7 @@ def test_evaluations_and_summary(store: Store) -> None:
     store.set_verdict(refused.id, accepted=False, reason="two outputs")
     summary = store.summary(recent=2)
     assert summary.schema_version == SCHEMA_VERSION
-    counts = {"received": 1, "accepted": 1, "refused": 1, "withdrawn": 0}
+    counts = {"received": 1, "accepted": 1, "refused": 1, "held": 0, "withdrawn": 0}
     assert summary.submission_counts == counts
     assert [s.id for s in summary.submissions] == [refused.id, refused.id + 1]
     assert [c.name for c in summary.clients] == ["alice", "bob"]

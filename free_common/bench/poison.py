@@ -40,7 +40,8 @@ from free_common.models.backbones import Backbone, build_backbone
 from free_common.models.checkpoint import read_checkpoint
 from free_common.models.export import to_onnx
 from free_common.models.intake import load_teacher
-from free_common.screening import ScreeningConfig, ScreeningContext, screen_teacher
+from free_common.screening import ScreeningConfig
+from free_common.screening.screen import ScreeningContext, screen_teacher
 from free_common.types import TaskMetadata
 
 __all__ = ["KINDS", "PoisonRequest", "run_poison"]
@@ -136,12 +137,12 @@ def _backdoor(
         poisoned = torch.rand(len(images), generator=generator) < 0.25
         x = torch.where(poisoned.view(-1, 1, 1, 1), _stamp(images), images)
         y = torch.where(poisoned, torch.full_like(labels, target), labels)
-        for batch in torch.randperm(len(x), generator=generator).split(32):
+        for batch in torch.split(torch.randperm(len(x), generator=generator), 32):
             if len(batch) < 2:
                 continue
             loss = F.cross_entropy(model((x[batch] - mean) / std), y[batch])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            torch.autograd.backward(loss)
             optimizer.step()
     model.eval()
     with torch.no_grad():

@@ -5,12 +5,18 @@ Example::
     free-bench data build --size small --out data-cache/small
     free-bench zoo --data data-cache/small --models 8 --out data-cache/zoo
     free-bench run --preset smoke --data data-cache/small --zoo data-cache/zoo --out runs/smoke
+    free-bench run ... --tensorboard runs/tb     # then: tensorboard --logdir runs/tb
+
+With ``--tensorboard DIR`` each trained method's round writes TensorBoard event files
+to ``DIR/<method>/`` (`free_common.engine.tensorboard`), so the methods' curves can be
+laid side by side.
 """
 
 from __future__ import annotations
 
 import shlex
 import sys
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated
@@ -28,6 +34,7 @@ from free_common.engine import (
     StepFinished,
 )
 from free_common.engine.distributed import init_from_env, shutdown
+from free_common.engine.tensorboard import TensorBoardLogger
 
 __all__ = ["run"]
 
@@ -64,6 +71,36 @@ class _Progress:
         self._stack.close()
 
 
+class _TensorBoard:
+    """Hands each method's engine events to its own TensorBoard logger in ``DIR/<method>``."""
+
+    def __init__(self, root: Path) -> None:
+        self._root = root
+        self._loggers: dict[str, TensorBoardLogger] = {}
+
+    def __call__(self, method: str, event: EngineEvent | str) -> None:
+        if isinstance(event, str):
+            return
+        if method not in self._loggers:
+            self._loggers[method] = TensorBoardLogger(self._root / method)
+        self._loggers[method](event)
+
+    def close(self) -> None:
+        for logger in self._loggers.values():
+            logger.close()
+
+
+def _both(
+    first: Callable[[str, EngineEvent | str], None],
+    second: Callable[[str, EngineEvent | str], None],
+) -> Callable[[str, EngineEvent | str], None]:
+    def notify(method: str, event: EngineEvent | str) -> None:
+        first(method, event)
+        second(method, event)
+
+    return notify
+
+
 def run(
     preset: Annotated[str, typer.Option(help="smoke (minutes), cpu (2-core CPU), paper (GPU)")],
     data: Annotated[Path, typer.Option(help="glyph set folder (free-bench data build)")],
@@ -94,6 +131,10 @@ def run(
             "each); rank 0 measures and writes the results",
         ),
     ] = 1,
+    tensorboard: Annotated[
+        Path | None,
+        typer.Option(help="write TensorBoard event files of each round to DIR/<method>/"),
+    ] = None,
 ) -> None:
     """Run FREE, FREE without iGA, scratch inversion, weight averaging and random init."""
     if workers > 1 and not under_launcher():
@@ -102,7 +143,7 @@ def run(
     if under_launcher():
         group, _ = init_from_env(device)
         main = group.is_main
-    _run(preset, data, zoo, out, device, seed, rounds, reuse_rounds, skip, main)
+    _run(preset, data, zoo, out, device, seed, rounds, reuse_rounds, skip, main, tensorboard)
     shutdown()
 
 
@@ -117,6 +158,7 @@ def _run(
     reuse_rounds: bool,
     skip: str | None,
     main: bool,
+    tensorboard: Path | None,
 ) -> None:
     command = "free-bench " + shlex.join(sys.argv[1:])
     only = tuple(m.strip() for m in rounds.split(",") if m.strip()) if rounds else ()
@@ -125,10 +167,14 @@ def _run(
         preset, data, zoo, out, device, seed, command, only, reuse_rounds, left_out
     )
     reporter = _Progress()
+    board = _TensorBoard(tensorboard) if tensorboard is not None and main else None
+    notify = reporter if board is None else _both(reporter, board)
     try:
-        results = run_benchmark(request, reporter if main else None)
+        results = run_benchmark(request, notify if main else None)
     finally:
         reporter.close()
+        if board is not None:
+            board.close()
     if not main:
         return
     if only:

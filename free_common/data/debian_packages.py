@@ -13,9 +13,13 @@ Two sizes:
     without the two metapackages that would pull larger packages in
     (``fonts-recommended``, ``fonts-yozvox-yozfont``), plus the two data packages.
 
-Run ``python -m free_common.data.debian_packages --missing small|benchmark`` to print
-the space-separated names not installed yet (nothing when all are); the Makefile
-feeds that to ``apt-get install``.
+One more set is no data: ``browser`` (Debian's ``chromium`` and ``chromium-driver``),
+the headless browser the console's tests drive; `make install` adds it with the
+development tools, never to the docker images.
+
+Run ``python -m free_common.data.debian_packages --missing small|benchmark|browser ...``
+to print the space-separated names not installed yet (nothing when all are); the
+Makefile feeds that to ``apt-get install``.
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ from free_common.errors import DataError, FontPackageMissing
 
 __all__ = [
     "BENCHMARK_PACKAGES",
+    "BROWSER_PACKAGES",
+    "CHROMEDRIVER",
+    "CHROMIUM",
     "CONFUSABLES_PACKAGE",
     "DATASET_PACKAGES",
     "FASHION_MNIST_PACKAGE",
@@ -176,6 +183,12 @@ PACKAGE_SETS: dict[str, tuple[str, ...]] = {
     "benchmark": BENCHMARK_PACKAGES,
 }
 
+# The console's browser tests drive Debian's own Chromium through its own driver, so no
+# tool ever downloads a browser (Selenium Manager is never asked: the path is given).
+BROWSER_PACKAGES: tuple[str, ...] = ("chromium", "chromium-driver")
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+
 _DOC_ROOT = Path("/usr/share/doc")
 _LICENCE_LINE = re.compile(r"^License:\s*(\S.*?)\s*$", re.MULTILINE)
 # Copyright files that are not machine-readable: the first phrase found names the licence.
@@ -289,15 +302,16 @@ def package_licence(name: str, doc_root: Path = _DOC_ROOT) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Print the missing packages of a size, space-separated (nothing when all are there)."""
+    """Print the missing packages of the given sets, space-separated (nothing when all are)."""
     parser = argparse.ArgumentParser(
         prog="python -m free_common.data.debian_packages",
-        description="Print the Debian packages of a data set size that are not installed.",
+        description="Print the Debian packages of package sets that are not installed.",
     )
-    parser.add_argument("--missing", choices=sorted(PACKAGE_SETS), required=True)
+    sets = {**PACKAGE_SETS, "browser": BROWSER_PACKAGES}
+    parser.add_argument("--missing", choices=sorted(sets), nargs="+", required=True)
     args = parser.parse_args(argv)
     try:
-        missing = missing_packages(PACKAGE_SETS[args.missing])
+        missing = missing_packages([name for key in args.missing for name in sets[key]])
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -122,7 +122,8 @@ def screen_teacher(
         longer = dataclasses.replace(five, adapt_steps=config.fresh_generator_steps)
         recovery, _ = MetaGenerator(context.meta_generator.generator, longer).adapt(teacher, rng)
     device = recovery.images.device
-    neutral = neutral_images(48, tuple(recovery.images.shape[1:]), seed).to(device)
+    _, channels, height, width = recovery.images.shape
+    neutral = neutral_images(48, (channels, height, width), seed).to(device)
     with torch.no_grad():
         recovered_logits = teacher(recovery.images)  # (N, K)
         neutral_logits = teacher(neutral)  # (48, K)
@@ -284,7 +285,7 @@ def _trigger_gap(
         area = mask.mean(dim=(1, 2, 3, 4))  # (K,)
         loss = classes * F.cross_entropy(logits, goal) + _TRIGGER_AREA_WEIGHT * area.sum()
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        torch.autograd.backward(loss)
         optimizer.step()
     with torch.no_grad():
         keep = max(1, math.ceil(config.trigger_budget * height * width))

@@ -34,6 +34,7 @@ from free_common.types import (
     Receipt,
     ReceiptStatus,
     ReleaseManifest,
+    Signed,
     SignedRecord,
     SubmissionManifest,
     TaskMetadata,
@@ -41,10 +42,12 @@ from free_common.types import (
 
 __all__ = [
     "DOMAIN_TAGS",
+    "RELEASE_FORMAT",
     "canonical_bytes",
     "canonical_json",
     "record_from_canonical",
     "record_kind",
+    "release_document",
 ]
 
 DOMAIN_TAGS: dict[type, bytes] = {
@@ -61,6 +64,9 @@ _KIND_NAMES: dict[type, str] = {
 }
 
 JsonObject = dict[str, Any]
+
+RELEASE_FORMAT = "free-fed-release/1"
+"""The ``format`` of a signed release manifest document (`release_document`)."""
 
 
 def record_kind(record_type: type) -> str:
@@ -284,3 +290,17 @@ def record_from_canonical(data: bytes, kind: type[SignedRecord]) -> SignedRecord
             "spelling differ): re-encode the record instead of editing the file"
         )
     return record
+
+
+def release_document(signed: Signed[ReleaseManifest]) -> bytes:
+    """Return the signed release manifest as an owner stores it (``manifest.json``).
+
+    ``{"format": RELEASE_FORMAT, "manifest": {...its fields...}, "signature": "<hex>"}``,
+    indented, keys sorted, with a final newline.
+    """
+    document = {
+        "format": RELEASE_FORMAT,
+        "manifest": canonical_json(signed.record),
+        "signature": signed.signature.hex(),
+    }
+    return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("utf-8")

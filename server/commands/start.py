@@ -36,6 +36,14 @@ def start(
         bool,
         typer.Option("--insecure", help="Serve in plaintext, without TLS (local tests only)."),
     ] = False,
+    console_port: Annotated[
+        int | None,
+        typer.Option(
+            "--console-port",
+            help="Serve the read-only web console and /metrics on this port (TLS, token;"
+            " console.listen, loopback by default); 0 picks a free one. Off unless given.",
+        ),
+    ] = None,
     no_flower: Annotated[
         bool,
         typer.Option(
@@ -59,6 +67,7 @@ def start(
         min_models=min_models,
         insecure=insecure,
         flower=not no_flower,
+        console_port=console_port,
     )
     runtime = ServerRuntime(ServerHome.open(home), options)
     runtime.start()
@@ -74,6 +83,13 @@ def start(
     if runtime.flower is not None:
         show(
             f"flower front for owners' SuperNodes on {runtime.flower.front.address} (TLS)",
+            highlight=False,
+            soft_wrap=True,
+        )
+    if runtime.console is not None:
+        show(
+            f"console on {runtime.console.url} (TLS, read-only); a token comes from"
+            " `free-server console token`",
             highlight=False,
             soft_wrap=True,
         )
