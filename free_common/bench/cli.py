@@ -6,6 +6,7 @@ Examples::
     free-bench data show data-cache/small --split meta-train --ways 5 --shots 1
     free-bench zoo --data data-cache/small --models 8 --arch mix --out data-cache/zoo
     free-bench run --preset smoke --data data-cache/small --zoo data-cache/zoo --out runs/smoke
+    free-bench poison --data data-cache/benchmark --zoo data-cache/zoo --out runs/poison
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import NoReturn
 import typer
 
 from free_common.bench.data_cmd import data_app
+from free_common.bench.poison_cmd import poison
 from free_common.bench.run_cmd import run
 from free_common.bench.zoo_cmd import zoo
 from free_common.console import run_app
@@ -29,6 +31,7 @@ app = typer.Typer(
 app.add_typer(data_app, name="data")
 app.command("zoo")(zoo)
 app.command("run")(run)
+app.command("poison")(poison)
 
 
 def main() -> NoReturn:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import platform
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,7 +46,7 @@ from free_common.screening import ScreeningConfig
 from free_common.screening.screen import ScreeningContext, screen_teacher
 from free_common.types import TaskMetadata
 
-__all__ = ["KINDS", "PoisonRequest", "run_poison"]
+__all__ = ["KINDS", "PoisonRequest", "run_poison", "write_report"]
 
 KINDS = ("random", "permuted", "constant", "other-domain", "backdoor")
 
@@ -234,6 +236,7 @@ def run_poison(
 ) -> dict[str, Any]:
     """Build the candidates, screen each against the pool's state, write ``results.json``."""
     torch.manual_seed(request.seed)
+    load_before = os.getloadavg()[0]
     work = request.out / "work"
     work.mkdir(parents=True, exist_ok=True)
     data = load_split(request.data, "meta-train")
@@ -258,7 +261,66 @@ def run_poison(
         "round_seconds": round(round_seconds, 1),
         "summary": summary,
         "seconds_per_model": round(sum(r["seconds"] for r in rows) / len(rows), 3),
+        "environment": {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            # Screening times on a machine busy with other work: the 1-minute load
+            # average at the start and the end says how busy.
+            "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        },
         "models": rows,
     }
     (request.out / "results.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
     return result
+
+
+def write_report(result: dict[str, Any], path: Path, command: str) -> None:
+    """Write the markdown report of a `run_poison` result, with the command that made it."""
+    env = result["environment"]
+    lines = [
+        "# Screening a poisoned pool",
+        "",
+        f"```\n{command}\n```",
+        "",
+        f"torch {env['torch']}, {env['threads']} thread(s) of {env['cpus']} CPUs, load average "
+        f"{env['load_average'][0]:.1f} at the start and {env['load_average'][1]:.1f} at the end. "
+        f"Screening measured against the state of one `cpu` round of "
+        f"{result['request']['round_steps']} steps over the first {result['request']['pool']} "
+        "zoo teachers (all honest). Thresholds: the defaults of `ScreeningConfig`.",
+        "",
+        "## Verdicts by kind",
+        "",
+        "| kind | models | accepted | held | refused | stopped (held or refused) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for kind, counts in result["summary"].items():
+        total = sum(counts.values())
+        stopped = counts["held"] + counts["refused"]
+        lines.append(
+            f"| {kind} | {total} | {counts['accepted']} | {counts['held']} | "
+            f"{counts['refused']} | {stopped}/{total} |"
+        )
+    lines += [
+        "",
+        f"Screening took {result['seconds_per_model']:.2f} s per model on average.",
+        "",
+        "## Every model's figures",
+        "",
+        "| model | kind | verdict | recovery | pool | structure | trigger gap | neutral spread"
+        " | s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["models"]:
+        f = row["figures"]
+
+        def cell(name: str, f: dict[str, Any] = f) -> str:
+            return "" if f.get(name) is None else f"{f[name]:.2f}"
+
+        lines.append(
+            f"| {row['name']} | {row['kind']} | {row['verdict']} | {cell('recovery_agreement')} | "
+            f"{cell('pool_agreement')} | {cell('structure')} | {cell('trigger_gap')} | "
+            f"{cell('neutral_spread')} | {row['seconds']:.1f} |"
+        )
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
