@@ -5,7 +5,8 @@ worth running: it converts the model here (its bytes were just accepted by intak
 round converts them), and measures it with `free_common.screening` against the
 meta-generator and memory bank the last finished round carried (``HOME/engine``). Before
 any round, or when the carried state does not fit the configured preset, a fresh
-generator of that preset is used and the memory tests are not measured.
+generator of that preset is used and the memory tests are not measured; while a round
+runs (its checkpoint replaces the finished one's), the state read last is kept.
 """
 
 from __future__ import annotations
@@ -77,20 +78,21 @@ class Screener:
         marker = self._engine_dir / CHECKPOINT_FILE
         stamp = marker.stat().st_mtime if marker.is_file() else None
         if self._context is None or stamp != self._seen:
-            self._context, self._seen = self._load(), stamp
+            # A round in progress overwrites the finished one's checkpoint: until it
+            # finishes, screening keeps the state it last read.
+            self._context = self._carried() or self._context or self._fresh()
+            self._seen = stamp
         return self._context
 
-    def _load(self) -> ScreeningContext:
+    def _carried(self) -> ScreeningContext | None:
         try:
             state = carried_state(self._engine, self._engine_dir, "cpu")
         except CheckpointError as exc:
-            log.info(
-                "screening with a fresh generator: the last round's state does not fit: %s", exc
-            )
-            state = None
-        if state is not None:
-            return ScreeningContext(state.meta_generator, state.memory)
-        generator = build_generator(
-            self._engine.generator, self._engine.seed + 1, torch.device("cpu")
-        )
+            log.info("screening with a fresh generator (the last round's state: %s)", exc)
+            return None
+        return None if state is None else ScreeningContext(state.meta_generator, state.memory)
+
+    def _fresh(self) -> ScreeningContext:
+        cpu = torch.device("cpu")
+        generator = build_generator(self._engine.generator, self._engine.seed + 1, cpu)
         return ScreeningContext(MetaGenerator(generator, self._engine.five), meta_learned=False)

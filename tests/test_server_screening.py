@@ -5,12 +5,15 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import engine_tiny as tiny
 import numpy as np
 from exchange_harness import enroll, error_lines, good_model, make_owner, new_home, run_cli
 from onnx import numpy_helper
 from onnx_builders import TINY_TASK, copy, tiny_model
 
 from free_client.uploader import sign_manifest
+from free_common.engine import run_round
+from free_common.models.onnx_static import IntakeLimits
 from free_common.screening import ScreeningConfig
 from free_common.security.call_auth import now_ms
 from free_common.security.keys import load_private_key
@@ -114,3 +117,18 @@ def test_held_models_wait_for_the_operators_decision(tmp_path: Path) -> None:
         assert store.accepted_submissions() == []
         kinds = [e.kind for e in store.audit_log().entries]
     assert kinds.count("submission.held") == 3 and kinds.count("submission.released") == 1
+
+
+def test_screening_reads_the_state_the_last_finished_round_carried(tmp_path: Path) -> None:
+    config = tiny.config()
+    engine_dir = tmp_path / "engine"
+    limits = IntakeLimits()
+    screener = Screener(config, engine_dir, ScreeningConfig(images_per_class=4), limits)
+    model = tmp_path / "teacher.onnx"
+    task = dataclasses.replace(TINY_TASK, num_classes=5)
+    model.write_bytes(tiny_model(seed=4, classes=5, task=task).SerializeToString())
+    before = screener(model, task, "before")
+    assert before.figures["structure"] is None  # no round yet: no memory to read
+    run_round(tiny.teachers(2), config, engine_dir, device="cpu")
+    after = screener(model, task, "after")
+    assert after.figures["structure"] is not None
