@@ -209,7 +209,7 @@ def _answer_entropy(answers: Tensor, classes: int) -> float:
     """Entropy of the histogram of (B,) class answers over log K."""
     share = torch.bincount(answers.cpu(), minlength=classes).float() / answers.numel()
     share = share[share > 0]
-    return float(-(share * share.log()).sum() / math.log(classes))
+    return max(0.0, float(-(share * share.log()).sum() / math.log(classes)))
 
 
 def _newest(memory: MemoryBank, key: str, device: torch.device) -> Tensor:
