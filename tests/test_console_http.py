@@ -139,6 +139,8 @@ def test_metrics_parse_with_prometheus_own_parser(
     reason = (("reason", "operator Loop is not on the intake allow-list"),)
     assert samples[("free_submissions_refused_total", reason)] == 1
     assert samples[("free_submissions_pending", ())] == 0
+    assert samples[("free_submissions_held", ())] == 0
+    assert samples[("free_screening_seconds_count", ())] == 0  # this home does not screen
     with finished.home.open_store() as store:
         sizes = [store.submission(i).size for i in [*finished.accepted, finished.refused]]
         done = [store.round(i) for i in (finished.first_round_id, finished.round_id)]

@@ -8,9 +8,11 @@ agree with `free-server status`; submissions and releases are never deleted, so 
 - ``free_submissions_accepted_total``, ``free_submissions_refused_total{reason}``:
   verdicts; ``reason`` is the refusal line's first clause with numbers as ``N``,
   so that values such as sizes do not make a new series each;
-- ``free_submissions_pending``, ``free_submissions_withdrawn``;
+- ``free_submissions_pending``, ``free_submissions_held`` (screening or the operator
+  holds them), ``free_submissions_withdrawn``;
 - ``free_upload_bytes_total``: bytes of every stored submission;
 - ``free_intake_latency_seconds``: histogram of receipt to verdict;
+- ``free_screening_seconds``: histogram of the time screening took per model;
 - ``free_rounds{state}``, ``free_round_duration_seconds`` (histogram of finished
   rounds), ``free_round_step`` and ``free_round_steps`` of running rounds (``round``);
 - ``free_releases_total``, ``free_release_latest_version``;
@@ -38,9 +40,17 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from free_server.console.views import ConsoleData, duration_s, store_bytes
 
-__all__ = ["INTAKE_BUCKETS_S", "ROUND_BUCKETS_S", "StoreCollector", "reason_label", "registry"]
+__all__ = [
+    "INTAKE_BUCKETS_S",
+    "ROUND_BUCKETS_S",
+    "SCREENING_BUCKETS_S",
+    "StoreCollector",
+    "reason_label",
+    "registry",
+]
 
 INTAKE_BUCKETS_S = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+SCREENING_BUCKETS_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 ROUND_BUCKETS_S = (60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0)
 _CLAUSE = re.compile(r"[:;(]")
 _NUMBER = re.compile(r"\d+(\.\d+)?")
@@ -98,6 +108,9 @@ class StoreCollector(Collector):
             "free_submissions_pending", "Submissions waiting for intake.", subs["received"]
         )
         yield GaugeMetricFamily(
+            "free_submissions_held", "Submissions held for the operator.", subs["held"]
+        )
+        yield GaugeMetricFamily(
             "free_submissions_withdrawn",
             "Submissions withdrawn (owner revoked).",
             subs["withdrawn"],
@@ -113,6 +126,12 @@ class StoreCollector(Collector):
             "Time from receipt to intake verdict.",
             latencies,
             INTAKE_BUCKETS_S,
+        )
+        yield _histogram(
+            "free_screening_seconds",
+            "Time screening took per model.",
+            [s["screening"]["seconds"] for s in rows if s["screening"] is not None],
+            SCREENING_BUCKETS_S,
         )
         yield from self._rounds(report["rounds"])
         releases = report["releases"]
