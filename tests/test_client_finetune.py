@@ -20,9 +20,9 @@ from free_client.adapted_model import fit_all_classes
 from free_client.cli import app, main
 from free_client.inspect import inspect_file
 from free_client.local_tasks import load_class_folders
-from free_client.release_dir import MANIFEST_NAME, WEIGHTS_NAME, save_release
 from free_common.engine import LearnerSpec, build_learner
 from free_common.security.keys import key_id, public_key_pem
+from free_common.security.release_dir import MANIFEST_NAME, WEIGHTS_NAME, save_release
 from free_common.security.signing import sign
 from free_common.types import ReleaseManifest
 
@@ -82,7 +82,7 @@ def _json(args: list[str]) -> dict[str, object]:
 def test_scores_the_release_on_seeded_local_tasks(release: tuple[Path, Path], data: Path) -> None:
     folder, server_pub = release
     args = [str(folder), "--data", str(data), "--server-pub", str(server_pub), "--shots", "1"]
-    args += ["--episodes", "3", "--steps", "2"]
+    args += ["--episodes", "3", "--protocol", "paper", "--steps", "2"]
     first, again = _json(args), _json(args)
     assert first == again
     assert first["release"] == {
@@ -107,7 +107,8 @@ def test_random_init_is_scored_on_the_same_tasks_from_other_weights(
     release: tuple[Path, Path], data: Path
 ) -> None:
     folder, _ = release
-    args = [str(folder), "--data", str(data), "--shots", "1", "--episodes", "4", "--steps", "1"]
+    args = [str(folder), "--data", str(data), "--shots", "1", "--episodes", "4"]
+    args += ["--protocol", "paper", "--steps", "1"]
     learned, random = _json(args), _json([*args, "--random-init"])
     assert random["initialization"] == "random"
     assert learned["release"]["signature_verified"] is False  # type: ignore[index]
@@ -122,7 +123,8 @@ def test_export_writes_a_model_intake_accepts_with_the_folders_as_classes(
     report = _json(
         [
             *(str(folder), "--data", str(data), "--server-pub", str(server_pub)),
-            *("--shots", "1", "--episodes", "1", "--steps", "20", "--lr", "0.1"),
+            *("--shots", "1", "--episodes", "1", "--protocol", "paper"),
+            *("--steps", "20", "--lr", "0.1"),
             *("--export", str(out)),
         ]
     )
@@ -165,7 +167,9 @@ def _run(
     [
         ("weights", [], "differs from its signed manifest"),
         ("manifest", ["--server-pub", "SERVER_PUB"], "signature does not verify"),
-        ("nothing", ["--ways", "5"], "learns 3-way tasks"),
+        ("nothing", ["--ways", "5", "--protocol", "paper"], "learns 3-way tasks"),
+        ("nothing", ["--steps", "5"], "--steps and --lr set the paper protocol"),
+        ("nothing", ["--protocol", "best"], "--protocol 'best' is not one of"),
         ("nothing", ["--export", "out.onnx", "--data", "FOUR_CLASSES"], "exactly 3 classes"),
         ("nothing", ["--shots", "8"], "need 3 classes with at least 9 images"),
         ("missing", [], "holds no release"),
@@ -214,8 +218,7 @@ def test_bad_input_ends_in_one_line_and_a_nonzero_exit(
 def test_random_init_is_drawn_at_the_scale_the_release_started_from() -> None:
     import dataclasses as dc
 
-    from free_client.finetune import release_init_scale
-    from free_client.local_tasks import load_learner
+    from free_common.engine.release_model import load_learner, release_init_scale
     from free_common.meta.norms import scale_free_weights, weight_norms
 
     manifest = ReleaseManifest(
