@@ -6,6 +6,7 @@ Examples::
     free-bench data show data-cache/small --split meta-train --ways 5 --shots 1
     free-bench zoo --data data-cache/small --models 8 --arch mix --out data-cache/zoo
     free-bench run --preset smoke --data data-cache/small --zoo data-cache/zoo --out runs/smoke
+    free-bench adapt --release RELEASE --data data-cache/benchmark --out runs/adapt
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import NoReturn
 
 import typer
 
+from free_common.bench.adapt_cmd import adapt
 from free_common.bench.data_cmd import data_app
 from free_common.bench.run_cmd import run
 from free_common.bench.zoo_cmd import zoo
@@ -21,7 +23,8 @@ from free_common.console import run_app
 
 app = typer.Typer(
     name="free-bench",
-    help="FREE-Fed research and benchmark tools: data sets, teacher zoos, benchmark runs.",
+    help="FREE-Fed research and benchmark tools: data sets, teacher zoos, benchmark runs,"
+    " adaptation protocols.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -29,6 +32,7 @@ app = typer.Typer(
 app.add_typer(data_app, name="data")
 app.command("zoo")(zoo)
 app.command("run")(run)
+app.command("adapt")(adapt)
 
 
 def main() -> NoReturn:

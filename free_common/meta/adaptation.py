@@ -9,9 +9,10 @@ head, so the result can be scored, or exported, like any classifier:
                     steps of lr 0.01, what `free_common.meta.evaluate` and `free-bench
                     run` measure.
 ``proto-finetune``  Proto-MAML (Triantafillou et al., 2020): the head set from the class
-                    prototypes of the features, ``W_k = 2 c_k``, ``b_k = -|c_k|^2``, so
-                    its logits are the negative squared distances to the prototypes (up
-                    to a term equal for every class); then the whole network fine-tuned.
+                    prototypes of the features, ``W_k = 2 c_k / t``, ``b_k = -|c_k|^2 / t``,
+                    so its logits are the negative squared distances to the prototypes
+                    (up to a term equal for every class) over a temperature ``t``; then
+                    the whole network fine-tuned.
 ``linear-probe``    features frozen; that prototype head trained alone (logistic
                     regression on the support features).
 ``centroid``        features frozen; the nearest prototype (the prototype head, untrained).
@@ -114,14 +115,14 @@ class SelectionConfig:
     """
 
     # Tried in this order; a tie goes to the earlier one.
-    strategies: tuple[Strategy, ...] = ("proto-finetune", "finetune", "linear-probe", "centroid")
+    strategies: tuple[Strategy, ...] = ("finetune", "proto-finetune", "linear-probe", "centroid")
     finetune_lrs: tuple[float, ...] = (0.01, 0.1)  # finetune and proto-finetune
     finetune_steps: tuple[int, ...] = (5, 10, 20)  # scored along one run of the longest
     probe_lrs: tuple[float, ...] = (0.01, 0.1)
     probe_steps: tuple[int, ...] = (10, 50, 100)
     folds: int = 3  # k-fold with at most this many folds (and no more than the shots)
     views: int = 4  # 1-shot: shifted copies of each support image to score on
-    shift: int = 2  # 1-shot: largest shift of a copy, in pixels, each way
+    shift: int = 4  # 1-shot: largest shift of a copy, in pixels, each way
     seed: int = 0  # the copies' shifts, and any head drawn afresh
 
     def __post_init__(self) -> None:
@@ -201,16 +202,24 @@ def _features(model: Backbone, params: Params, buffers: Params, x: Tensor) -> Te
     return out
 
 
-def prototype_head(features: Tensor, labels: Tensor, ways: int) -> tuple[Tensor, Tensor]:
-    """Return the head ``(W, b)`` of the class prototypes: ``W_k = 2 c_k``, ``b_k = -|c_k|^2``.
+def prototype_head(
+    features: Tensor, labels: Tensor, ways: int, margin: float = 4.0
+) -> tuple[Tensor, Tensor]:
+    """Return the prototype head ``(W, b)``: ``W_k = 2 c_k / t``, ``b_k = -|c_k|^2 / t``.
 
-    ``c_k`` is the mean of the (S, D) `features` of class k, so ``W f + b = -|f - c_k|^2 +
-    |f|^2``: the nearest prototype has the largest logit.
+    ``c_k`` is the mean of the (S, D) `features` of class k, so ``W f + b = (|f|^2 - |f -
+    c_k|^2) / t``: the nearest prototype has the largest logit. The temperature ``t`` puts
+    the mean squared distance between two prototypes at `margin` logits. Without it
+    (Proto-MAML's ``t = 1``) the logits of wide features are hundreds apart, the support
+    loss is zero to float precision and fine-tuning from that head does not move.
     """
     onehot = F.one_hot(labels, ways).to(features.dtype)  # (S, N)
     counts = onehot.sum(0).clamp_min(1.0)  # (N,)
     prototypes = onehot.T @ features / counts[:, None]  # (N, D)
-    return 2 * prototypes, -(prototypes**2).sum(1)
+    gaps = torch.cdist(prototypes, prototypes) ** 2  # (N, N), zero diagonal
+    spread = gaps.sum() / max(ways * (ways - 1), 1)
+    temperature = (spread / margin).clamp_min(1e-6)
+    return 2 * prototypes / temperature, -(prototypes**2).sum(1) / temperature
 
 
 def _fresh_head(model: Backbone, ways: int, seed: int) -> tuple[Tensor, Tensor]:
