@@ -25,9 +25,12 @@ set alone: with two or more images per class, k-fold (fold ``f`` holds out the `
 image of every class); with one, the network is fitted on the support images and scored
 on shifted copies of them (a few pixels, edges repeated). Fine-tuning runs are scored at
 each step count of the grid along one run. Ties go to the paper's setting (`PAPER`),
-then to the candidate listed first. The
-queries of a task are never passed to `select` or `fit`: `score_protocols` hands them
-only to `predict`, after the fit.
+then to the candidate listed first. The queries of a task are never passed to `select`
+or `fit`: `score_protocols` hands them only to `predict`, after the fit.
+
+At 1 shot the shifted copies are views of the very images the network was fitted on, so
+they favour settings that hold on to those images; they rank settings, they do not
+estimate query accuracy.
 """
 
 from __future__ import annotations
@@ -161,7 +164,6 @@ class Adapted:
 
     params: Params
     buffers: Params
-    candidate: Candidate
 
 
 @dataclass(frozen=True)
@@ -330,7 +332,7 @@ def fit(
             runs = _runs(backbone, x, y, ways, candidate.strategy, candidate.lr, seed)
             params = next(itertools.islice(runs, candidate.steps - 1, None))
             buffers = {name: b.clone() for name, b in backbone.named_buffers()}
-    return Adapted({k: p.detach() for k, p in params.items()}, buffers, candidate)
+    return Adapted({k: p.detach() for k, p in params.items()}, buffers)
 
 
 def predict(model: nn.Module, adapted: Adapted, images: Tensor) -> Tensor:
