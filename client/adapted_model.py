@@ -8,6 +8,10 @@ batch norm reads its running statistics; those still hold whatever the
 meta-learner last saw, so they are recomputed from the owner's images (a
 cumulative average over one pass) before export.
 
+`export_strategy` does the same with a protocol of `free_common.meta.adaptation`:
+its strategy, steps and lr chosen by k-fold on those images, then fitted to all of
+them.
+
 `export_adapted` writes the model with the task metadata `free-client inspect`
 and `submit` read: grey or RGB, the learner's square size, pixels in [0, 1]
 (mean 0, std 1) and the class folders' names.
@@ -25,11 +29,19 @@ from free_common.data.episodes import to_tensor
 from free_common.data.imageset import ImageSet
 from free_common.engine import LearnerSpec
 from free_common.engine.result import learner_task
+from free_common.meta.adaptation import (
+    Protocol,
+    SelectionConfig,
+    as_module,
+    fit,
+    protocol_strategies,
+    select,
+)
 from free_common.meta.functional import batch_stat_mode
 from free_common.models.export import to_onnx
 from free_common.types import TaskMetadata
 
-__all__ = ["export_adapted", "fit_all_classes", "task_of"]
+__all__ = ["export_adapted", "export_strategy", "fit_all_classes", "task_of"]
 
 _CHUNK = 256
 """Images per forward pass; gradients of a step are summed over the chunks."""
@@ -85,11 +97,44 @@ def fit_all_classes(model: nn.Module, data: ImageSet, *, steps: int, lr: float) 
                 loss = F.cross_entropy(model(inputs), labels, reduction="sum") / len(x)
                 torch.autograd.backward(loss)
             optimizer.step()
+    return _calibrated_accuracy(model, x, batches)
+
+
+def _calibrated_accuracy(
+    model: nn.Module, x: Tensor, batches: list[tuple[Tensor, Tensor]]
+) -> float:
+    """Set batch norm's running statistics from `x`; return the eval-mode accuracy on it."""
     _calibrate_batch_norms(model, x)
     model.eval()
     with torch.no_grad():
         correct = sum(int((model(inputs).argmax(1) == labels).sum()) for inputs, labels in batches)
     return correct / len(x)
+
+
+def export_strategy(
+    model: nn.Module, data: ImageSet, protocol: Protocol, *, seed: int
+) -> tuple[nn.Module, tuple[str, dict[str, float]], float]:
+    """Adapt `model` to every image of `data` with `protocol` (not ``paper``).
+
+    The strategy, steps and lr are chosen by k-fold on the images (one image per class
+    held out per fold, as on a support set), then fitted to all of them, in one batch.
+
+    Returns
+    -------
+    tuple
+        The adapted network (a new module, one output per class of `data`, batch norm
+        calibrated, eval mode); the chosen setting's label and every setting's held-out
+        accuracy; its eval-mode accuracy on the images.
+    """
+    x = to_tensor(data.images)  # (S, C, H, W)
+    y = torch.from_numpy(data.labels)  # (S,)
+    strategies = protocol_strategies(protocol)
+    selection = select(model, x, y, data.num_classes, SelectionConfig(seed=seed), strategies)
+    candidate = selection.best(strategies)
+    adapted = as_module(model, fit(model, x, y, data.num_classes, candidate, seed))
+    accuracy = _calibrated_accuracy(adapted, x, _chunks(x, y))
+    scores = {c.label: score for c, score in selection.scores.items()}
+    return adapted, (candidate.label, scores), accuracy
 
 
 def task_of(spec: LearnerSpec, class_names: tuple[str, ...]) -> TaskMetadata:

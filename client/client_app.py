@@ -9,7 +9,7 @@ round (`free_common.flower_app.release_content`). For each message it
 2. checks the server's signature against the pinned ``--server-pub`` and the
    weights' size and sha256 against the signed manifest, then stores them as
    ``RELEASES/<version>/meta.safetensors`` and ``manifest.json``
-   (`free_client.release_dir.save_release`); a release that fails either check
+   (`free_common.security.release_dir.save_release`); a release that fails either check
    is refused and nothing is written;
 3. with ``--data``, fine-tunes the release on local few-shot episodes
    (`free_client.local_tasks`) and replies with the accuracy.
@@ -33,10 +33,10 @@ from flwr.clientapp import ClientApp
 
 from free_client.local_tasks import load_class_folders, score_release
 from free_client.node_settings import JoinSettings
-from free_client.release_dir import WEIGHTS_NAME, save_release
 from free_common.errors import DataError, FreeError
 from free_common.flower_app import METRICS_RECORD, read_release_content
 from free_common.security.keys import load_public_key
+from free_common.security.release_dir import WEIGHTS_NAME, save_release
 from free_common.types import ReleaseManifest
 
 __all__ = ["app", "receive_release"]

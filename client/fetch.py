@@ -3,7 +3,7 @@
 The server's signature on the release manifest is checked against
 ``--server-pub`` before a byte of weights is written; the weights' size and
 sha256 are checked against that manifest before anything is renamed into
-place (`free_client.release_dir`). ``--json`` prints the verified manifest.
+place (`free_common.security.release_dir`). ``--json`` prints the verified manifest.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from free_client.options import (
     TlsKeyOption,
     connection,
 )
-from free_client.release_dir import MANIFEST_NAME, WEIGHTS_NAME, save_release
 from free_client.stub import ExchangeClient
 from free_common.console import out_console
 from free_common.security.canonical import canonical_json
 from free_common.security.keys import load_private_key, load_public_key
+from free_common.security.release_dir import MANIFEST_NAME, WEIGHTS_NAME, save_release
 
 __all__ = ["fetch"]
 

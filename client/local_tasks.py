@@ -16,40 +16,37 @@ pixels in [0, 1]). Files whose names start with ``.`` are ignored.
 `score_release` draws seeded N-way K-shot episodes from those classes and, for
 each, fine-tunes the release's whole network on the support images (10 plain
 gradient steps at lr 0.01, batch-norm on batch statistics, as FREE evaluates)
-and scores the queries (`free_common.meta.evaluate`). `load_learner` and
-`score_model` are its two halves, for callers that score another model (a
-random initialization of the same architecture, as `free-client finetune
---random-init` does).
+and scores the queries. `free_common.engine.release_model.load_learner` and
+`score_model` are its two halves,
+for callers that score another model (a random initialization of the same
+architecture, as `free-client finetune --random-init` does) or adapt it another
+way (`free_common.meta.adaptation`: a protocol that chooses its strategy, steps
+and lr on each task's support set).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
 from free_common.data.episodes import Episode, EpisodeSampler
 from free_common.data.imageset import ImageSet
-from free_common.engine import LearnerSpec, build_learner
-from free_common.errors import ConfigError, DatasetLayoutError, SplitError
-from free_common.meta.baselines import random_init
-from free_common.meta.config import EvalConfig
-from free_common.meta.evaluate import EvalResult, evaluate
-from free_common.meta.norms import rescale_weights, scale_free_weights
+from free_common.engine.release_model import load_learner
+from free_common.errors import DatasetLayoutError, SplitError
+from free_common.meta.adaptation import PAPER, Candidate, Protocol, SelectionConfig, score_protocols
 
 __all__ = [
     "IMAGE_SUFFIXES",
     "LocalScore",
     "load_class_folders",
-    "load_learner",
     "score_model",
     "score_release",
 ]
@@ -59,7 +56,12 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif"})
 
 @dataclass(frozen=True)
 class LocalScore:
-    """How a release did on the owner's tasks."""
+    """How a release did on the owner's tasks, and what its protocol chose on them.
+
+    ``chosen`` counts the tasks each setting was chosen on (`Candidate.label`);
+    ``selection_scores`` is each setting's mean held-out accuracy on the support sets,
+    and ``heldout`` how they were held out (both empty for the paper protocol).
+    """
 
     accuracy: float
     ci95: float
@@ -67,6 +69,10 @@ class LocalScore:
     ways: int
     shots: int
     queries: int
+    protocol: Protocol = "paper"
+    chosen: dict[str, int] = field(default_factory=dict)
+    selection_scores: dict[str, float] = field(default_factory=dict)
+    heldout: str = ""
 
 
 def _read(path: Path, channels: int, size: int) -> np.ndarray[Any, np.dtype[np.uint8]]:
@@ -133,42 +139,6 @@ def _episode_shape(data: ImageSet, ways: int, shots: int, queries: int) -> int:
     return min(queries, int(fits))
 
 
-def load_learner(
-    weights: Path | None, architecture: dict[str, Any], *, seed: int = 0, init_scale: float = 1.0
-) -> tuple[nn.Module, LearnerSpec]:
-    """Rebuild a release's meta-learner from its manifest's architecture.
-
-    Parameters
-    ----------
-    weights
-        The release's ``meta.safetensors``; None draws a random initialization of
-        the same architecture from `seed` (the baseline a release should beat).
-    architecture
-        ``config["architecture"]`` of the release manifest.
-    seed
-        Seeds the random initialization (only read when `weights` is None).
-    init_scale
-        Scale of the random initialization's scale-free weights: the release's own start
-        (its ``init_scale`` metric), so the baseline differs from it in training only.
-
-    Raises
-    ------
-    ConfigError
-        The architecture or the weights cannot be loaded.
-    """
-    where = "the release" if weights is None else f"the release in {weights.parent}"
-    try:
-        spec = LearnerSpec(**architecture)
-        model = random_init(lambda: build_learner(spec), seed)
-        if weights is not None:
-            model.load_state_dict(load_file(str(weights)))
-        else:
-            rescale_weights(model, scale_free_weights(model), init_scale)
-    except (TypeError, RuntimeError, SafetensorError) as exc:
-        raise ConfigError(f"{where} cannot be loaded: {exc}") from None
-    return model, spec
-
-
 def score_model(
     model: nn.Module,
     ways: int,
@@ -177,14 +147,18 @@ def score_model(
     shots: int,
     queries: int,
     episodes: int,
-    steps: int,
-    lr: float,
     seed: int,
+    protocol: Protocol = "paper",
+    paper: Candidate = PAPER,
+    selection: SelectionConfig | None = None,
     on_episode: Callable[[], None] | None = None,
 ) -> LocalScore:
-    """Fine-tune `model` on `episodes` local `ways`-way tasks; return its mean query accuracy.
+    """Adapt `model` to `episodes` local `ways`-way tasks; return its mean query accuracy.
 
-    `on_episode` is called as each episode is drawn (progress).
+    `protocol` says how (`free_common.meta.adaptation`): ``paper`` fine-tunes with
+    `paper`'s steps and lr, the others choose on each support set from `selection`'s
+    grid (its seed is taken from `seed`). `on_episode` is called as each episode is
+    drawn (progress).
 
     Raises
     ------
@@ -193,16 +167,25 @@ def score_model(
     """
     fitted = _episode_shape(data, ways, shots, queries)
     sampler = EpisodeSampler(data, ways, shots, fitted, seed=seed)
-    config = EvalConfig(
-        ways=ways, shots=shots, queries=fitted, episodes=episodes, steps=steps, lr=lr
-    )
+    config = dataclasses.replace(selection or SelectionConfig(), seed=seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         tasks = sampler.episodes(episodes)
         if on_episode is not None:
             tasks = _reporting(tasks, on_episode)
-        result: EvalResult = evaluate(model, tasks, config, "local")
-    return LocalScore(result.mean, result.ci95, result.episodes, ways, shots, fitted)
+        result = score_protocols(model, tasks, ways, (protocol,), config, paper)[protocol]
+    return LocalScore(
+        result.mean,
+        result.ci95,
+        len(result.accuracies),
+        ways,
+        shots,
+        fitted,
+        protocol,
+        dict(result.chosen),
+        result.selection_scores,
+        result.heldout,
+    )
 
 
 def _reporting(episodes: Iterator[Episode], call: Callable[[], None]) -> Iterator[Episode]:
@@ -240,7 +223,6 @@ def score_release(
         shots=shots,
         queries=queries,
         episodes=episodes,
-        steps=steps,
-        lr=lr,
         seed=seed,
+        paper=Candidate("finetune", steps, lr),
     )

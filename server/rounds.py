@@ -2,9 +2,9 @@
 
 `run_meta_round` is the only call the ServerApp makes into the engine. It
 
-1. reads every accepted submission from the store, in verdict order, and
-   converts each stored ONNX model to a frozen torch teacher (static checks
-   again, no worker: intake already judged these bytes);
+1. reads every accepted submission from the store, ordered by its model's sha256
+   (`pool_order`), and converts each stored ONNX model to a frozen torch teacher
+   (static checks again, no worker: intake already judged these bytes);
 2. resolves the round's preset (`engine_config`);
 3. runs `free_common.engine.run_round` in ``HOME/engine``, where the engine
    keeps its checkpoints and the state a finished round carries into the next
@@ -63,6 +63,7 @@ __all__ = [
     "accepted_teachers",
     "engine_config",
     "known_presets",
+    "pool_order",
     "run_meta_round",
 ]
 
@@ -181,8 +182,18 @@ def _is_tuple(kind: Any) -> bool:
     return False
 
 
+def pool_order(rows: list[SubmissionRow]) -> list[SubmissionRow]:
+    """Order accepted submissions by their models' bytes (sha256), then owner and id.
+
+    The engine draws teachers by position in the pool. Owners submit concurrently, so
+    submission ids and verdict order change from run to run; ordered by content, the
+    same models give the same round, bit for bit, for a fixed seed and thread count.
+    """
+    return sorted(rows, key=lambda row: (row.sha256, row.client_key_id, row.id))
+
+
 def accepted_teachers(home: ServerHome, store: Store) -> list[StoredTeacher]:
-    """Every accepted submission as an engine teacher, in verdict order, converted when drawn.
+    """Every accepted submission as an engine teacher, in `pool_order`, converted when drawn.
 
     Nothing is read here beyond the store's rows: a round over a pool of thousands loads
     only the teachers its steps draw (`free_common.engine.teachers.TeacherPool`).
@@ -194,7 +205,7 @@ def accepted_teachers(home: ServerHome, store: Store) -> list[StoredTeacher]:
             task_from_dict(row.task_metadata),
             functools.partial(_load_stored, store.blobs.path_of(row.sha256), row, limits),
         )
-        for row in store.accepted_submissions()
+        for row in pool_order(store.accepted_submissions())
     ]
 
 

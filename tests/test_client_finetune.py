@@ -20,9 +20,9 @@ from free_client.adapted_model import fit_all_classes
 from free_client.cli import app, main
 from free_client.inspect import inspect_file
 from free_client.local_tasks import load_class_folders
-from free_client.release_dir import MANIFEST_NAME, WEIGHTS_NAME, save_release
 from free_common.engine import LearnerSpec, build_learner
 from free_common.security.keys import key_id, public_key_pem
+from free_common.security.release_dir import MANIFEST_NAME, WEIGHTS_NAME, save_release
 from free_common.security.signing import sign
 from free_common.types import ReleaseManifest
 
@@ -82,7 +82,7 @@ def _json(args: list[str]) -> dict[str, object]:
 def test_scores_the_release_on_seeded_local_tasks(release: tuple[Path, Path], data: Path) -> None:
     folder, server_pub = release
     args = [str(folder), "--data", str(data), "--server-pub", str(server_pub), "--shots", "1"]
-    args += ["--episodes", "3", "--steps", "2"]
+    args += ["--episodes", "3", "--protocol", "paper", "--steps", "2"]
     first, again = _json(args), _json(args)
     assert first == again
     assert first["release"] == {
@@ -107,7 +107,8 @@ def test_random_init_is_scored_on_the_same_tasks_from_other_weights(
     release: tuple[Path, Path], data: Path
 ) -> None:
     folder, _ = release
-    args = [str(folder), "--data", str(data), "--shots", "1", "--episodes", "4", "--steps", "1"]
+    args = [str(folder), "--data", str(data), "--shots", "1", "--episodes", "4"]
+    args += ["--protocol", "paper", "--steps", "1"]
     learned, random = _json(args), _json([*args, "--random-init"])
     assert random["initialization"] == "random"
     assert learned["release"]["signature_verified"] is False  # type: ignore[index]
@@ -122,7 +123,8 @@ def test_export_writes_a_model_intake_accepts_with_the_folders_as_classes(
     report = _json(
         [
             *(str(folder), "--data", str(data), "--server-pub", str(server_pub)),
-            *("--shots", "1", "--episodes", "1", "--steps", "20", "--lr", "0.1"),
+            *("--shots", "1", "--episodes", "1", "--protocol", "paper"),
+            *("--steps", "20", "--lr", "0.1"),
             *("--export", str(out)),
         ]
     )
@@ -165,7 +167,9 @@ def _run(
     [
         ("weights", [], "differs from its signed manifest"),
         ("manifest", ["--server-pub", "SERVER_PUB"], "signature does not verify"),
-        ("nothing", ["--ways", "5"], "learns 3-way tasks"),
+        ("nothing", ["--ways", "5", "--protocol", "paper"], "learns 3-way tasks"),
+        ("nothing", ["--steps", "5"], "--steps and --lr set the paper protocol"),
+        ("nothing", ["--protocol", "best"], "--protocol 'best' is not one of"),
         ("nothing", ["--export", "out.onnx", "--data", "FOUR_CLASSES"], "exactly 3 classes"),
         ("nothing", ["--shots", "8"], "need 3 classes with at least 9 images"),
         ("missing", [], "holds no release"),
@@ -214,8 +218,7 @@ def test_bad_input_ends_in_one_line_and_a_nonzero_exit(
 def test_random_init_is_drawn_at_the_scale_the_release_started_from() -> None:
     import dataclasses as dc
 
-    from free_client.finetune import release_init_scale
-    from free_client.local_tasks import load_learner
+    from free_common.engine.release_model import load_learner, release_init_scale
     from free_common.meta.norms import scale_free_weights, weight_norms
 
     manifest = ReleaseManifest(
@@ -242,3 +245,75 @@ def test_random_init_is_drawn_at_the_scale_the_release_started_from() -> None:
     names = scale_free_weights(plain)
     expected = {n: 0.2 * v for n, v in weight_norms(plain, names).items()}
     assert weight_norms(small, names) == pytest.approx(expected, rel=1e-5)
+
+
+def test_the_default_protocol_says_what_it_chose_and_why(
+    release: tuple[Path, Path], data: Path
+) -> None:
+    folder, _ = release
+    report = _json([str(folder), "--data", str(data), "--shots", "2", "--episodes", "2"])
+    adaptation = report["adaptation"]
+    assert isinstance(adaptation, dict)
+    assert adaptation["protocol"] == "auto"
+    assert adaptation["heldout"] == "2-fold"
+    assert sum(adaptation["chosen"].values()) == 2
+    scores = adaptation["selection_scores"]
+    # Every strategy of the grid was scored, and what was chosen scored best on a task.
+    assert {label.split()[0] for label in scores} == {
+        "finetune",
+        "proto-finetune",
+        "linear-probe",
+        "centroid",
+    }
+    assert all(0.0 <= value <= 1.0 for value in scores.values())
+    assert set(adaptation["chosen"]) <= set(scores)
+    score = report["score"]
+    assert isinstance(score, dict)
+    assert (score["steps"], score["lr"]) == (None, None)  # chosen per task, not one setting
+
+
+def test_the_paper_protocol_scores_what_the_paper_evaluation_scores(
+    release: tuple[Path, Path], data: Path
+) -> None:
+    from free_common.data.episodes import EpisodeSampler
+    from free_common.engine.release_model import load_learner
+    from free_common.meta.config import EvalConfig
+    from free_common.meta.evaluate import evaluate
+
+    folder, _ = release
+    report = _json(
+        [str(folder), "--data", str(data), "--shots", "1", "--episodes", "3", "--protocol", "paper"]
+    )
+    score = report["score"]
+    assert isinstance(score, dict)
+    assert (score["steps"], score["lr"]) == (10, 0.01)
+    assert report["adaptation"] == {
+        "protocol": "paper",
+        "heldout": "",
+        "chosen": {"finetune 10 steps lr 0.01": 3},
+        "selection_scores": {},
+    }
+    # The same seeded tasks through free-bench run's evaluation (10 steps at lr 0.01).
+    model, _ = load_learner(folder / WEIGHTS_NAME, SPEC)
+    images = load_class_folders(data, 1, 16)
+    tasks = EpisodeSampler(images, 3, 1, 7, seed=0).episodes(3)
+    reference = evaluate(model, tasks, EvalConfig(ways=3, shots=1, queries=7, episodes=3), "x")
+    assert score["accuracy"] == pytest.approx(reference.mean, abs=1e-12)
+
+
+def test_export_with_the_default_protocol_chooses_on_the_images_and_other_ways(
+    release: tuple[Path, Path], tmp_path: Path
+) -> None:
+    folder, _ = release
+    four = _class_folders(tmp_path / "four", classes=4, per_class=4, seed=2)
+    out = tmp_path / "adapted.onnx"
+    args = [str(folder), "--data", str(four), "--ways", "4", "--shots", "1", "--episodes", "1"]
+    report = _json([*args, "--export", str(out)])
+    exported = report["export"]
+    assert isinstance(exported, dict)
+    assert exported["classes"] == ["class-0", "class-1", "class-2", "class-3"]
+    assert exported["chosen"] in exported["selection_scores"]
+    assert exported["fit_accuracy"] == 1.0
+    verdict, details = inspect_file(out)
+    assert verdict.accepted, verdict.reason
+    assert details["task"]["num_classes"] == 4

@@ -30,7 +30,6 @@ from exchange_harness import (
 from onnx import TensorProto, helper
 from onnx_builders import tiny_model
 
-from free_client.release_dir import MANIFEST_NAME, WEIGHTS_NAME, load_release
 from free_client.stub import Connection, ExchangeClient
 from free_client.task_flags import TaskFlags, resolve_task
 from free_client.uploader import sign_manifest
@@ -41,6 +40,7 @@ from free_common.security.keys import (
     load_public_key,
     write_public_key,
 )
+from free_common.security.release_dir import MANIFEST_NAME, WEIGHTS_NAME, load_release
 from free_common.types import ChannelOrder
 from free_server.home import ServerHome
 

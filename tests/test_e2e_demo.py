@@ -23,9 +23,9 @@ from typing import Any
 
 import pytest
 
-from free_client.release_dir import MANIFEST_NAME, WEIGHTS_NAME, load_release
 from free_common.bench.demo import DemoConfig, run_demo
 from free_common.security.keys import key_id, load_public_key
+from free_common.security.release_dir import MANIFEST_NAME, WEIGHTS_NAME, load_release
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,6 @@ from exchange_harness import (
     serving,
 )
 
-from free_client.release_dir import MANIFEST_NAME, WEIGHTS_NAME, load_release, save_release
 from free_common.errors import (
     CanonicalFormError,
     PayloadMismatch,
@@ -28,6 +27,7 @@ from free_common.errors import (
     SignatureError,
 )
 from free_common.security.keys import generate_signing_key, load_public_key
+from free_common.security.release_dir import MANIFEST_NAME, WEIGHTS_NAME, load_release, save_release
 from free_server.home import ServerHome
 from free_server.runtime import ServerRuntime
 

@@ -24,7 +24,6 @@ from safetensors.torch import save
 from free_client.client_app import app as client_app
 from free_client.client_app import receive_release
 from free_client.node_settings import JoinSettings
-from free_client.release_dir import load_release
 from free_client.trusted_clientapp import check_bundle, installed_client_app
 from free_common.engine import LearnerSpec, build_learner
 from free_common.errors import AppBundleRefused, PayloadMismatch, SignatureError, WireError
@@ -42,6 +41,7 @@ from free_common.security.keys import (
     load_public_key,
     write_public_key,
 )
+from free_common.security.release_dir import load_release
 from free_common.security.signing import sign
 from free_common.types import ReleaseManifest, Signed
 

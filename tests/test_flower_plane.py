@@ -42,8 +42,8 @@ from flwr.proto.control_pb2 import ListNodesRequest, ListRunsRequest, StartRunRe
 from flwr.supercore.control import ControlHttpClient
 from flwr.supercore.fab import Fab
 
-from free_client.release_dir import load_release
 from free_common.security.keys import load_public_key
+from free_common.security.release_dir import load_release
 from free_server.flower_plane import FlowerPlane
 from free_server.home import ServerHome
 

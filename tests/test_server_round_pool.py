@@ -15,10 +15,13 @@ def test_listing_the_pool_reads_no_model(tmp_path: Path) -> None:
     home = flower_home(tmp_path / "home")
     ids = add_accepted_teachers(home, add_owner(home, tmp_path, "alice"), [1, 2, 3])
     with home.open_store() as store:
-        for row in store.accepted_submissions():
+        rows = store.accepted_submissions()
+        for row in rows:
             store.blob_path(row.sha256).unlink()  # listing must not need the bytes
         listed = rounds.accepted_teachers(home, store)
-    assert [t.teacher_id for t in listed] == [str(i) for i in ids]
+    by_content = sorted(rows, key=lambda row: row.sha256)
+    assert [t.teacher_id for t in listed] == [str(row.id) for row in by_content]
+    assert sorted(int(t.teacher_id) for t in listed) == sorted(ids)
     assert all(t.task.num_classes == 5 for t in listed)
 
 
@@ -30,3 +33,18 @@ def test_a_drawn_model_that_no_longer_loads_stops_the_round_naming_it(tmp_path: 
             store.blob_path(row.sha256).write_bytes(b"not onnx any more")
         with pytest.raises(EngineError, match=r"accepted submission \d+ no longer loads"):
             rounds.run_meta_round(home, store, "tiny", device="cpu")
+
+
+def test_a_round_learns_the_same_bytes_whatever_order_the_models_were_accepted_in(
+    tmp_path: Path,
+) -> None:
+    # Owners submit concurrently, so arrival, ids and verdict order change from run to
+    # run; the release must not.
+    released = []
+    for name, seeds in (("first", [1, 2, 3]), ("second", [3, 1, 2])):
+        home = flower_home(tmp_path / name)
+        add_accepted_teachers(home, add_owner(home, tmp_path / name, "alice"), seeds)
+        with home.open_store() as store:
+            output = rounds.run_meta_round(home, store, "tiny", device="cpu")
+        released.append(output.initialization.data)
+    assert released[0] == released[1]

@@ -7,6 +7,7 @@ Examples::
     free-bench zoo --data data-cache/small --models 8 --arch mix --out data-cache/zoo
     free-bench run --preset smoke --data data-cache/small --zoo data-cache/zoo --out runs/smoke
     free-bench poison --data data-cache/benchmark --zoo data-cache/zoo --out runs/poison
+    free-bench adapt --release RELEASE --data data-cache/benchmark --out runs/adapt
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import NoReturn
 
 import typer
 
+from free_common.bench.adapt_cmd import adapt
 from free_common.bench.data_cmd import data_app
 from free_common.bench.poison_cmd import poison
 from free_common.bench.run_cmd import run
@@ -23,7 +25,8 @@ from free_common.console import run_app
 
 app = typer.Typer(
     name="free-bench",
-    help="FREE-Fed research and benchmark tools: data sets, teacher zoos, benchmark runs.",
+    help="FREE-Fed research and benchmark tools: data sets, teacher zoos, benchmark runs,"
+    " adaptation protocols.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -32,6 +35,7 @@ app.add_typer(data_app, name="data")
 app.command("zoo")(zoo)
 app.command("run")(run)
 app.command("poison")(poison)
+app.command("adapt")(adapt)
 
 
 def main() -> NoReturn:

@@ -23,7 +23,8 @@ Every step is one of the commands a person would type (`free-bench`,
    finetune --export`` on its own tasks and ``free-client inspect`` on the
    exported model;
 7. the release against a random initialization of the same network, on the same
-   meta-test tasks (``free-client finetune`` with and without ``--random-init``);
+   meta-test tasks (``free-client finetune --protocol paper`` with and without
+   ``--random-init``);
 8. everything is stopped (also on failure or Ctrl-C), a table is printed and
    ``OUT/summary.json`` written.
 
@@ -527,7 +528,10 @@ class _Demo:
             common = [
                 "finetune", str(release_dir), "--data", str(self.paths.meta_test),
                 "--server-pub", str(self.paths.home / "server.pub"), "--shots", str(shots),
-                "--episodes", str(config.eval_episodes), "--seed", str(config.seed), "--json",
+                "--episodes", str(config.eval_episodes), "--seed", str(config.seed),
+                # The paper's protocol, as free-bench run reports it (free-bench adapt
+                # compares the others).
+                "--protocol", "paper", "--json",
             ]  # fmt: skip
             learned = self.json_of(f"meta-test-{shots}-shot-release", self.client(*common))
             random = self.json_of(

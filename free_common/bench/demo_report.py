@@ -106,7 +106,8 @@ def _results_table(summary: dict[str, Any]) -> Table:
     )
     for task in meta["tasks"]:
         table.add_row(
-            f"meta-test {task['ways']}-way {task['shots']}-shot ({task['episodes']} tasks)",
+            f"meta-test {task['ways']}-way {task['shots']}-shot ({task['episodes']} tasks,"
+            " paper protocol)",
             f"release {_percent(task['release'])} vs random init {_percent(task['random_init'])}",
         )
     federated = _federated(summary)
