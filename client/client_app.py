@@ -23,36 +23,23 @@ never from the aggregator's run config.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
-from typing import Any
 
 from flwr.app import Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from free_client.local_tasks import load_class_folders, score_release
 from free_client.node_settings import JoinSettings
-from free_common.errors import DataError, FreeError
+from free_common.engine.release_model import release_architecture
+from free_common.errors import ConfigError, DataError, FreeError
 from free_common.flower_app import METRICS_RECORD, read_release_content
 from free_common.security.keys import load_public_key
 from free_common.security.release_dir import WEIGHTS_NAME, save_release
-from free_common.types import ReleaseManifest
 
 __all__ = ["app", "receive_release"]
 
 log = logging.getLogger("free_client.client_app")
-
-
-def _architecture(release: ReleaseManifest) -> dict[str, Any]:
-    config = json.loads(release.config_json)
-    architecture = config.get("architecture") if isinstance(config, dict) else None
-    if not isinstance(architecture, dict):
-        raise DataError(
-            f"release {release.version} does not describe its architecture; it cannot be"
-            " fine-tuned here (it was stored)"
-        )
-    return architecture
 
 
 def receive_release(content: RecordDict, settings: JoinSettings) -> dict[str, float]:
@@ -87,7 +74,7 @@ def receive_release(content: RecordDict, settings: JoinSettings) -> dict[str, fl
     if settings.data_dir is None:
         return metrics
     try:
-        architecture = _architecture(release)
+        architecture = release_architecture(release)
         data = load_class_folders(
             settings.data_dir, int(architecture["channels"]), int(architecture["image_size"])
         )
@@ -102,7 +89,7 @@ def receive_release(content: RecordDict, settings: JoinSettings) -> dict[str, fl
             lr=settings.lr,
             seed=settings.seed,
         )
-    except (DataError, KeyError, ValueError) as exc:
+    except (ConfigError, DataError, KeyError, ValueError) as exc:
         # The release is stored; only the local score is missing, and the owner is told why.
         log.error("release %d was stored but not fine-tuned: %s", release.version, exc)
         return metrics
