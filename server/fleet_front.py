@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import logging
 import ssl
+import threading
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +45,7 @@ __all__ = [
     "MAX_BODY_BYTES",
     "FleetFront",
     "FrontSettings",
+    "NodesSeen",
     "refusal",
 ]
 
@@ -71,6 +74,8 @@ MAX_BODY_BYTES = 8 * 1024 * 1024
 """A request body cap above Flower's 5 MiB object chunks plus framing."""
 
 _FORWARDED_REQUEST_HEADERS = frozenset({b"content-type", b"accept"})
+_PUBLIC_KEY_HEADER = "flwr-public-key"
+"""Flower's HTTP header with the public key a SuperNode signs its calls with (base64)."""
 _FORWARDED_RESPONSE_HEADERS = frozenset({"content-type"})
 
 Scope = MutableMapping[str, Any]
@@ -120,6 +125,30 @@ class FrontSettings:
     upstream_timeout_s: float = 120.0
 
 
+class NodesSeen:
+    """SuperNodes the SuperLink answered lately, by the public key their calls are signed with.
+
+    Connected, as the operator sees it: a SuperNode whose signed call (heartbeats every
+    few seconds, polls) the SuperLink answered with 200 within the window.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def saw(self, public_key: str) -> None:
+        """Record an answered call signed with `public_key`."""
+        with self._lock:
+            self._last[public_key] = self._clock()
+
+    def count(self, within_s: float) -> int:
+        """Return how many SuperNodes had a call answered in the last `within_s` seconds."""
+        since = self._clock() - within_s
+        with self._lock:
+            return sum(1 for seen in self._last.values() if seen >= since)
+
+
 class _FleetApp:
     """The ASGI app: refuse, or forward to the SuperLink."""
 
@@ -127,6 +156,7 @@ class _FleetApp:
         self.settings = settings
         self.upstream = f"https://127.0.0.1:{settings.upstream_port}"
         self._client: httpx.AsyncClient | None = None
+        self.nodes = NodesSeen()
 
     def client(self) -> httpx.AsyncClient:
         if self._client is None:
@@ -179,6 +209,8 @@ class _FleetApp:
             for name, value in upstream.headers.items()
             if name in _FORWARDED_RESPONSE_HEADERS or name.startswith("flwr-")
         ]
+        if upstream.status_code == 200 and _PUBLIC_KEY_HEADER in headers:
+            self.nodes.saw(headers[_PUBLIC_KEY_HEADER])
         out.append((b"content-length", str(len(upstream.content)).encode("ascii")))
         await send({"type": "http.response.start", "status": upstream.status_code, "headers": out})
         await send({"type": "http.response.body", "body": upstream.content})
@@ -241,6 +273,11 @@ class FleetFront:
     def port(self) -> int:
         """The port it listens on (the real one once started, when 0 was asked)."""
         return self._serving.port
+
+    @property
+    def nodes(self) -> NodesSeen:
+        """The SuperNodes whose calls it forwarded lately."""
+        return self._app.nodes
 
     @property
     def address(self) -> str:

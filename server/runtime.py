@@ -196,7 +196,8 @@ class ServerRuntime:
             # Loaded only when asked for; last, so it stops first and watches to the end.
             from free_server.console.app import ConsoleServer
 
-            self.console = ConsoleServer(self.home, self.options.console_port)
+            nodes = None if self.flower is None else self.flower.front.nodes
+            self.console = ConsoleServer(self.home, self.options.console_port, nodes)
             parts.append(self.console)
         return parts
 

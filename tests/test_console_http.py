@@ -29,6 +29,7 @@ from free_common.security.signing import verify
 from free_common.types import ReleaseManifest, Signed
 from free_server.console.app import ConsoleServer
 from free_server.console.auth import TOKENS_NAME, withdraw_tokens
+from free_server.fleet_front import NodesSeen
 from free_server.round_journal import JOURNAL_NAME, read_journal, round_dir
 from free_server.server_app import TENSORBOARD_DIR
 from free_server.store import Store
@@ -141,6 +142,7 @@ def test_metrics_parse_with_prometheus_own_parser(
     assert samples[("free_submissions_pending", ())] == 0
     assert samples[("free_submissions_held", ())] == 0
     assert samples[("free_screening_seconds_count", ())] == 0  # this home does not screen
+    assert ("free_supernodes_connected", ()) not in samples  # nor runs Flower
     with finished.home.open_store() as store:
         sizes = [store.submission(i).size for i in [*finished.accepted, finished.refused]]
         done = [store.round(i) for i in (finished.first_round_id, finished.round_id)]
@@ -360,3 +362,15 @@ def test_a_console_port_out_of_range_is_one_clear_line(finished: FinishedRound) 
     )
     assert done.returncode == 2
     assert done.stderr.strip() == "error: --console-port 70000 is not a TCP port"
+
+
+def test_nodes_seen_counts_each_key_within_the_window() -> None:
+    now = [100.0]
+    nodes = NodesSeen(clock=lambda: now[0])
+    nodes.saw("a")
+    nodes.saw("b")
+    now[0] = 150.0
+    nodes.saw("a")
+    assert nodes.count(60) == 2 and nodes.count(30) == 1
+    now[0] = 500.0
+    assert nodes.count(60) == 0

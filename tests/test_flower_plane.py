@@ -138,6 +138,8 @@ def test_registered_supernodes_connect_through_the_front(deployment: Deployment)
     assert _online(deployment.plane) == {"alice": "online", "bob": "online"}
     assert deployment.plane.front.settings.upstream_port == deployment.plane.superlink.settings.port
     assert "SuperNode ID" in join_log(deployment.alice)
+    # Both SuperNodes' signed heartbeats went through the front (the console's metric).
+    assert wait_until(lambda: deployment.plane.front.nodes.count(60) == 2, 30)
 
 
 def test_unregistered_node_key_is_refused(deployment: Deployment) -> None:

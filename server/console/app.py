@@ -22,6 +22,7 @@ from free_server.console.auth import token_allowed
 from free_server.console.metrics import registry
 from free_server.console.pages import router
 from free_server.console.views import ConsoleData
+from free_server.fleet_front import NodesSeen
 from free_server.home import ServerHome
 from free_server.store import Store
 
@@ -72,12 +73,16 @@ class ConsoleServer:
         The server home (TLS material, token file, store).
     port
         TCP port (``--console-port``; 0 picks a free one).
+    nodes
+        The Flower front's SuperNodes, for the connected-SuperNodes metric (None: no
+        Flower plane in this server).
     """
 
     name = "console"
 
-    def __init__(self, home: ServerHome, port: int) -> None:
+    def __init__(self, home: ServerHome, port: int, nodes: NodesSeen | None = None) -> None:
         self.home = home
+        self._nodes = nodes
         listen = TlsListen(
             home.config.console.listen, port, home.tls_cert, home.tls_key, "--console-port"
         )
@@ -112,7 +117,7 @@ class ConsoleServer:
             The port is taken, or the address is invalid.
         """
         self._store = Store(self.home.store_dir, read_only=True)
-        app = console_app(ConsoleData(self.home, self._store))
+        app = console_app(ConsoleData(self.home, self._store, self._nodes))
         self._serving = AsgiThread("console", app, self._listen)
         try:
             self._serving.start(ConfigError)

@@ -19,8 +19,10 @@ agree with `free-server status`; submissions and releases are never deleted, so 
 - ``free_owners{state}``: owners' keys by state;
 - ``free_store_bytes``: the store folder on disk.
 
-Connected SuperNodes are not exported: the SuperLink keeps its node list behind its
-Control API, which this server never calls (`free_server.fleet_front`).
+- ``free_supernodes_connected``: SuperNodes whose signed call the SuperLink answered
+  in the last `CONNECTED_WINDOW_S` seconds, as the Flower front saw them (heartbeats
+  come every few seconds); absent when the server runs without Flower. The SuperLink's
+  own node list sits behind its Control API, which this server never calls.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from free_server.console.views import ConsoleData, duration_s, store_bytes
 
 __all__ = [
+    "CONNECTED_WINDOW_S",
     "INTAKE_BUCKETS_S",
     "ROUND_BUCKETS_S",
     "SCREENING_BUCKETS_S",
@@ -51,6 +54,7 @@ __all__ = [
 
 INTAKE_BUCKETS_S = (0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 SCREENING_BUCKETS_S = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
+CONNECTED_WINDOW_S = 60.0
 ROUND_BUCKETS_S = (60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0, 86400.0)
 _CLAUSE = re.compile(r"[:;(]")
 _NUMBER = re.compile(r"\d+(\.\d+)?")
@@ -146,6 +150,12 @@ class StoreCollector(Collector):
         for state in ("active", "revoked", "replaced"):
             owners.add_metric([state], by_state[state])
         yield owners
+        if self._data.nodes is not None:
+            yield GaugeMetricFamily(
+                "free_supernodes_connected",
+                f"SuperNodes with a call answered in the last {CONNECTED_WINDOW_S:.0f} s.",
+                self._data.nodes.count(CONNECTED_WINDOW_S),
+            )
         yield GaugeMetricFamily(
             "free_store_bytes",
             "Bytes the store takes on disk.",

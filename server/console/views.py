@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from free_common.errors import RecordNotFound
 from free_common.security.canonical import record_from_canonical, release_document
@@ -23,6 +23,9 @@ from free_server.commands.status import summary_to_json
 from free_server.home import ServerHome
 from free_server.round_journal import JOURNAL_NAME, RoundProgress, read_journal, round_dir
 from free_server.store import Store
+
+if TYPE_CHECKING:
+    from free_server.fleet_front import NodesSeen
 
 __all__ = [
     "ALL",
@@ -84,10 +87,14 @@ class ConsoleData:
         The server home.
     store
         Its store, opened read-only.
+    nodes
+        The SuperNodes the Flower front forwarded calls of lately, when it runs.
     """
 
     home: ServerHome
     store: Store
+    nodes: NodesSeen | None = None
+    """The Flower front's SuperNodes (None: the server runs without Flower)."""
     _journals: dict[Path, tuple[tuple[int, int], RoundProgress | None]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
