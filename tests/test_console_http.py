@@ -305,6 +305,7 @@ def test_the_round_journal_and_tensorboard_files_hold_the_round(finished: Finish
     assert ("train/replay_loss" in tags["scalars"]) == replayed
     for tag in (
         "train/distill_loss",
+        "train/iga_alignment",
         "recovery/seconds",
         "recovery/teacher_accuracy",
         "recovery/generator_loss",

@@ -192,3 +192,34 @@ def test_inner_rates_follow_the_outer_groups_lr_scale() -> None:
     before = model[0].weight.detach().clone()
     iga_step(model, outer, batches, IgaConfig(1e-2, "sgd", SCALE, "log"))
     torch.testing.assert_close(model[0].weight.detach() - before, scaled["0.weight"])
+
+
+def _mean_pairwise_cosine(gradients: list[list[Tensor]]) -> float:
+    flat = [torch.cat([g.reshape(-1) for g in grads]) for grads in gradients]
+    pairs = list(itertools.combinations(flat, 2))
+    return sum(float(torch.cosine_similarity(a, b, dim=0)) for a, b in pairs) / len(pairs)
+
+
+def test_alignment_is_the_mean_cosine_of_the_teachers_gradients() -> None:
+    batches = _batches()
+    # Without iGA every gradient is taken at theta.
+    model = _model()
+    theta: Params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    at_theta = [_grad_at(model, theta, b) for b in batches]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    stats = summed_gradient_step(model, optimizer, batches, "log")
+    assert stats.alignment is not None
+    assert abs(stats.alignment - _mean_pairwise_cosine(at_theta)) < 1e-9
+    # With iGA each one where its inner step began: SGD inner steps written out.
+    model, config = _model(), IgaConfig(inner_optimizer="sgd", inner_lr=0.1)
+    fast: Params = {n: p.detach().clone().requires_grad_() for n, p in model.named_parameters()}
+    along = []
+    for batch in batches:
+        grads = _grad_at(model, fast, batch)
+        along.append(grads)
+        stepped = zip(fast.items(), grads, strict=True)
+        fast = {n: (p - 0.1 * g).detach().requires_grad_() for (n, p), g in stepped}
+    _, stats = iga_displacement(model, batches, config)
+    assert stats.alignment is not None
+    assert abs(stats.alignment - _mean_pairwise_cosine(along)) < 1e-9
+    assert iga_displacement(model, batches[:1], config)[1].alignment is None

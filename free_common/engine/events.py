@@ -88,6 +88,9 @@ class StepFinished:
         Tasks replayed this step.
     seconds
         Wall time of the whole step.
+    alignment
+        Mean cosine of the teachers' distillation gradients (`DistillStats.alignment`;
+        None in warm-up or with one teacher).
     """
 
     round: int
@@ -102,6 +105,7 @@ class StepFinished:
     replay_loss: float | None
     replay_tasks: int
     seconds: float
+    alignment: float | None = None
 
 
 @dataclass(frozen=True)

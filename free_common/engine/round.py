@@ -363,7 +363,7 @@ class _Round:
                 return
             self._remember(views, recoveries)
             batches = [r.images for r in recoveries]
-        distill, replay_loss, tasks = self._meta_update(views, batches, rngs)
+        distill, replay_loss, tasks, alignment = self._meta_update(views, batches, rngs)
         self._report(
             views,
             "meta",
@@ -374,6 +374,7 @@ class _Round:
             distill,
             replay_loss,
             tasks,
+            alignment,
         )
 
     def _recover(
@@ -407,6 +408,7 @@ class _Round:
         distill_loss: float | None = None,
         replay_loss: float | None = None,
         replay_tasks: int = 0,
+        alignment: float | None = None,
     ) -> None:
         state = self.state
         self._emit(
@@ -423,6 +425,7 @@ class _Round:
                 replay_loss,
                 replay_tasks,
                 time.perf_counter() - started,
+                alignment,
             )
         )
 
@@ -447,8 +450,8 @@ class _Round:
 
     def _meta_update(
         self, views: list[TeacherView], images: list[Tensor], rngs: list[torch.Generator]
-    ) -> tuple[float, float | None, int]:
-        """BELL on this step's teachers; returns mean distillation loss, replay loss, tasks.
+    ) -> tuple[float, float | None, int, float | None]:
+        """BELL on this step's teachers: mean distillation loss, replay loss, tasks, alignment.
 
         Each teacher's distillation pair is read on the rank that owns it and shared;
         BELL itself runs replicated on every rank: iGA's inner steps go from teacher to
@@ -471,7 +474,7 @@ class _Round:
             replay_loss, tasks = _mean(stats.replay.losses), stats.replay.tasks
         finite = torch.stack([p.detach().isfinite().all() for p in state.learner.parameters()])
         self._check_finite("meta-learner's weights", [0.0 if bool(finite.all()) else math.nan])
-        return _mean(stats.distill.losses), replay_loss, tasks
+        return _mean(stats.distill.losses), replay_loss, tasks, stats.distill.alignment
 
     def _task_sampler(self) -> Callable[[], Episode] | None:
         """Draws tasks from memory, or None while fewer than `ways` classes can fill one."""

@@ -5,9 +5,9 @@ loops stay as they are. Per step it writes the scalars
 
 - ``train/replay_loss``: MAML replay's query loss (the meta-train loss);
 - ``train/distill_loss``: the distillation loss of the step's iGA update (of the
-  summed-gradient update without iGA); iGA's alignment of the teachers' gradients is
-  implicit in that update (`free_common.meta.iga`), the engine computes no separate
-  alignment value, so none is logged;
+  summed-gradient update without iGA);
+- ``train/iga_alignment``: the mean cosine of the step's teachers' distillation
+  gradients, what iGA's update raises implicitly (`free_common.meta.iga.DistillStats`);
 - ``recovery/generator_loss``, ``recovery/seconds``, ``recovery/teacher_accuracy``;
 - ``step/seconds``;
 
@@ -63,6 +63,7 @@ class TensorBoardLogger:
             for tag, value in (
                 ("train/replay_loss", event.replay_loss),
                 ("train/distill_loss", event.distill_loss),
+                ("train/iga_alignment", event.alignment),
                 ("recovery/generator_loss", event.generator_loss),
                 ("recovery/seconds", event.recovery_seconds),
                 ("recovery/teacher_accuracy", event.teacher_accuracy),

@@ -21,7 +21,7 @@ Without iGA, the per-teacher gradients at theta are summed into one plain step.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -58,10 +58,16 @@ class KdBatch:
 
 @dataclass(frozen=True)
 class DistillStats:
-    """Per teacher, the distillation loss and the share of argmax agreement, before the step."""
+    """Per teacher, the distillation loss and the share of argmax agreement, before the step.
+
+    ``alignment`` is the mean cosine similarity, over pairs of the step's teachers, of
+    their distillation gradients (with iGA each taken where its inner step began; without,
+    at theta): what iGA's update raises implicitly. None with fewer than two teachers.
+    """
 
     losses: tuple[float, ...]
     agreement: tuple[float, ...]
+    alignment: float | None = None
 
 
 def iga_displacement(
@@ -91,18 +97,19 @@ def iga_displacement(
         inner = torch.optim.Adam(groups, lr=config.inner_lr)
     else:
         inner = torch.optim.SGD(groups, lr=config.inner_lr)
-    losses, agreement = [], []
+    losses, agreement, gradients = [], [], []
     with batch_stat_mode(model):
         for batch in batches:
             logits = call(model, fast, batch.inputs)  # (B, K)
             loss = distillation_loss(logits, batch.teacher_logits, config.kl_form)
             inner.zero_grad(set_to_none=True)
             torch.autograd.backward(loss)
+            gradients.append(_flat_grad(fast.values()))
             inner.step()
             losses.append(float(loss.detach()))
             agreement.append(_agreement(logits, batch.teacher_logits))
     delta = {name: fast[name].detach() - p.detach() for name, p in model.named_parameters()}
-    return delta, DistillStats(tuple(losses), tuple(agreement))
+    return delta, DistillStats(tuple(losses), tuple(agreement), _mean_cosine(gradients))
 
 
 def iga_step(
@@ -146,17 +153,38 @@ def summed_gradient_step(
     kl_form: KlForm,
 ) -> DistillStats:
     """FREE without iGA: sum the teachers' distillation gradients at theta, one plain step."""
-    losses, agreement = [], []
+    losses, agreement, gradients = [], [], []
     optimizer.zero_grad(set_to_none=True)
+    summed: Tensor | None = None
     with batch_stat_mode(model):
         for batch in batches:
             logits = model(batch.inputs)  # (B, K)
             loss = distillation_loss(logits, batch.teacher_logits, kl_form)
             torch.autograd.backward(loss)  # .grad accumulates: the sum over teachers
+            total = _flat_grad(model.parameters())
+            gradients.append(total if summed is None else total - summed)
+            summed = total
             losses.append(float(loss.detach()))
             agreement.append(_agreement(logits, batch.teacher_logits))
     optimizer.step()
-    return DistillStats(tuple(losses), tuple(agreement))
+    return DistillStats(tuple(losses), tuple(agreement), _mean_cosine(gradients))
+
+
+def _flat_grad(params: Iterable[Tensor]) -> Tensor:
+    """Flatten the parameters' .grad into one (P,) vector, zeros where one has none."""
+    return torch.cat(
+        [(torch.zeros_like(p) if p.grad is None else p.grad).detach().flatten() for p in params]
+    )
+
+
+def _mean_cosine(vectors: Sequence[Tensor]) -> float | None:
+    """Mean cosine similarity over the pairs of `vectors`; None with fewer than two."""
+    if len(vectors) < 2:
+        return None
+    unit = torch.nn.functional.normalize(torch.stack(list(vectors)), dim=1)  # (n, P)
+    cosines = unit @ unit.T  # (n, n)
+    n = len(vectors)
+    return float((cosines.sum() - cosines.diagonal().sum()) / (n * (n - 1)))
 
 
 def _agreement(student_logits: Tensor, teacher_logits: Tensor) -> float:
