@@ -29,6 +29,7 @@ from free_common.security.signing import verify
 from free_common.types import ReleaseManifest, Signed
 from free_server.console.app import ConsoleServer
 from free_server.console.auth import TOKENS_NAME, withdraw_tokens
+from free_server.console.pages import _shown_state
 from free_server.fleet_front import NodesSeen
 from free_server.round_journal import JOURNAL_NAME, read_journal, round_dir
 from free_server.server_app import TENSORBOARD_DIR
@@ -375,3 +376,11 @@ def test_nodes_seen_counts_each_key_within_the_window() -> None:
     assert nodes.count(60) == 2 and nodes.count(30) == 1
     now[0] = 500.0
     assert nodes.count(60) == 0
+
+
+def test_the_submissions_page_files_rows_as_status_counts_them() -> None:
+    row = {"state": "received", "withdrawn_at": None, "held_at": None}
+    assert _shown_state(row) == "received"
+    assert _shown_state(row | {"held_at": "2030-01-01T00:00:00+00:00"}) == "held"
+    withdrawn = row | {"held_at": "2030", "withdrawn_at": "2030"}
+    assert _shown_state(withdrawn) == "withdrawn"

@@ -89,7 +89,7 @@ def submissions(request: Request, state: str | None = None) -> HTMLResponse:
     report = _data(request).report()
     rows = list(reversed(report["submissions"]["recent"]))
     if state is not None:
-        rows = [s for s in rows if (s["state"] if not s["withdrawn_at"] else "withdrawn") == state]
+        rows = [s for s in rows if _shown_state(s) == state]
     return _page(
         request,
         "submissions.html",
@@ -175,3 +175,10 @@ def manifest(request: Request, version: int) -> Response:
     return Response(
         body, media_type="application/json", headers={"content-disposition": disposition}
     )
+
+
+def _shown_state(row: dict[str, Any]) -> str:
+    """Return what the submissions page files a row under, as `status` counts it."""
+    if row["withdrawn_at"]:
+        return "withdrawn"
+    return "held" if row["held_at"] else str(row["state"])
