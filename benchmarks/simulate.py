@@ -282,6 +282,7 @@ def simulate(config: SimConfig) -> dict[str, Any]:
     """Run one simulated federation end to end; return its figures and checks."""
     os.environ.update(flower_environment(config.work / "flwr-home"))
     started = time.monotonic()
+    load_before = os.getloadavg()[0]
     home = _make_home(config)
     owners = _plan_owners(config, home)
     setup_s = time.monotonic() - started
@@ -368,6 +369,8 @@ def simulate(config: SimConfig) -> dict[str, Any]:
             "owners": len(accuracies),
         },
         "wall_s": round(time.monotonic() - started, 1),
+        # The cores are shared: the machine's 1-minute load when the run began and ended.
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
 
 
@@ -389,10 +392,10 @@ def _one(args: argparse.Namespace) -> None:
     preset = dict(ROUND_PRESET)
     for part in ("learner", "generator"):
         preset[part] = {"channels": channels, "image_size": side}
-    with tempfile.TemporaryDirectory(prefix="free-simulate-") as work:
+    with tempfile.TemporaryDirectory(prefix="free-simulate-") as scratch:
         config = SimConfig(
             owners=args.one,
-            work=Path(work),
+            work=args.work or Path(scratch),
             teachers=teachers,
             owner_data=glyph_folders(
                 Path(args.data), per_class=args.shots + args.queries, seed=args.seed
@@ -440,8 +443,8 @@ def _markdown(results: list[dict[str, Any]], command: str, chart: Path) -> str:
         " while uploading, half fail during the push).",
         "",
         "| owners | live / cut off / fail at push | accepted | intake s | round s | push s |"
-        " evaluation s | server peak RSS MB | release accuracy (owners) | total s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        " evaluation s | server peak RSS MB | release accuracy (owners) | total s | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         fates, s, acc = r["fates"], r["stages_s"], r["release_accuracy"]
@@ -455,6 +458,7 @@ def _markdown(results: list[dict[str, Any]], command: str, chart: Path) -> str:
             f" {fates['drops-at-push']} | {r['intake']['accepted']} | {s.get('intake', '-')} |"
             f" {s.get('round', '-')} | {s.get('push', '-')} | {s.get('evaluation', '-')} |"
             f" {r['server_peak_rss_mb']} | {score} | {r['wall_s']} |"
+            f" {r['load_average'][0]}-{r['load_average'][1]} |"
         )
     lines += [
         "",
@@ -484,7 +488,8 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=1)
     parser.add_argument("--queries", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/simulate.json")
-    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help="keep the home and owners here (--one only)")
+    parser.add_argument("--one", type=int, help="run one owner count here; print its JSON")
     args = parser.parse_args()
     if args.one is not None:
         _one(args)
@@ -495,16 +500,15 @@ def main() -> None:
         argv = [sys.executable, __file__, "--one", str(owners)]
         for name in ("data", "zoo", "drop_rate", "seed", "cpus", "episodes", "shots", "queries"):
             argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-        done = subprocess.run(argv, check=True, capture_output=True, text=True)
+        done = subprocess.run(argv, check=True, stdout=subprocess.PIPE, text=True)
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), flush=True)
-        args.out.write_text(
-            json.dumps({"command": command, "transport": OWN_TRANSPORT, "runs": results}, indent=2)
-            + "\n"
-        )
-    chart = args.out.with_suffix(".png")
-    _chart(results, chart)
-    args.out.with_suffix(".md").write_text(_markdown(results, command, chart))
+        # Written after every count, so a long last one leaves the others' figures.
+        report = {"command": command, "transport": OWN_TRANSPORT, "runs": results}
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        chart = args.out.with_suffix(".png")
+        _chart(results, chart)
+        args.out.with_suffix(".md").write_text(_markdown(results, command, chart))
 
 
 if __name__ == "__main__":

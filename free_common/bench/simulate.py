@@ -267,8 +267,12 @@ class SimulatedRuns:
                 backend_config=dict(self.backend_config),
             )
         except Exception as exc:  # noqa: BLE001 (any failure of the run is its outcome)
-            log.error("simulated run %d failed: %s", run_id, exc)
-            state = SimulatedRunState("finished", "failed", f"{type(exc).__name__}: {exc}")
+            # Flower wraps the ServerApp's exception in its own "Ending simulation" one.
+            cause: BaseException = exc
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            log.error("simulated run %d failed", run_id, exc_info=exc)
+            state = SimulatedRunState("finished", "failed", f"{type(cause).__name__}: {cause}")
         with self._lock:
             self._states[run_id] = state
         return run_id
