@@ -76,6 +76,8 @@ class StartOptions:
     flower
         Run the Flower plane (SuperLink, owners' TLS front, round scheduler);
         exchange-only servers in tests turn it off.
+    workers
+        Processes each meta round's engine runs on, started by torch's launcher.
     """
 
     port: int | None = None
@@ -84,6 +86,7 @@ class StartOptions:
     insecure: bool = False
     grace_s: float = 10.0
     flower: bool = True
+    workers: int = 1
 
     def __post_init__(self) -> None:
         for name in ("port", "flower_port"):
@@ -92,6 +95,8 @@ class StartOptions:
                 raise ConfigError(f"--{name.replace('_', '-')} {value} is not a TCP port")
         if self.min_models is not None and self.min_models < 1:
             raise ConfigError(f"--min-models {self.min_models} must be at least 1")
+        if self.workers < 1:
+            raise ConfigError(f"--workers {self.workers} must be at least 1")
 
 
 def intake_limits(home: ServerHome) -> IntakeLimits:
@@ -174,7 +179,11 @@ class ServerRuntime:
             from free_server.flower_plane import flower_components
 
             self.flower = flower_components(
-                self.home, store, flower_port=self.flower_port, min_models=config.rounds.min_models
+                self.home,
+                store,
+                flower_port=self.flower_port,
+                min_models=config.rounds.min_models,
+                workers=self.options.workers,
             )
             parts += self.flower.components()
         return parts

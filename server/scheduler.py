@@ -57,12 +57,15 @@ class SchedulerSettings:
         How long a round waits for owners' replies after pushing its release.
     poll_s
         Seconds between two looks at the store and the running round.
+    workers
+        Processes each round's engine runs on (`free_server.round_ranks`).
     """
 
     min_models: int
     preset: str
     reply_timeout_s: float = 600.0
     poll_s: float = 2.0
+    workers: int = 1
 
 
 class RunProgress(Protocol):
@@ -194,6 +197,7 @@ class RoundScheduler:
                     "round-id": request.id,
                     "preset": preset,
                     "reply-timeout-s": float(self.settings.reply_timeout_s),
+                    "workers": self.settings.workers,
                 }
             )
         except FlowerError as exc:

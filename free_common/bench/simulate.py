@@ -266,7 +266,7 @@ class SimulatedRuns:
                 num_supernodes=nodes,
                 backend_config=dict(self.backend_config),
             )
-        except Exception as exc:  # noqa: BLE001 (any failure of the run is its outcome)
+        except Exception as exc:  # any failure of the run is its outcome
             # Flower wraps the ServerApp's exception in its own "Ending simulation" one.
             cause: BaseException = exc
             while cause.__cause__ is not None:
