@@ -12,10 +12,12 @@ from pathlib import Path
 
 import pytest
 from flower_harness import TEACHER_TASK, TINY_PRESET, owner_data
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
 from onnx_builders import tiny_model
 
-from free_common.bench.simulate import OwnerFate, draw_fates
-from free_common.errors import ConfigError
+from free_common.bench.simulate import OwnerFate, SimulatedRuns, draw_fates
+from free_common.errors import ConfigError, FlowerError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from simulate import SimConfig, simulate  # benchmarks/ is no package: found by path
@@ -30,6 +32,14 @@ def test_fates_are_seeded_and_follow_the_rate() -> None:
     assert 300 < dropped < 500
     with pytest.raises(ConfigError):
         draw_fates(5, 1.0, 0)
+
+
+def test_simulated_runs_refuse_settings_the_round_app_lacks() -> None:
+    runs = SimulatedRuns(ServerApp(), ClientApp(), [])
+    with pytest.raises(FlowerError, match="no run setting 'rounds'"):
+        runs.start({"rounds": 3})
+    with pytest.raises(FlowerError, match="no simulated run 1"):
+        runs.state(1)
 
 
 @pytest.mark.slow
