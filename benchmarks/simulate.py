@@ -420,7 +420,12 @@ def _chart(results: list[dict[str, Any]], out: Path) -> None:
         stage: [(r["owners"], r["stages_s"][stage] / 60) for r in results if stage in r["stages_s"]]
         for stage in stages
     }
-    memory = {"server peak RSS": [(r["owners"], r["server_peak_rss_mb"]) for r in results]}
+    counts = [r["owners"] for r in results]
+    memory = {
+        "server peak RSS": [(r["owners"], r["server_peak_rss_mb"]) for r in results],
+        # The issue's ceiling, so the axis shows the peak against it and not a zoom of noise.
+        "target: 2 GB": [(min(counts), 2048.0), (max(counts), 2048.0)],
+    }
     above_zero = (0.0, math.inf)
     left = line_chart(
         "wall time per stage", times, x_label="owners", y_label="minutes", bounds=above_zero
@@ -432,18 +437,19 @@ def _chart(results: list[dict[str, Any]], out: Path) -> None:
     sheet.save(out)
 
 
-def _markdown(results: list[dict[str, Any]], command: str, chart: Path) -> str:
+def _markdown(results: list[dict[str, Any]], chart: Path) -> str:
+    commands = list(dict.fromkeys(r["command"] for r in results))
     lines = [
         "# Simulated federations: real intake, the server's round on Flower's simulation engine",
         "",
-        f"`{command}`",
-        "",
+        *[f"`{command}`\n" for command in commands],
         "on this 2-core machine (shared), one fresh process per owner count; drop rate"
         f" {results[0]['drop_rate'] if results else '-'} (half of the dropped owners are cut off"
         " while uploading, half fail during the push).",
         "",
-        "| owners | live / cut off / fail at push | accepted | intake s | round s | push s |"
-        " evaluation s | server peak RSS MB | release accuracy (owners) | total s | load |",
+        "| owners | live / cut off / fail at push | accepted | intake s (per model) | round s |"
+        " push s | evaluation s | server peak RSS MB | release accuracy (owners) | total s |"
+        " load |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -455,7 +461,8 @@ def _markdown(results: list[dict[str, Any]], command: str, chart: Path) -> str:
         )
         lines.append(
             f"| {r['owners']} | {fates['live']} / {fates['drops-uploading']} /"
-            f" {fates['drops-at-push']} | {r['intake']['accepted']} | {s.get('intake', '-')} |"
+            f" {fates['drops-at-push']} | {r['intake']['accepted']} | {s['intake']}"
+            f" ({s['intake'] / max(r['intake']['accepted'], 1):.2f}) |"
             f" {s.get('round', '-')} | {s.get('push', '-')} | {s.get('evaluation', '-')} |"
             f" {r['server_peak_rss_mb']} | {score} | {r['wall_s']} |"
             f" {r['load_average'][0]}-{r['load_average'][1]} |"
@@ -468,7 +475,12 @@ def _markdown(results: list[dict[str, Any]], command: str, chart: Path) -> str:
         " start to the release's publication; push from the publication until the last live"
         " owner had verified and stored it; evaluation from the publication until the last"
         " owner's accuracy was recorded (it includes the push). Release accuracy: the owners'"
-        " 5-way 1-shot accuracy after fine-tuning the release on their own folders.",
+        " 5-way 1-shot accuracy after fine-tuning the release on their own folders (2 episodes"
+        " each, 5 queries per class). Owner i submits zoo teacher i mod 30; the round (the"
+        " `smoke` preset, 20 steps, 2 teachers a step) samples them from the whole accepted"
+        " pool, in verdict order, which the concurrent uploads make differ from run to run, so"
+        " the release (and its accuracy) does too. Load: the machine's 1-minute load average"
+        " at the start and the end of the run (2 cores, shared with other work).",
         "",
         "Not shared with a deployment: " + OWN_TRANSPORT,
         "",
@@ -488,6 +500,9 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=1)
     parser.add_argument("--queries", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/simulate.json")
+    parser.add_argument(
+        "--append", action="store_true", help="add these owner counts to the runs in --out"
+    )
     parser.add_argument("--work", type=Path, help="keep the home and owners here (--one only)")
     parser.add_argument("--one", type=int, help="run one owner count here; print its JSON")
     args = parser.parse_args()
@@ -495,20 +510,28 @@ def main() -> None:
         _one(args)
         return
     command = "python benchmarks/simulate.py " + " ".join(sys.argv[1:])
-    results = []
+    results = _earlier_runs(args.out) if args.append else []
     for owners in args.owners:
         argv = [sys.executable, __file__, "--one", str(owners)]
         for name in ("data", "zoo", "drop_rate", "seed", "cpus", "episodes", "shots", "queries"):
             argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
         done = subprocess.run(argv, check=True, stdout=subprocess.PIPE, text=True)
-        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        results.append({**json.loads(done.stdout.strip().splitlines()[-1]), "command": command})
         print(json.dumps(results[-1]), flush=True)
         # Written after every count, so a long last one leaves the others' figures.
-        report = {"command": command, "transport": OWN_TRANSPORT, "runs": results}
+        report = {"transport": OWN_TRANSPORT, "runs": results}
         args.out.write_text(json.dumps(report, indent=2) + "\n")
         chart = args.out.with_suffix(".png")
         _chart(results, chart)
-        args.out.with_suffix(".md").write_text(_markdown(results, command, chart))
+        args.out.with_suffix(".md").write_text(_markdown(results, chart))
+
+
+def _earlier_runs(path: Path) -> list[dict[str, Any]]:
+    """The runs a results file holds, each with the command that made it."""
+    if not path.exists():
+        return []
+    report = json.loads(path.read_text())
+    return [{"command": report.get("command", ""), **run} for run in report["runs"]]
 
 
 if __name__ == "__main__":
