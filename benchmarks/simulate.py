@@ -484,6 +484,12 @@ def _markdown(results: list[dict[str, Any]], chart: Path) -> str:
         "",
         "Not shared with a deployment: " + OWN_TRANSPORT,
         "",
+        "Nor as in a deployment: the owners' uploads come from 4 threads of the server's own"
+        " process, on the same two cores, over loopback TLS, and skip the local intake"
+        " `free-client submit` runs before sending; the owners' ClientApps run two at a time"
+        " in two Ray actors, not each on its own machine, so the push and the evaluation"
+        " take the sum of the owners' fine-tuning divided by two cores.",
+        "",
     ]
     return "\n".join(lines)
 
