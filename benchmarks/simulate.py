@@ -67,6 +67,7 @@ from free_common.bench.simulate import (
     OwnerFate,
     SimulatedRuns,
     draw_fates,
+    environment_restored,
     ray_backend_config,
 )
 from free_common.data.sources import load_split
@@ -280,7 +281,12 @@ def _round_outcome(home: ServerHome, round_id: int) -> dict[str, int]:
 
 def simulate(config: SimConfig) -> dict[str, Any]:
     """Run one simulated federation end to end; return its figures and checks."""
-    os.environ.update(flower_environment(config.work / "flwr-home"))
+    with environment_restored():
+        os.environ.update(flower_environment(config.work / "flwr-home"))
+        return _simulate(config)
+
+
+def _simulate(config: SimConfig) -> dict[str, Any]:
     started = time.monotonic()
     load_before = os.getloadavg()[0]
     home = _make_home(config)

@@ -7,6 +7,7 @@ fail during the push, so both ways of dropping out are exercised.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -66,7 +67,10 @@ def test_a_simulated_federation_runs_every_stage_and_survives_dropouts(tmp_path:
         seed=SEED,
         reply_timeout_s=120.0,
     )
+    before = dict(os.environ)
     result = simulate(config)
+    # Flower's Ray backend rewrites PYTHONPATH; later child processes must not inherit it.
+    assert dict(os.environ) == before
 
     intake = result["intake"]
     assert intake["errors"] == []

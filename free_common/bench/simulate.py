@@ -34,10 +34,12 @@ from __future__ import annotations
 import enum
 import importlib.util
 import logging
+import os
 import random
 import threading
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +58,7 @@ __all__ = [
     "SimulatedRunState",
     "SimulatedRuns",
     "draw_fates",
+    "environment_restored",
     "ray_backend_config",
 ]
 
@@ -106,6 +109,21 @@ def draw_fates(owners: int, drop_rate: float, seed: int) -> list[OwnerFate]:
 
 class OwnerDropped(RuntimeError):
     """Raised by a virtual owner's node that drops during the push (a simulated failure)."""
+
+
+@contextmanager
+def environment_restored() -> Iterator[None]:
+    """Give this process's environment back as it was (Flower's Ray backend rewrites it).
+
+    Flower points ``PYTHONPATH`` at this process's ``sys.path`` for Ray's workers and
+    leaves it so, which would hand later child processes this one's import path.
+    """
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def ray_backend_config(cpus: int) -> dict[str, Any]:
@@ -260,12 +278,13 @@ class SimulatedRuns:
         nodes = len(self.node_configs)
         state = SimulatedRunState("finished", "completed")
         try:
-            run_simulation(
-                server_app=_server_app(self.server_app, settings, nodes, self.node_wait_s),
-                client_app=_client_app(self.client_app, self.node_configs, self.dropping),
-                num_supernodes=nodes,
-                backend_config=dict(self.backend_config),
-            )
+            with environment_restored():
+                run_simulation(
+                    server_app=_server_app(self.server_app, settings, nodes, self.node_wait_s),
+                    client_app=_client_app(self.client_app, self.node_configs, self.dropping),
+                    num_supernodes=nodes,
+                    backend_config=dict(self.backend_config),
+                )
         except Exception as exc:  # any failure of the run is its outcome
             # Flower wraps the ServerApp's exception in its own "Ending simulation" one.
             cause: BaseException = exc
