@@ -14,8 +14,9 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 # onnxruntime or onnxruntime-gpu, never both: gpu where CUDA is present.
 ORT_EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
-# The docker images leave out the development tools: EXTRAS=gpu (or cpu).
-EXTRAS ?= $(ORT_EXTRA),dev
+# The docker images leave out the development tools and Ray: EXTRAS=gpu (or cpu).
+# `simulation` (Ray, for Flower's simulation engine) is there because a test runs it.
+EXTRAS ?= $(ORT_EXTRA),dev,simulation
 export FLWR_TELEMETRY_ENABLED=0
 export FLWR_DISABLE_UPDATE_CHECK=1
 

@@ -70,6 +70,7 @@ RUN_CONFIG_DEFAULTS: Mapping[str, str | int | float] = {
     "round-id": 0,
     "preset": "",
     "reply-timeout-s": 600.0,
+    "workers": 1,
 }
 """Run settings of a meta round; the aggregator overrides them per run, never the bundle."""
 

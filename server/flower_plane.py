@@ -51,6 +51,7 @@ def flower_components(
     reply_timeout_s: float = 600.0,
     poll_s: float = 2.0,
     superlink: SuperLinkSettings | None = None,
+    workers: int = 1,
 ) -> FlowerPlane:
     """Build the Flower plane of a server home.
 
@@ -70,6 +71,8 @@ def flower_components(
         Seconds between the scheduler's looks at the store.
     superlink
         SuperLink settings; default the home's ``network.superlink_port``.
+    workers
+        Processes each round's engine runs on.
     """
     network = home.config.network
     supervisor = SuperLinkSupervisor(
@@ -94,6 +97,7 @@ def flower_components(
             preset=preset or home.config.rounds.preset,
             reply_timeout_s=reply_timeout_s,
             poll_s=poll_s,
+            workers=workers,
         ),
     )
     return FlowerPlane(supervisor, front, scheduler)

@@ -80,6 +80,8 @@ class StartOptions:
         exchange-only servers in tests turn it off.
     console_port
         Serve the operator's console on this port (0 picks a free one); None: no console.
+    workers
+        Processes each meta round's engine runs on, started by torch's launcher.
     """
 
     port: int | None = None
@@ -89,6 +91,7 @@ class StartOptions:
     grace_s: float = 10.0
     flower: bool = True
     console_port: int | None = None
+    workers: int = 1
 
     def __post_init__(self) -> None:
         for name in ("port", "flower_port", "console_port"):
@@ -97,6 +100,8 @@ class StartOptions:
                 raise ConfigError(f"--{name.replace('_', '-')} {value} is not a TCP port")
         if self.min_models is not None and self.min_models < 1:
             raise ConfigError(f"--min-models {self.min_models} must be at least 1")
+        if self.workers < 1:
+            raise ConfigError(f"--workers {self.workers} must be at least 1")
 
 
 def intake_limits(home: ServerHome) -> IntakeLimits:
@@ -189,7 +194,11 @@ class ServerRuntime:
             from free_server.flower_plane import flower_components
 
             self.flower = flower_components(
-                self.home, store, flower_port=self.flower_port, min_models=config.rounds.min_models
+                self.home,
+                store,
+                flower_port=self.flower_port,
+                min_models=config.rounds.min_models,
+                workers=self.options.workers,
             )
             parts += self.flower.components()
         if self.options.console_port is not None:

@@ -10,7 +10,8 @@ A thread of the server checks the store every `SchedulerSettings.poll_s`:
 
 Starting a round marks it running in the store (which fixes the models it
 counts as seen) and submits a Flower run of the round app
-(`free_server.flower_runs`). One round runs at a time. The ServerApp finishes
+(`free_server.flower_runs`; `free_common.bench.simulate` starts the same runs on
+Flower's simulation engine). One round runs at a time. The ServerApp finishes
 the round in the store itself; if its Flower run ends while the round is still
 running (the ServerApp crashed or was stopped), the scheduler fails the round
 with Flower's reason.
@@ -26,15 +27,16 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from free_common.errors import FlowerError, StoreError
-from free_server.flower_runs import FlowerRuns
 from free_server.home import ServerHome
 from free_server.records import RoundRow
 from free_server.store import Store
 
-__all__ = ["RoundScheduler", "SchedulerSettings"]
+__all__ = ["RoundRuns", "RoundScheduler", "RunProgress", "SchedulerSettings"]
 
 log = logging.getLogger("free_server.scheduler")
 
@@ -55,12 +57,52 @@ class SchedulerSettings:
         How long a round waits for owners' replies after pushing its release.
     poll_s
         Seconds between two looks at the store and the running round.
+    workers
+        Processes each round's engine runs on (`free_server.round_ranks`).
     """
 
     min_models: int
     preset: str
     reply_timeout_s: float = 600.0
     poll_s: float = 2.0
+    workers: int = 1
+
+
+class RunProgress(Protocol):
+    """Where a round's Flower run is, as the scheduler reads it."""
+
+    @property
+    def finished(self) -> bool:
+        """Whether the run has ended, one way or another."""
+        ...
+
+    def describe(self) -> str:
+        """Return a few words for the log and the round's error."""
+        ...
+
+
+class RoundRuns(Protocol):
+    """What starts and watches the rounds' Flower runs.
+
+    `free_server.flower_runs.FlowerRuns` does it on the loopback SuperLink;
+    `free_common.bench.simulate.SimulatedRuns` on Flower's simulation engine.
+    """
+
+    def ready(self) -> bool:
+        """Whether a run can be started now."""
+        ...
+
+    def start(self, settings: Mapping[str, str | int | float]) -> int:
+        """Start a run of the round app with these run settings; return its id."""
+        ...
+
+    def state(self, run_id: int) -> RunProgress:
+        """Return where run `run_id` is."""
+        ...
+
+    def stop(self, run_id: int) -> None:
+        """Ask for the run to stop."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -80,7 +122,7 @@ class RoundScheduler:
     store
         The store with round requests and verdicts.
     runs
-        Starts and watches the Flower runs.
+        Starts and watches the Flower runs (`RoundRuns`).
     settings
         Thresholds, preset, timeouts.
     """
@@ -88,7 +130,7 @@ class RoundScheduler:
     name = "round-scheduler"
 
     def __init__(
-        self, home: ServerHome, store: Store, runs: FlowerRuns, settings: SchedulerSettings
+        self, home: ServerHome, store: Store, runs: RoundRuns, settings: SchedulerSettings
     ) -> None:
         self.home = home
         self.store = store
@@ -155,6 +197,7 @@ class RoundScheduler:
                     "round-id": request.id,
                     "preset": preset,
                     "reply-timeout-s": float(self.settings.reply_timeout_s),
+                    "workers": self.settings.workers,
                 }
             )
         except FlowerError as exc:

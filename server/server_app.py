@@ -2,12 +2,16 @@
 
 The scheduler (`free_server.scheduler`) marks a round running in the store and
 starts a Flower run of the round app with these run settings: ``home`` (the
-server home), ``round-id``, ``preset`` and ``reply-timeout-s``. The SuperLink
-starts ``flwr-serverapp``, which calls `main` here with a `Grid`. The round:
+server home), ``round-id``, ``preset``, ``reply-timeout-s`` and ``workers``. The
+SuperLink starts ``flwr-serverapp``, which calls `main` here with a `Grid`. The
+round:
 
-1. `free_server.rounds.run_meta_round`: accepted submissions into the engine;
+1. `free_server.rounds.run_meta_round`: accepted submissions into the engine,
+   in this process or, with ``workers`` above 1, on that many ranks started by
+   torch's launcher (`free_server.round_ranks`);
 2. `free_server.release.publish_release`: sign the result with the server key
-   and record it in the store as the next release version;
+   and record it in the store as the next release version (rank 0 does it for
+   a round on ranks);
 3. `push_release`: one ``evaluate`` message with the signed manifest and the
    weights (`free_common.flower_app.release_content`) to every online
    SuperNode, then collect replies until each node answered or the reply
@@ -52,6 +56,7 @@ from free_common.types import ReleaseManifest, Signed
 from free_server.home import ServerHome
 from free_server.release import publish_release
 from free_server.round_journal import JOURNAL_NAME, RoundJournal, round_dir
+from free_server.round_ranks import run_round_on_ranks
 from free_server.rounds import run_meta_round
 from free_server.store import Store
 from free_server.superlink import SuperLinkPaths
@@ -86,12 +91,15 @@ class RoundRunSettings:
         Engine preset name.
     reply_timeout_s
         How long to wait for the owners' replies after the push.
+    workers
+        Processes the engine runs on (1: this one).
     """
 
     home: Path
     round_id: int
     preset: str
     reply_timeout_s: float
+    workers: int = 1
 
     @classmethod
     def from_run_config(cls, config: Mapping[str, object]) -> RoundRunSettings:
@@ -106,7 +114,10 @@ class RoundRunSettings:
             raise FreeError("the round's run has no preset")
         if not isinstance(timeout, int | float) or not timeout > 0:
             raise FreeError("the round's run has no positive reply timeout")
-        return cls(Path(home), round_id, preset, float(timeout))
+        workers = config.get("workers", 1)
+        if not isinstance(workers, int) or workers < 1:
+            raise FreeError("the round's run asks for fewer than one worker process")
+        return cls(Path(home), round_id, preset, float(timeout), workers)
 
 
 @dataclass(frozen=True)
@@ -282,17 +293,23 @@ def conduct_round(
         log.warning("round %d is %s, not running: nothing to do", round_id, current.state)
         return None
     try:
-        with _round_events(home, round_id) as on_event:
-            output = run_meta_round(home, store, settings.preset, on_event=on_event)
-        row, signed = publish_release(
-            store, output, load_private_key(home.signing_key), round_id=round_id
-        )
+        if settings.workers > 1:
+            # The ranks are other processes: they write no journal or TensorBoard files.
+            row, signed, weights = run_round_on_ranks(
+                home, round_id, settings.preset, settings.workers
+            )
+        else:
+            with _round_events(home, round_id) as on_event:
+                output = run_meta_round(home, store, settings.preset, on_event=on_event)
+            row, signed = publish_release(
+                store, output, load_private_key(home.signing_key), round_id=round_id
+            )
+            weights = output.initialization.data
     except FreeError as exc:
         log.error("round %d failed: %s", round_id, exc.message)
         _finish(store, round_id, exc.message)
         return None
     log.info("round %d published release %d (%d bytes)", round_id, row.version, row.size)
-    weights = output.initialization.data
     outcome = push_release(grid, signed, weights, timeout_s=settings.reply_timeout_s)
     for reply in outcome.replies:
         store.record_evaluation(round_id, reply.node, reply.metrics)

@@ -8,6 +8,7 @@ one kills a SuperNode.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import http.client
 import json
@@ -46,6 +47,7 @@ from free_common.security.keys import load_public_key
 from free_common.security.release_dir import load_release
 from free_server.flower_plane import FlowerPlane
 from free_server.home import ServerHome
+from free_server.superlink import SuperLinkPaths
 
 pytestmark = [
     pytest.mark.slow,
@@ -234,6 +236,25 @@ def test_round_pushes_a_signed_release_and_records_fine_tuning(deployment: Deplo
         )
         assert set(manifest.source_submission_ids) == {"1", "2", "3"}
         assert json.loads(manifest.config_json)["architecture"]["arch"] == "mlp"
+
+
+def test_a_round_on_two_ranks_is_published_and_pushed(deployment: Deployment) -> None:
+    """`free-server start --workers 2`: the scheduler's runs carry the count to the ServerApp."""
+    scheduler = deployment.plane.scheduler
+    single = scheduler.settings
+    scheduler.settings = dataclasses.replace(single, workers=2)
+    try:
+        round_id = _request_round(deployment.home)
+        assert _wait_round(deployment.home, round_id, timeout_s=240.0) == "finished"
+    finally:
+        scheduler.settings = single
+    log_text = SuperLinkPaths.of(deployment.home).round_log(round_id).read_text()
+    assert "rank 0 published release" in log_text
+    with deployment.home.open_store() as store:
+        release = store.latest_release()
+        evaluations = {e.node_id for e in store.evaluations(round_id)}
+    assert release is not None and release.round_id == round_id
+    assert evaluations == {"alice", "bob"}
 
 
 def _other_app(folder: Path, out: Path, marker: Path) -> Path:

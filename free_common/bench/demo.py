@@ -299,7 +299,7 @@ class _Demo:
         self.procs.run("server-init", self.server_cmd("init"))
         self.ports = dict(zip(("exchange", "flower", "superlink"), free_ports(3), strict=True))
         self.summary["ports"] = self.ports
-        _configure(
+        configure_home(
             home / "config.toml",
             listen="127.0.0.1",
             superlink_port=self.ports["superlink"],
@@ -556,30 +556,28 @@ class _Demo:
         self.procs.stop_all()
 
 
-def _configure(
-    path: Path, *, listen: str, superlink_port: int, preset: str, min_models: int
-) -> None:
-    """Set four settings of a fresh home's config.toml, as an operator would edit it."""
+def configure_home(path: Path, **settings: str | int) -> None:
+    """Set keys of a fresh home's config.toml, as an operator would edit it.
+
+    Each name is a key that occurs once in the file (``listen``, ``preset``, ``workers``...).
+
+    Raises
+    ------
+    DemoError
+        A key is not in the file, or did not take the value.
+    """
     text = path.read_text(encoding="utf-8")
-    changes = {
-        "listen": json.dumps(listen),
-        "superlink_port": str(superlink_port),
-        "preset": json.dumps(preset),
-        "min_models": str(min_models),
-    }
-    for key, value in changes.items():
-        text = re.sub(rf"(?m)^{key}\s*=.*$", f"{key} = {value}", text)
+    for key, value in settings.items():
+        text = re.sub(rf"(?m)^{key}\s*=.*$", f"{key} = {json.dumps(value)}", text)
     path.write_text(text, encoding="utf-8")
-    config = tomllib.loads(text)
-    wanted = (listen, superlink_port, preset, min_models)
-    found = (
-        config["network"]["listen"],
-        config["network"]["superlink_port"],
-        config["rounds"]["preset"],
-        config["rounds"]["min_models"],
-    )
-    if found != wanted:
-        raise DemoError(f"could not set the demo's settings in {path}: it has other keys")
+    found = {
+        key: value
+        for table in tomllib.loads(text).values()
+        if isinstance(table, dict)
+        for key, value in table.items()
+    }
+    if any(found.get(key) != value for key, value in settings.items()):
+        raise DemoError(f"could not set {', '.join(settings)} in {path}: it has other keys")
 
 
 def _jsonable(value: Any) -> Any:

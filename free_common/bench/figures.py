@@ -103,6 +103,7 @@ def line_chart(
     x_label: str = "step",
     y_label: str = "accuracy",
     size: tuple[int, int] = (720, 420),
+    bounds: tuple[float, float] | None = (0.0, 1.0),
 ) -> Image.Image:
     """Draw (x, y) series as coloured lines with markers, axes, grid and a legend.
 
@@ -116,6 +117,8 @@ def line_chart(
         Axis titles.
     size
         Width and height in pixels.
+    bounds
+        Limits the y axis never passes (accuracies stay in [0, 1]); None for none.
     """
     width, height = size
     left, right, top, bottom = 64, 20, 36, 48
@@ -126,7 +129,9 @@ def line_chart(
     ys = [p[1] for p in points] or [0.0, 1.0]
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
     pad = max((max(ys) - min(ys)) * 0.1, 0.02)
-    y0, y1 = max(min(ys) - pad, 0.0), min(max(ys) + pad, 1.0)
+    y0, y1 = min(ys) - pad, max(ys) + pad
+    if bounds is not None:
+        y0, y1 = max(y0, bounds[0]), min(y1, bounds[1])
 
     def at(x: float, y: float) -> tuple[float, float]:
         px = left + (x - x0) / (x1 - x0) * (width - left - right)

@@ -51,6 +51,14 @@ def start(
             help="Exchange only: no SuperLink, no owners' front, no scheduled rounds.",
         ),
     ] = False,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            help="Processes per meta round, started by torch's launcher (gloo on CPU,"
+            " NCCL with one GPU each); rank 0 checkpoints and publishes.",
+        ),
+    ] = 1,
 ) -> None:
     """Serve owners: receive signed models, judge them, serve releases. Stop with Ctrl-C."""
     # The runtime pulls in the intake stack (onnx, torch): only load it to run.
@@ -68,6 +76,7 @@ def start(
         insecure=insecure,
         flower=not no_flower,
         console_port=console_port,
+        workers=workers,
     )
     runtime = ServerRuntime(ServerHome.open(home), options)
     runtime.start()
