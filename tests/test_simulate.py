@@ -81,6 +81,7 @@ def test_a_simulated_federation_runs_every_stage_and_survives_dropouts(tmp_path:
         "received": 0,
         "accepted": live + at_push,
         "refused": 0,
+        "held": 0,
         "withdrawn": 0,
     }
     rounds = result["round"]
