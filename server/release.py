@@ -47,6 +47,8 @@ _CONFIG_KEYS = (
     "seed",
     "device",
     "skipped_teachers",
+    "new_teacher_ids",
+    "seen_teacher_ids",
 )
 
 

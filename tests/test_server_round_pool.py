@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 from flower_harness import add_accepted_teachers, add_owner, flower_home
 
 from free_common.errors import EngineError
+from free_common.security.keys import load_private_key
 from free_server import rounds
+from free_server.release import publish_release
 
 
 def test_listing_the_pool_reads_no_model(tmp_path: Path) -> None:
@@ -48,3 +51,29 @@ def test_a_round_learns_the_same_bytes_whatever_order_the_models_were_accepted_i
             output = rounds.run_meta_round(home, store, "tiny", device="cpu")
         released.append(output.initialization.data)
     assert released[0] == released[1]
+
+
+def test_a_round_after_new_models_learns_from_them_and_says_what_it_has_seen(
+    tmp_path: Path,
+) -> None:
+    home = flower_home(tmp_path / "home")
+    owner = add_owner(home, tmp_path, "alice")
+    early = add_accepted_teachers(home, owner, [1, 2])
+    with home.open_store() as store:
+        first = rounds.run_meta_round(home, store, "tiny", device="cpu")
+    late = add_accepted_teachers(home, owner, [3, 4])
+    with home.open_store() as store:
+        round_id = store.request_round("tiny").id
+        store.start_round(round_id)
+        second = rounds.run_meta_round(home, store, "tiny", device="cpu")
+        _row, signed = publish_release(
+            store, second, load_private_key(home.signing_key), round_id=round_id
+        )
+    assert first.initialization.manifest["new_teacher_ids"] == sorted(map(str, early))
+    manifest = second.initialization.manifest
+    assert manifest["round"] == 2
+    assert sorted(manifest["new_teacher_ids"]) == sorted(map(str, late))
+    assert sorted(manifest["seen_teacher_ids"]) == sorted(map(str, early + late))
+    # The signed release says it too.
+    config = json.loads(signed.record.config_json)
+    assert sorted(config["seen_teacher_ids"]) == sorted(map(str, early + late))

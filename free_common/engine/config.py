@@ -117,6 +117,11 @@ class EngineConfig:
         batch norm makes the scale invisible to the forward pass but not to
         fine-tuning. Without episodes (a data-free server) the first scale is used,
         so presets list first the scale the glyph benchmark's meta-val chose.
+    continual
+        A warm-started round draws only the teachers no earlier round learned from (when
+        it has any), so the carried meta-generator adapts to the new models first and the
+        earlier ones take part through the replay of the carried memory bank. Off, every
+        round draws from all its teachers as a fresh one does.
     seed
         Seeds the learner's and the generator's initialization and every draw.
     """
@@ -137,6 +142,7 @@ class EngineConfig:
     validate_every: int = 20
     checkpoint_every: int = 20
     init_scales: tuple[float, ...] = (1.0,)
+    continual: bool = True
     seed: int = 42
 
     def __post_init__(self) -> None:

@@ -17,10 +17,12 @@ Meta-val episodes, when given, are scored every `validate_every` steps and the b
 state is the initialization (never the test split; without episodes the last state
 is). The state is checkpointed every `checkpoint_every` steps; calling again with the
 same teachers and config after a kill resumes there and ends exactly where an
-uninterrupted run would. A finished round's state carries into the next call (a new
-round, warm start) unless ``fresh=True``. CPU and CUDA take the same path: every
-random draw comes from one CPU generator, or from a teacher's own generator seeded by it
-(so a teacher's draws do not depend on the teachers before it).
+uninterrupted run would. A finished round's state (its release as the meta-learner)
+carries into the next call (a new round, warm start) unless ``fresh=True``; a
+warm-started round draws only the teachers no earlier round learned from, if it has
+any (`EngineConfig.continual`). CPU and CUDA take the same path: every random draw comes
+from one CPU generator, or from a teacher's own generator seeded by it (so a teacher's
+draws do not depend on the teachers before it).
 
 Several processes (`free_common.engine.distributed`, torch's launcher) run one round
 together: each adapts and reads its share of a step's teachers (`free_common.engine.shard`)
@@ -267,6 +269,15 @@ class _Round:
         self._emit: Callable[[EngineEvent], None] = on_event or (lambda _event: None)
         self._last_checkpoint: int | None = state.step if state.step else None
         self._clock = time.perf_counter()
+        self._draw_among = self._continual_draws()
+
+    def _continual_draws(self) -> list[int] | None:
+        """Pool indices a continual round draws (its new teachers), or None for all."""
+        if not self.config.continual or not self.state.seen:
+            return None
+        seen = set(self.state.seen)
+        new = [t for t in self.pool.teacher_ids if t not in seen]
+        return self.pool.indices(new) if new else None
 
     def run(self, *, resumed: bool, warm_start: bool) -> RoundResult:
         state, config = self.state, self.config
@@ -343,7 +354,7 @@ class _Round:
     def _step(self) -> None:
         state, config = self.state, self.config
         started = time.perf_counter()
-        views = self.pool.draw(config.teachers_per_step, state.rng)
+        views = self.pool.draw(config.teachers_per_step, state.rng, self._draw_among)
         rngs = teacher_rngs(len(views), state.rng)
         if config.recovery == "scratch":
             batches = [self._fixed_images(view) for view in views]
@@ -623,6 +634,8 @@ class _Round:
                 "selected_step": step,
                 "selection": selection,
                 "teacher_ids": self.pool.teacher_ids,
+                "new_teacher_ids": self._drawn_ids(),
+                "seen_teacher_ids": sorted({*state.seen, *self.pool.teacher_ids}),
                 "skipped_teachers": [dataclasses.asdict(s) for s in self.pool.skipped],
                 "config": config_to_dict(config),
                 "seed": config.seed,
@@ -645,6 +658,11 @@ class _Round:
             scratch=dict(state.scratch),
             init_scale=state.init_scale,
         )
+
+    def _drawn_ids(self) -> list[str]:
+        """Ids of the teachers this round's steps drew from (all of the pool unless continual)."""
+        ids = self.pool.teacher_ids
+        return ids if self._draw_among is None else [ids[i] for i in self._draw_among]
 
 
 def _method(config: EngineConfig) -> str:

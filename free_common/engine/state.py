@@ -67,6 +67,9 @@ class TrainingState:
         Meta-val accuracy of each candidate scale (a fresh round with validation only).
     started
         The round's start is done: scale chosen, norms pinned, step 0 scored.
+    seen
+        Ids of the teachers earlier rounds learned from (carried from round to round):
+        what a continual round (`EngineConfig.continual`) leaves to the memory bank.
     """
 
     round: int
@@ -86,6 +89,7 @@ class TrainingState:
     pinned: dict[str, float] = field(default_factory=dict)
     scale_scores: dict[str, float] = field(default_factory=dict)
     started: bool = False
+    seen: tuple[str, ...] = ()
 
 
 def round_rng(config: EngineConfig, round_index: int) -> torch.Generator:
@@ -123,6 +127,7 @@ def state_record(state: TrainingState) -> tuple[dict[str, Tensor], dict[str, Any
         "pinned": dict(state.pinned),
         "scale_scores": dict(state.scale_scores),
         "started": state.started,
+        "seen": list(state.seen),
         "learner": pack(state.learner.state_dict(), "learner", tensors),
         "optimizer": pack(state.optimizer.state_dict(), "optimizer", tensors),
         "generator": pack(state.meta_generator.state_dict(), "generator", tensors),
@@ -155,10 +160,12 @@ def restore_state(
     """
     state = carry_state(config, device, tensors, record)
     try:
+        state.learner.load_state_dict(unpack(record["learner"], tensors))  # not the selection
         state.round, state.step = int(record["round"]), int(record["step"])
         state.warmup, state.seconds = int(record["warmup"]), float(record["seconds"])
         state.scale_scores = {str(k): float(v) for k, v in record.get("scale_scores", {}).items()}
         state.started = bool(record.get("started", state.step > 0))
+        state.seen = tuple(str(t) for t in record.get("seen", ()))
         state.rng.set_state(unpack(record["rng"], tensors))
         saved = record["selector"]
         if saved["best"] is not None:
@@ -179,12 +186,16 @@ def carry_state(
 ) -> TrainingState:
     """Warm start: the next round begins from the saved meta-learner, generator and memory.
 
-    The round number goes up by one, steps start at 0 with no warm-up (the
-    meta-generator is warmed up already), and the selector and curves start empty.
+    The meta-learner is the one the finished round handed back (its meta-val
+    selection, the published release) when it had one, else its last state: a next
+    round builds on what was released, not on the steps meta-val turned down. The
+    round number goes up by one, steps start at 0 with no warm-up (the meta-generator
+    is warmed up already), and the selector and curves start empty.
     """
     state = new_state(config, device)
     try:
-        state.learner.load_state_dict(unpack(record["learner"], tensors))
+        selected = record.get("selector", {}).get("state")
+        state.learner.load_state_dict(unpack(selected or record["learner"], tensors))
         state.optimizer.load_state_dict(unpack(record["optimizer"], tensors))
         state.init_scale = float(record.get("init_scale", 1.0))
         set_outer_lr(state.optimizer, config.bell, state.init_scale)  # the new config wins
@@ -193,6 +204,8 @@ def carry_state(
         state.round = int(record["round"]) + 1
         # Checkpoints from before pinning existed hold neither: unpinned, scale 1.
         state.pinned = {str(k): float(v) for k, v in record.get("pinned", {}).items()}
+        # A finished round's own teachers join those it had seen already.
+        state.seen = tuple(sorted({*record.get("seen", ()), *record.get("teacher_ids", ())}))
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise CheckpointError(
             f"the saved state does not fit this configuration ({str(err).splitlines()[0]:.200}); "

@@ -204,10 +204,21 @@ class TeacherPool:
             self._loaded.popitem(last=False)
         return self._loaded[index]
 
-    def draw(self, count: int, rng: torch.Generator) -> list[TeacherView]:
-        """Draw `count` teachers uniformly with replacement, each with `ways` of its classes."""
-        picks = torch.randint(0, len(self._usable), (count,), generator=rng).tolist()
-        return [self.view(index, rng) for index in picks]
+    def indices(self, teacher_ids: Sequence[str]) -> list[int]:
+        """Return the pool indices of the usable teachers among `teacher_ids`, in pool order."""
+        wanted = set(teacher_ids)
+        return [i for i, t in enumerate(self._usable) if t.teacher_id in wanted]
+
+    def draw(
+        self, count: int, rng: torch.Generator, among: Sequence[int] | None = None
+    ) -> list[TeacherView]:
+        """Draw `count` teachers uniformly with replacement, each with `ways` of its classes.
+
+        `among` restricts the draw to those pool indices (all of the pool when None).
+        """
+        choices = list(range(len(self._usable))) if among is None else list(among)
+        picks = torch.randint(0, len(choices), (count,), generator=rng).tolist()
+        return [self.view(choices[pick], rng) for pick in picks]
 
     def view(self, index: int, rng: torch.Generator) -> TeacherView:
         """View the teacher at `index`: all classes if it has `ways`, else a random subset."""

@@ -1,0 +1,165 @@
+"""Continual rounds as models arrive, against one round on the whole pool (issue 13, part 3).
+
+The zoo's first ``--teachers`` teachers arrive ``--arrivals`` at a time. Each arrival starts
+a round that warm-starts from the last (`EngineConfig.continual`: it draws only the new
+teachers, the earlier ones are replayed from the carried memory) with ``steps / rounds``
+steps; the reference is one round of the preset's ``steps`` on all of them, so both take the
+same number of meta-learner updates. After every round the release is scored on the same
+meta-test episodes (1-shot by default); differences are paired, episode by episode.
+
+    OMP_NUM_THREADS=1 python benchmarks/continual.py --data data-cache/benchmark \
+        --zoo data-cache/zoo-bench-conv4-30 --preset cpu --out benchmarks/results/continual
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from free_common.bench.measure import EpisodeSet
+from free_common.bench.run import load_zoo
+from free_common.data import EpisodeSampler, load_split
+from free_common.engine import RoundResult, preset, run_round
+from free_common.engine.config import EngineConfig
+from free_common.meta.evaluate import confidence_interval, finetune_accuracy
+
+_QUERIES = 15
+
+
+def _scores(
+    model: nn.Module, episodes: EpisodeSet, config: EngineConfig, shots: int
+) -> list[float]:
+    """Per-episode query accuracy of `model` under the paper's test adaptation."""
+    base = dataclasses.replace(
+        config.validation, shots=shots, queries=_QUERIES, episodes=len(episodes)
+    )
+    return [finetune_accuracy(model, episode, base) for episode in episodes]
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    mean, ci95 = confidence_interval(values)
+    return {"mean": round(100 * mean, 2), "ci95": round(100 * ci95, 2)}
+
+
+def _row(result: RoundResult, seconds: float, scores: dict[int, list[float]]) -> dict[str, Any]:
+    manifest = result.initialization.manifest
+    return {
+        "round": result.round,
+        "teachers": len(result.teacher_ids),
+        "new_teachers": len(manifest["new_teacher_ids"]),
+        "seen_teachers": len(manifest["seen_teacher_ids"]),
+        "selected_step": result.selected_step,
+        "seconds": round(seconds, 1),
+        "meta_val": [[p.step, round(100 * p.mean, 2)] for p in result.curve],
+        "meta_test": {str(s): _summary(v) for s, v in scores.items()},
+        "sha256": result.initialization.sha256,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True)
+    parser.add_argument("--zoo", type=Path, required=True)
+    parser.add_argument("--preset", default="cpu")
+    parser.add_argument("--teachers", type=int, default=24)
+    parser.add_argument("--arrivals", type=int, default=6, help="teachers per continual round")
+    parser.add_argument("--episodes", type=int, default=600, help="meta-test episodes per shot")
+    parser.add_argument("--shots", type=int, nargs="+", default=[1])
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    started = time.perf_counter()
+    load_start = os.getloadavg()[0]
+
+    train = load_split(args.data, "meta-train")
+    side = train.image_size[0]
+    full: EngineConfig = preset(args.preset).for_input(train.channels, side)
+    rounds = args.teachers // args.arrivals
+    continual = dataclasses.replace(full, steps=full.steps // rounds)
+    val = load_split(args.data, "meta-val")
+    validation = EpisodeSet(
+        EpisodeSampler(val, 5, full.validation.shots, full.validation.queries, full.seed),
+        full.validation.episodes,
+        train.channels,
+        side,
+    )
+    test = load_split(args.data, "meta-test")
+    episodes = {
+        s: EpisodeSet(
+            EpisodeSampler(test, 5, s, _QUERIES, full.seed + 1000 + s),
+            args.episodes,
+            train.channels,
+            side,
+        )
+        for s in args.shots
+    }
+    zoo = [z.teacher for z in load_zoo(args.zoo, args.teachers)]
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def scored(result: RoundResult) -> dict[int, list[float]]:
+        model = result.initialization.build_model()
+        return {s: _scores(model, e, full, s) for s, e in episodes.items()}
+
+    rows, last_scores = [], {}
+    for index in range(rounds):
+        clock = time.perf_counter()
+        result = run_round(
+            zoo[: (index + 1) * args.arrivals],
+            continual,
+            args.out / "work-continual",
+            validation=validation,
+            device="cpu",
+            fresh=index == 0,
+        )
+        seconds = time.perf_counter() - clock
+        last_scores = scored(result)
+        rows.append(_row(result, seconds, last_scores))
+        print(json.dumps(rows[-1]), flush=True)
+
+    clock = time.perf_counter()
+    whole = run_round(
+        zoo, full, args.out / "work-full", validation=validation, device="cpu", fresh=True
+    )
+    seconds = time.perf_counter() - clock
+    whole_scores = scored(whole)
+    single = _row(whole, seconds, whole_scores)
+    print(json.dumps(single), flush=True)
+
+    report = {
+        "command": shlex.join([Path(sys.executable).name, *sys.argv]),
+        "preset": args.preset,
+        "steps_per_continual_round": continual.steps,
+        "steps_single_round": full.steps,
+        "continual": rows,
+        "single": single,
+        "last_minus_single": {
+            str(s): _summary([a - b for a, b in zip(last_scores[s], whole_scores[s], strict=True)])
+            for s in args.shots
+        },
+        "continual_seconds_over_single": [round(r["seconds"] / single["seconds"], 3) for r in rows],
+        "environment": {
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "load_average_start": load_start,
+            "load_average_end": os.getloadavg()[0],
+            "machine": platform.machine(),
+            "minutes": round((time.perf_counter() - started) / 60, 1),
+        },
+    }
+    (args.out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
