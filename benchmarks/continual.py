@@ -25,31 +25,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from free_common.bench.measure import EpisodeSet
+from free_common.bench.measure import (
+    episode_accuracies,
+    meta_test_episodes,
+    meta_val_episodes,
+    paired_difference,
+)
 from free_common.bench.run import load_zoo
-from free_common.data import EpisodeSampler, load_split
+from free_common.data import load_split
 from free_common.engine import RoundResult, preset, run_round
 from free_common.engine.config import EngineConfig
-from free_common.meta.evaluate import confidence_interval, finetune_accuracy
-
-_QUERIES = 15
+from free_common.meta.evaluate import confidence_interval
 
 
-def _scores(
-    model: nn.Module, episodes: EpisodeSet, config: EngineConfig, shots: int
-) -> list[float]:
-    """Per-episode query accuracy of `model` under the paper's test adaptation."""
-    base = dataclasses.replace(
-        config.validation, shots=shots, queries=_QUERIES, episodes=len(episodes)
-    )
-    return [finetune_accuracy(model, episode, base) for episode in episodes]
+def _percent(figure: dict[str, float]) -> dict[str, float]:
+    return {k: round(100 * v, 2) for k, v in figure.items()}
 
 
 def _summary(values: list[float]) -> dict[str, float]:
     mean, ci95 = confidence_interval(values)
-    return {"mean": round(100 * mean, 2), "ci95": round(100 * ci95, 2)}
+    return _percent({"mean": mean, "ci95": ci95})
 
 
 def _row(result: RoundResult, seconds: float, scores: dict[int, list[float]]) -> dict[str, Any]:
@@ -87,29 +83,15 @@ def main() -> None:
     full: EngineConfig = preset(args.preset).for_input(train.channels, side)
     rounds = args.teachers // args.arrivals
     continual = dataclasses.replace(full, steps=full.steps // rounds)
-    val = load_split(args.data, "meta-val")
-    validation = EpisodeSet(
-        EpisodeSampler(val, 5, full.validation.shots, full.validation.queries, full.seed),
-        full.validation.episodes,
-        train.channels,
-        side,
-    )
+    validation = meta_val_episodes(load_split(args.data, "meta-val"), full)
     test = load_split(args.data, "meta-test")
-    episodes = {
-        s: EpisodeSet(
-            EpisodeSampler(test, 5, s, _QUERIES, full.seed + 1000 + s),
-            args.episodes,
-            train.channels,
-            side,
-        )
-        for s in args.shots
-    }
+    episodes = {s: meta_test_episodes(test, full, s, args.episodes) for s in args.shots}
     zoo = [z.teacher for z in load_zoo(args.zoo, args.teachers)]
     args.out.mkdir(parents=True, exist_ok=True)
 
     def scored(result: RoundResult) -> dict[int, list[float]]:
         model = result.initialization.build_model()
-        return {s: _scores(model, e, full, s) for s, e in episodes.items()}
+        return {s: episode_accuracies(model, e, full, s) for s, e in episodes.items()}
 
     rows, last_scores = [], {}
     for index in range(rounds):
@@ -144,8 +126,7 @@ def main() -> None:
         "continual": rows,
         "single": single,
         "last_minus_single": {
-            str(s): _summary([a - b for a, b in zip(last_scores[s], whole_scores[s], strict=True)])
-            for s in args.shots
+            str(s): _percent(paired_difference(last_scores[s], whole_scores[s])) for s in args.shots
         },
         "continual_seconds_over_single": [round(r["seconds"] / single["seconds"], 3) for r in rows],
         "environment": {

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from free_common.bench.measure import EpisodeSet
+from free_common.bench.measure import meta_val_episodes
 from free_common.bench.run import BENCH_SETTINGS, load_zoo
-from free_common.data import EpisodeSampler, load_split
+from free_common.data import load_split
 from free_common.engine import EngineEvent, preset, run_round
 from free_common.engine.config import EngineConfig
 from free_common.engine.events import StepFinished
@@ -66,13 +66,7 @@ def main() -> None:
         config = config.with_recovery("scratch")
     elif args.method == "distill":
         config = config.distillation_only()
-    val = load_split(args.data, "meta-val")
-    validation = EpisodeSet(
-        EpisodeSampler(val, 5, config.validation.shots, config.validation.queries, config.seed),
-        config.validation.episodes,
-        train.channels,
-        train.image_size[0],
-    )
+    validation = meta_val_episodes(load_split(args.data, "meta-val"), config)
     zoo = load_zoo(args.zoo, BENCH_SETTINGS[args.preset].max_teachers)
     tasks: list[int] = []
 

@@ -21,7 +21,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from free_common.bench.measure import EpisodeSet
+from free_common.bench.measure import EpisodeSet, paired_difference
 from free_common.data import EpisodeSampler, ImageSet, load_fashion_mnist, load_split
 from free_common.durable import write_synced
 from free_common.engine.release_model import (
@@ -45,7 +45,6 @@ from free_common.meta.adaptation import (
     SelectionConfig,
     score_protocols,
 )
-from free_common.meta.evaluate import confidence_interval
 from free_common.security.release_dir import load_release
 
 __all__ = ["AdaptRequest", "TaskShape", "parse_shapes", "run_adaptation"]
@@ -192,12 +191,6 @@ def _tasks(
     return EpisodeSet(sampler, request.episodes, channels, side)
 
 
-def _paired(first: Sequence[float], second: Sequence[float]) -> dict[str, float]:
-    """Mean and 95% half-width of the task-by-task difference ``first - second``."""
-    mean, ci95 = confidence_interval([a - b for a, b in zip(first, second, strict=True)])
-    return {"mean": mean, "ci95": ci95}
-
-
 def _row(
     domain: str, shape: TaskShape, scored: dict[str, dict[Protocol, ProtocolScore]]
 ) -> dict[str, Any]:
@@ -225,13 +218,13 @@ def _row(
             for init, by_protocol in scored.items()
         },
         "auto_minus_paper": {
-            init: _paired(by_protocol["auto"].accuracies, by_protocol["paper"].accuracies)
+            init: paired_difference(by_protocol["auto"].accuracies, by_protocol["paper"].accuracies)
             for init, by_protocol in scored.items()
         },
         "release_minus_random": {
-            p: _paired(release[p].accuracies, random[p].accuracies) for p in gain
+            p: paired_difference(release[p].accuracies, random[p].accuracies) for p in gain
         },
-        "gain_auto_minus_gain_paper": _paired(gain["auto"], gain["paper"]),
+        "gain_auto_minus_gain_paper": paired_difference(gain["auto"], gain["paper"]),
     }
 
 

@@ -21,21 +21,35 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from free_common.data.episodes import EpisodeSampler
+from free_common.data.imageset import ImageSet
 from free_common.engine import EngineConfig, EngineTeacher, RoundResult
 from free_common.engine.teachers import TeacherPool
 from free_common.inversion.five import MetaGenerator, Recovery
 from free_common.meta.config import EvalConfig
 from free_common.meta.episodes import EpisodeLike
-from free_common.meta.evaluate import EvalResult, evaluate
+from free_common.meta.evaluate import (
+    EvalResult,
+    confidence_interval,
+    evaluate,
+    finetune_accuracy,
+)
 from free_common.meta.functional import as_student
 
 __all__ = [
+    "TEST_QUERIES",
     "EpisodeSet",
     "RecoveryReport",
     "TeacherRecovery",
+    "episode_accuracies",
     "evaluate_models",
     "measure_recovery",
+    "meta_test_episodes",
+    "meta_val_episodes",
+    "paired_difference",
 ]
+
+TEST_QUERIES = 15
+"""Queries per class of a meta-test episode (the paper's protocol)."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +103,40 @@ class EpisodeSet(Sequence[EpisodeLike]):
         if images.shape[1] != self.channels:
             images = images.expand(-1, self.channels, -1, -1)
         return images.clamp(0.0, 1.0)
+
+
+def meta_val_episodes(split: ImageSet, config: EngineConfig) -> EpisodeSet:
+    """Return the meta-val episodes a benchmark round selects on (config shape and seed)."""
+    spec, val = config.learner, config.validation
+    sampler = EpisodeSampler(split, spec.ways, val.shots, val.queries, config.seed)
+    return EpisodeSet(sampler, val.episodes, spec.channels, spec.image_size)
+
+
+def meta_test_episodes(split: ImageSet, config: EngineConfig, shots: int, count: int) -> EpisodeSet:
+    """`count` meta-test episodes of `shots` shots, the same for every method of a benchmark."""
+    spec = config.learner
+    sampler = EpisodeSampler(split, spec.ways, shots, TEST_QUERIES, config.seed + 1000 + shots)
+    return EpisodeSet(sampler, count, spec.channels, spec.image_size)
+
+
+def episode_accuracies(
+    model: nn.Module, episodes: Sequence[EpisodeLike], config: EngineConfig, shots: int
+) -> list[float]:
+    """Query accuracy of `model` on each episode under the paper's test adaptation.
+
+    Kept per episode so that two models scored on the same episodes can be compared
+    pair by pair (`paired_difference`), a far tighter interval than two means.
+    """
+    base = dataclasses.replace(
+        config.validation, shots=shots, queries=TEST_QUERIES, episodes=len(episodes)
+    )
+    return [finetune_accuracy(model, episode, base) for episode in episodes]
+
+
+def paired_difference(first: Sequence[float], second: Sequence[float]) -> dict[str, float]:
+    """Mean and 95% half-width of the episode-by-episode difference ``first - second``."""
+    mean, ci95 = confidence_interval([a - b for a, b in zip(first, second, strict=True)])
+    return {"mean": mean, "ci95": ci95}
 
 
 @dataclass(frozen=True)

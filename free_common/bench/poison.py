@@ -17,6 +17,7 @@ candidate goes the server's way: ONNX bytes, intake's conversion, `screen_teache
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -30,6 +31,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from free_common.bench.measure import (
+    episode_accuracies,
+    meta_test_episodes,
+    meta_val_episodes,
+    paired_difference,
+)
 from free_common.bench.run import load_zoo
 from free_common.bench.zoo import ZooConfig, train_zoo
 from free_common.data import load_split
@@ -38,6 +45,7 @@ from free_common.data.imageset import ImageSet
 from free_common.engine import EngineTeacher, carried_state, preset, run_round
 from free_common.engine.config import EngineConfig
 from free_common.inversion.teacher import AdaptedTeacher
+from free_common.meta.evaluate import confidence_interval
 from free_common.models.backbones import Backbone, build_backbone
 from free_common.models.checkpoint import read_checkpoint
 from free_common.models.export import to_onnx
@@ -72,6 +80,16 @@ class PoisonRequest:
         Steps of the ``cpu`` round whose carried state screening measures against.
     seed
         Seeds every draw.
+    releases
+        Also run a fresh ``cpu`` round on each of three pools (the clean pool; it plus
+        bad models making `poisoned_share` of it; it plus the bad ones screening let
+        through) and score each release on the same meta-test episodes.
+    release_steps
+        Steps of those rounds (None: the ``cpu`` preset's).
+    poisoned_share
+        Share of bad models in the poisoned pool.
+    test_episodes
+        Meta-test episodes (5-way 1-shot) each release is scored on.
     """
 
     data: Path
@@ -82,6 +100,10 @@ class PoisonRequest:
     other_archs: int = 2
     round_steps: int = 24
     seed: int = 0
+    releases: bool = False
+    release_steps: int | None = None
+    poisoned_share: float = 0.25
+    test_episodes: int = 600
 
 
 def _module(zoo: Path, name: str) -> tuple[Backbone, TaskMetadata]:
@@ -229,6 +251,85 @@ def _context(request: PoisonRequest, data: ImageSet, work: Path) -> tuple[Screen
     return ScreeningContext(state.meta_generator, state.memory), time.perf_counter() - started
 
 
+def poisoned_picks(rows: list[dict[str, Any]], count: int) -> list[str]:
+    """Names of `count` bad models, taken in turn from each kind (first of each, then second...)."""
+    by_kind = [[r["name"] for r in rows if r["kind"] == kind] for kind in KINDS]
+    interleaved = [name for group in itertools.zip_longest(*by_kind) for name in group if name]
+    return interleaved[:count]
+
+
+def _releases(
+    request: PoisonRequest,
+    rows: list[dict[str, Any]],
+    teachers: dict[str, EngineTeacher],
+    work: Path,
+    notify: Callable[[str], None],
+) -> dict[str, Any]:
+    """Run rounds on the clean, poisoned and screened pools; score releases on one episode set."""
+    splits = {name: load_split(request.data, name) for name in ("meta-val", "meta-test")}
+    train = load_split(request.data, "meta-train")
+    config: EngineConfig = preset("cpu").for_input(train.channels, train.image_size[0])
+    if request.release_steps is not None:
+        config = dataclasses.replace(config, steps=request.release_steps)
+    clean = [z.teacher for z in load_zoo(request.zoo, request.pool)]
+    share = request.poisoned_share
+    bad = poisoned_picks(rows, round(len(clean) * share / (1 - share)))
+    verdicts = {r["name"]: r["verdict"] for r in rows}
+    let_through = [name for name in bad if verdicts[name] == "accepted"]
+    pools = {
+        "clean": clean,
+        "poisoned, no screening": clean + [teachers[n] for n in bad],
+        "poisoned, screened": clean + [teachers[n] for n in let_through],
+    }
+    validation = meta_val_episodes(splits["meta-val"], config)
+    episodes = meta_test_episodes(splits["meta-test"], config, 1, request.test_episodes)
+    scored: dict[str, dict[str, Any]] = {}
+    done: dict[tuple[str, ...], str] = {}
+    for name, pool in pools.items():
+        ids = tuple(t.teacher_id for t in pool)
+        if ids in done:  # screening stopped every bad model: the clean round again
+            scored[name] = {**scored[done[ids]], "same_round_as": done[ids]}
+            continue
+        clock = time.perf_counter()
+        folder = work / f"release-{len(done)}"
+        result = run_round(pool, config, folder, validation=validation, device="cpu", fresh=True)
+        seconds = time.perf_counter() - clock
+        release = episode_accuracies(result.initialization.build_model(), episodes, config, 1)
+        last = episode_accuracies(result.learner, episodes, config, 1)
+        scored[name] = {
+            "teachers": len(pool),
+            "bad": len(pool) - len(clean),
+            "selected_step": result.selected_step,
+            "meta_val": [[p.step, p.mean] for p in result.curve],
+            "round_seconds": round(seconds, 1),
+            "release": release,
+            "last_state": last,
+        }
+        done[ids] = name
+        notify(f"{name}: release {100 * sum(release) / len(release):.2f}%")
+    summary = {}
+    for name, entry in scored.items():
+        summary[name] = {
+            key: {
+                **dict(zip(("mean", "ci95"), confidence_interval(entry[key]), strict=True)),
+                "minus_clean": paired_difference(entry[key], scored["clean"][key]),
+            }
+            for key in ("release", "last_state")
+        }
+    return {
+        "steps": config.steps,
+        "episodes": request.test_episodes,
+        "bad_models": bad,
+        "let_through": let_through,
+        "pools": {
+            n: {k: v for k, v in e.items() if k not in ("release", "last_state")}
+            for n, e in scored.items()
+        },
+        "summary": summary,
+        "per_episode": {n: {k: e[k] for k in ("release", "last_state")} for n, e in scored.items()},
+    }
+
+
 def run_poison(
     request: PoisonRequest,
     screening: ScreeningConfig,
@@ -242,10 +343,11 @@ def run_poison(
     data = load_split(request.data, "meta-train")
     context, round_seconds = _context(request, data, work)
     notify(f"round over {request.pool} honest teachers: {round_seconds:.0f} s")
-    rows = []
+    rows, teachers = [], {}
     for candidate in _candidates(request, data, work):
         converted = load_teacher(candidate.pop("onnx"), already_accepted=True)
         teacher = EngineTeacher(candidate["name"], converted.module, converted.task)
+        teachers[teacher.teacher_id] = teacher
         adapted = AdaptedTeacher(teacher.module, teacher.task, teacher.teacher_id)
         report = screen_teacher(adapted, context, screening, seed=request.seed)
         rows.append({**candidate, **report.to_dict()})
@@ -272,6 +374,8 @@ def run_poison(
         },
         "models": rows,
     }
+    if request.releases:
+        result["releases"] = _releases(request, rows, teachers, work, notify)
     (request.out / "results.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
     return result
 
@@ -323,4 +427,44 @@ def write_report(result: dict[str, Any], path: Path, command: str) -> None:
             f"{cell('pool_agreement')} | {cell('structure')} | {cell('trigger_gap')} | "
             f"{cell('neutral_spread')} | {row['seconds']:.1f} |"
         )
+    if "releases" in result:
+        lines += _release_lines(result["releases"])
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _release_lines(releases: dict[str, Any]) -> list[str]:
+    """Return the report's lines on the three pools' releases."""
+    lines = [
+        "",
+        "## Releases of the clean, poisoned and screened pools",
+        "",
+        f"A fresh `cpu` round of {releases['steps']} steps on each pool, selected on meta-val; "
+        f"every release scored on the same {releases['episodes']} meta-test episodes "
+        "(5-way 1-shot, the paper's test adaptation). Differences are paired, episode by "
+        "episode. The last state is the round's meta-learner after its last step, whatever "
+        "meta-val chose: it shows what training on the pool did even when the selection "
+        "hands back step 0.",
+        "",
+        f"Bad models in the poisoned pool: {', '.join(releases['bad_models'])}; let through by "
+        f"screening: {', '.join(releases['let_through']) or 'none'}.",
+        "",
+        "| pool | teachers (bad) | selected step | release | minus clean | last state "
+        "| minus clean |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, figures in releases["summary"].items():
+        pool = releases["pools"][name]
+        cells = []
+        for key in ("release", "last_state"):
+            entry = figures[key]
+            diff = entry["minus_clean"]
+            cells += [
+                f"{100 * entry['mean']:.2f} ± {100 * entry['ci95']:.2f}",
+                f"{100 * diff['mean']:+.2f} ± {100 * diff['ci95']:.2f}",
+            ]
+        lines.append(
+            f"| {name} | {pool['teachers']} ({pool['bad']}) | {pool['selected_step']} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return lines

@@ -32,9 +32,28 @@ def poison(
     ] = 2,
     round_steps: Annotated[int, typer.Option(help="steps of the first round")] = 24,
     seed: Annotated[int, typer.Option(help="seeds every draw")] = 0,
+    releases: Annotated[
+        bool, typer.Option(help="also compare the releases of clean, poisoned and screened pools")
+    ] = False,
+    release_steps: Annotated[
+        int | None, typer.Option(help="steps of those rounds (default: the cpu preset's)")
+    ] = None,
+    test_episodes: Annotated[int, typer.Option(help="meta-test episodes per release")] = 600,
 ) -> None:
     """Screen random, permuted, constant, other-domain and backdoored models, and honest ones."""
-    request = PoisonRequest(data, zoo, out, pool, per_kind, other_archs, round_steps, seed)
+    request = PoisonRequest(
+        data,
+        zoo,
+        out,
+        pool,
+        per_kind,
+        other_archs,
+        round_steps,
+        seed,
+        releases=releases,
+        release_steps=release_steps,
+        test_episodes=test_episodes,
+    )
     result = run_poison(request, ScreeningConfig(), notify=lambda line: out_console.print(line))
     command = shlex.join(["free-bench", *sys.argv[1:]])
     write_report(result, out / "results.md", command)

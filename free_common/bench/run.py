@@ -38,10 +38,13 @@ from torch import Tensor, nn
 
 from free_common.bench.figures import line_chart, recovery_sheet
 from free_common.bench.measure import (
+    TEST_QUERIES,
     EpisodeSet,
     RecoveryReport,
     evaluate_models,
     measure_recovery,
+    meta_test_episodes,
+    meta_val_episodes,
 )
 from free_common.bench.report import render_markdown
 from free_common.data import EpisodeSampler, ImageSet, load_fashion_mnist, load_split, to_tensor
@@ -77,7 +80,6 @@ __all__ = [
 
 METHODS = ("free", "free-no-iga", "scratch", "distill", "average", "random")
 _SHOTS = (1, 5)
-_QUERIES = 15
 
 
 @dataclass(frozen=True)
@@ -217,19 +219,7 @@ def run_benchmark(
     zoo = load_zoo(request.zoo, settings.max_teachers)
     available = len(list(request.zoo.glob("*.onnx")))
     teachers = [z.teacher for z in zoo]
-    ways = config.learner.ways
-    validation = EpisodeSet(
-        EpisodeSampler(
-            splits["meta-val"],
-            ways,
-            config.validation.shots,
-            config.validation.queries,
-            config.seed,
-        ),
-        config.validation.episodes,
-        train.channels,
-        side,
-    )
+    validation = meta_val_episodes(splits["meta-val"], config)
     timings: dict[str, float] = {}
     rounds: dict[str, RoundResult] = {}
     variants = {
@@ -292,13 +282,14 @@ def run_benchmark(
         models["average"], averaged = average
     models["random"] = _random_at_scale(config, rounds["free"].init_scale)
 
-    base = dataclasses.replace(config.validation, queries=_QUERIES, episodes=settings.test_episodes)
+    base = dataclasses.replace(
+        config.validation, queries=TEST_QUERIES, episodes=settings.test_episodes
+    )
     clock = time.perf_counter()
     test = splits["meta-test"]
 
     def test_episodes(shots: int) -> EpisodeSet:
-        sampler = EpisodeSampler(test, ways, shots, _QUERIES, config.seed + 1000 + shots)
-        return EpisodeSet(sampler, settings.test_episodes, train.channels, side)
+        return meta_test_episodes(test, config, shots, settings.test_episodes)
 
     def done(split: str) -> Callable[[str, int, Any], None]:
         return lambda m, s, r: tell(m, f"{split} {s}-shot: {100 * r.mean:.2f} ± {100 * r.ci95:.2f}")
@@ -424,7 +415,9 @@ def _cross_domain(
     spec = config.learner
 
     def episodes(shots: int) -> EpisodeSet:
-        sampler = EpisodeSampler(fashion, spec.ways, shots, _QUERIES, config.seed + 2000 + shots)
+        sampler = EpisodeSampler(
+            fashion, spec.ways, shots, TEST_QUERIES, config.seed + 2000 + shots
+        )
         return EpisodeSet(sampler, settings.cross_episodes, spec.channels, spec.image_size)
 
     cross_base = dataclasses.replace(base, episodes=settings.cross_episodes)
