@@ -63,6 +63,45 @@ def _row(result: RoundResult, seconds: float, scores: dict[int, list[float]]) ->
     }
 
 
+def render(report: dict[str, Any]) -> str:
+    """Return the markdown summary of a `results.json` this script wrote."""
+    env, single = report["environment"], report["single"]
+    lines = [
+        "# Continual rounds as models arrive (issue 13, part 3)",
+        "",
+        f"    OMP_NUM_THREADS=1 {report['command']}",
+        "",
+        f"torch {env['torch']}, {env['threads']} thread(s) of {env['cpus']} CPUs shared with "
+        f"other work (load average {env['load_average_start']:.1f} at the start, "
+        f"{env['load_average_end']:.1f} at the end), {env['minutes']} minutes. Preset "
+        f"`{report['preset']}`: {len(report['continual'])} continual rounds of "
+        f"{report['steps_per_continual_round']} steps against one round of "
+        f"{report['steps_single_round']} steps on all the teachers (the same meta-learner "
+        "updates in total). Meta-test: the same 5-way episodes for every release, the paper's "
+        "test adaptation; ± is the 95% interval.",
+        "",
+        "| round | teachers (new) | selected step | meta-val curve (step: %) | meta-test "
+        "| seconds | seconds / single round |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    shares = report["continual_seconds_over_single"]
+    for row, share in [*zip(report["continual"], shares, strict=True), (single, 1.0)]:
+        name = f"continual {row['round']}" if row is not single else "single, all teachers"
+        curve = ", ".join(f"{step}: {value:.1f}" for step, value in row["meta_val"])
+        test = "; ".join(
+            f"{shots}-shot {v['mean']:.2f} ± {v['ci95']:.2f}"
+            for shots, v in row["meta_test"].items()
+        )
+        lines.append(
+            f"| {name} | {row['teachers']} ({row['new_teachers']}) | {row['selected_step']} "
+            f"| {curve} | {test} | {row['seconds']:.0f} | {share:.2f} |"
+        )
+    lines += ["", "Last continual release minus the single round's, paired by episode:", ""]
+    for shots, diff in report["last_minus_single"].items():
+        lines.append(f"- {shots}-shot: {diff['mean']:+.2f} ± {diff['ci95']:.2f} points")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True)
@@ -73,7 +112,14 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=600, help="meta-test episodes per shot")
     parser.add_argument("--shots", type=int, nargs="+", default=[1])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--render", action="store_true", help="only rewrite OUT/results.md from OUT/results.json"
+    )
     args = parser.parse_args()
+    if args.render:
+        report = json.loads((args.out / "results.json").read_text())
+        (args.out / "results.md").write_text(render(report))
+        return
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     started = time.perf_counter()
     load_start = os.getloadavg()[0]
@@ -140,6 +186,7 @@ def main() -> None:
         },
     }
     (args.out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
+    (args.out / "results.md").write_text(render(report))
 
 
 if __name__ == "__main__":
