@@ -41,6 +41,7 @@ LAYERS = {
     "inversion": 3,
     "memory": 3,
     "meta": 3,
+    "privacy": 3,
     "engine": 4,
     "wire": 4,
     "flower_app": 4,
