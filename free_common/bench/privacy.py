@@ -8,13 +8,15 @@ runs over the zoo's first teachers; then, for each teacher:
   of the same classes, in pixels, in the release's penultimate features and in SSIM;
 - the loss attack (`free_common.privacy.membership`) on the teacher itself (the upper
   bound: the operator holds the model) and on the round's release, scored through the
-  prototype head an owner's adaptation starts from; and on a random initialization at
-  the release's scale, scored the same way, as the no-information reference.
+  prototype head an owner's adaptation starts from; the same on the round's learner
+  after its last step (the release when meta-val selects the last step; on this data it
+  often selects step 0, the random initialization) and on a random initialization at
+  the release's scale, the no-information reference.
 
-Optionally the release's meta-test accuracy (5-way 1- and 5-shot, the same protocol
-as `free-bench run`). Output: ``results.json``, ``results.md``, ``figures/*.png``
-(the worst teachers' recovered images beside their nearest training images) and the
-round under ``work/``.
+Optionally the meta-test accuracy of those three initializations (5-way 1- and
+5-shot, the protocol of `free-bench run`). Output: ``results.json``, ``results.md``,
+``figures/*.png`` (the worst teachers' recovered images beside their nearest training
+images) and the round under ``work/``.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ class PrivacyRequest:
 
 
 def owner_images(data: ImageSet, record: dict[str, Any]) -> OwnerImages:
-    """The training and held-out images of zoo teacher `record`, labels in its logit order."""
+    """Return zoo teacher `record`'s training and held-out images, labels in its logit order."""
     train_idx, held_idx = training_split(data, record)
     position = {int(label): k for k, label in enumerate(record["classes"])}
 
@@ -156,19 +158,20 @@ def run_privacy(
     )
     release = result.initialization.build_model()
     random = random_at_scale(config, result.init_scale)
-    release_features, random_features = batch_features(release), batch_features(random)
+    # Meta-val often selects step 0 on this data (docs/engine-findings.md section 7): the
+    # release is then the random initialization, so the learner after the round's last
+    # step is attacked and scored too, as what a release trained on these teachers reveals.
+    inits = {"release": release, "last-step": result.learner.cpu(), "random-init": random}
+    features = {name: batch_features(model) for name, model in inits.items()}
     rows = []
     audits = []
     clock = time.perf_counter()
     for zoo_teacher, record, owner in zip(zoo, records, owners, strict=True):
         teacher = zoo_teacher.teacher
         adapted = AdaptedTeacher(teacher.module, teacher.task, teacher.teacher_id)
-        found = audit_teacher(adapted, state.meta_generator, owner, audit, release_features)
-        attacks = {
-            "teacher": model_scores(adapted, owner),
-            "release": release_scores(release_features, owner),
-            "random-init": release_scores(random_features, owner),
-        }
+        found = audit_teacher(adapted, state.meta_generator, owner, audit, features["release"])
+        attacks = {"teacher": model_scores(adapted, owner)}
+        attacks.update({name: release_scores(f, owner) for name, f in features.items()})
         rows.append(
             {
                 "teacher": teacher.teacher_id,
@@ -208,7 +211,7 @@ def run_privacy(
     accuracy: list[dict[str, Any]] = []
     clock = time.perf_counter()
     if request.test_episodes:
-        accuracy = _meta_test(request, config, {"release": release, "random-init": random})
+        accuracy = _meta_test(request, config, inits)
     result_doc = {
         "request": {k: str(v) for k, v in dataclasses.asdict(request).items()},
         "audit_config": dataclasses.asdict(audit),
@@ -269,7 +272,7 @@ def summarize(
             "nearest_member": mean_ci95([m.nearest_member for m in measured]),
             "nearest_nonmember": mean_ci95([m.nearest_nonmember for m in measured]),
         }
-    for target in ("teacher", "release", "random-init"):
+    for target in ("teacher", "release", "last-step", "random-init"):
         scores = [attacks[target] for _, attacks in audits]
         pooled = advantage(
             np.concatenate([s[0] for s in scores]),
@@ -407,9 +410,11 @@ def write_report(result: dict[str, Any], path: Path, command: str) -> None:
         )
     lines += [
         "",
-        "The teacher is scored by its own logits (the operator's view); the release and a "
-        "random initialization at its scale by the leave-one-out prototype head an owner's "
-        "adaptation starts from.",
+        "The teacher is scored by its own logits (the operator's view); the release, the "
+        "round's learner after its last step (what a release trained on these teachers would "
+        "be, when meta-val selects an earlier step) and a random initialization at the "
+        "release's scale by the leave-one-out prototype head an owner's adaptation starts "
+        "from.",
     ]
     if result["accuracy"]:
         lines += ["", "## Meta-test accuracy (5-way)", "", "| model | shots | accuracy |",

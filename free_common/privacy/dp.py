@@ -48,7 +48,8 @@ class DpConfig:
     max_grad_norm
         Per-example gradient clipping bound.
     lr
-        Adam learning rate under DP (noisy gradients want a smaller step than 0.01).
+        Adam learning rate under DP (0.01, the non-private Conv4 recipe, measured best of
+        0.003 and 0.01 on held-out accuracy at epsilon 8).
     batch_size
         Expected batch size of Poisson sampling.
     """
@@ -56,7 +57,7 @@ class DpConfig:
     epsilon: float
     delta: float = 1e-5
     max_grad_norm: float = 1.0
-    lr: float = 3e-3
+    lr: float = 1e-2
     batch_size: int = 32
 
     def __post_init__(self) -> None:
@@ -125,11 +126,11 @@ def train_private(
         generator=torch.Generator().manual_seed(seed),
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=dp.lr)
-    engine = opacus.PrivacyEngine(accountant="prv")
     with warnings.catch_warnings():
         # Opacus warns that secure_mode is off (a seeded simulation, on purpose) and torch
         # that its backward hooks fire on a first layer whose input needs no gradient.
         warnings.simplefilter("ignore", UserWarning)
+        engine = opacus.PrivacyEngine(accountant="prv")
         private, optimizer, loader = engine.make_private_with_epsilon(
             module=model,
             optimizer=optimizer,
