@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from free_common.errors import ConfigError
 from free_common.privacy.audit import OwnerImages
 
 __all__ = ["ATTACK", "batch_features", "model_scores", "release_scores"]
@@ -58,6 +59,8 @@ def batch_features(model: nn.Module) -> Callable[[Tensor], Tensor]:
     """
     frozen = copy.deepcopy(model).train()
     extract = frozen.features
+    if not isinstance(extract, nn.Module):
+        raise ConfigError("the release has no feature extractor (a `features` module)")
 
     def features(images: Tensor) -> Tensor:
         with torch.no_grad():
