@@ -1,4 +1,6 @@
-"""Privacy (layer 3): what recovered images and models reveal of owners' data, and DP-SGD.
+"""Privacy (layer 4): what recovered images and models reveal of owners' data; DP-SGD.
+
+It inverts teachers with `inversion`, so it sits beside the engine, below it.
 
 - `metrics`: ROC AUC, TPR at a low FPR, bootstrap and mean confidence intervals;
 - `images`: pixel, feature and SSIM distances between two sets of images;
