@@ -137,8 +137,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 4.0, 8.0])
     parser.add_argument("--preset", default="cpu")
-    parser.add_argument("--round-steps", type=int, default=24)
-    parser.add_argument("--test-episodes", type=int, default=200)
+    parser.add_argument("--round-steps", type=int, default=12)
+    parser.add_argument("--test-episodes", type=int, default=150)
     args = parser.parse_args()
     started, load_before = time.perf_counter(), os.getloadavg()[0]
     settings: list[tuple[str, Path]] = []
@@ -157,6 +157,12 @@ def main() -> None:
         write_report(result, args.out / name / "results.md", f"(from {Path(__file__).name})")
         rows.append(_row(name, result))
         print(f"{name}: done", flush=True)
+        _write(args, rows, started, load_before)  # what is done survives an interrupted run
+    print(f"wrote {args.out / 'tradeoff.md'}")
+
+
+def _write(args: argparse.Namespace, rows: list[dict[str, Any]], started: float,
+           load_before: float) -> None:  # fmt: skip
     doc = {
         "command": shlex.join([".venv/bin/python", *sys.argv]),
         "setup": (
@@ -171,7 +177,6 @@ def main() -> None:
     }
     (args.out / "tradeoff.json").write_text(json.dumps(doc, indent=1))
     (args.out / "tradeoff.md").write_text(_markdown(doc))
-    print(f"wrote {args.out / 'tradeoff.md'}")
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from free_common.privacy.metrics import Advantage, advantage, mean_ci95
 __all__ = ["PrivacyRequest", "owner_images", "run_privacy", "summarize", "write_report"]
 
 _QUERIES = 15
+_REUSED = ", run by an earlier call with the same --out and read back"
 _WORST = 3
 """Teachers drawn in the pictures: those whose pixel audit AUC is highest."""
 
@@ -143,17 +144,18 @@ def run_privacy(
         side,
     )
     workdir = request.out / "work" / "round"
-    clock = time.perf_counter()
     # A rerun with the same --out audits the round it already ran.
     result = finished_round(teachers, config, workdir, device="cpu")
+    reused = result is not None
     if result is None:
         result = run_round(teachers, config, workdir, validation=validation, device="cpu",
                            fresh=True)  # fmt: skip
     state = carried_state(config, workdir, "cpu")
     assert state is not None
-    round_seconds = time.perf_counter() - clock
+    round_seconds = result.seconds  # the round's own wall time, also when read back
     notify(
-        f"round over {len(teachers)} teachers: {round_seconds:.0f} s, release = step "
+        f"round over {len(teachers)} teachers: {round_seconds:.0f} s"
+        f"{' (an earlier run, read back)' if reused else ''}, release = step "
         f"{result.selected_step} of {config.steps}"
     )
     release = result.initialization.build_model()
@@ -211,7 +213,15 @@ def run_privacy(
     accuracy: list[dict[str, Any]] = []
     clock = time.perf_counter()
     if request.test_episodes:
-        accuracy = _meta_test(request, config, inits)
+        # A release of step 0 is the random initialization itself: scored once, as both.
+        scored = (
+            inits if result.selected_step else {"release": release, "last-step": inits["last-step"]}
+        )
+        accuracy = _meta_test(request, config, scored)
+        if not result.selected_step:
+            accuracy += [
+                {**row, "method": "random-init"} for row in accuracy if row["method"] == "release"
+            ]
     result_doc = {
         "request": {k: str(v) for k, v in dataclasses.asdict(request).items()},
         "audit_config": dataclasses.asdict(audit),
@@ -222,6 +232,7 @@ def run_privacy(
             "selected_step": result.selected_step,
             "init_scale": result.init_scale,
             "seconds": round(round_seconds, 1),
+            "reused": reused,
             "meta_val": [[p.step, p.mean] for p in result.curve],
         },
         "summary": summarize(rows, audits, audit),
@@ -366,7 +377,8 @@ def write_report(result: dict[str, Any], path: Path, command: str) -> None:
         f"other work (load average {env['load_average'][0]:.1f} at the start, "
         f"{env['load_average'][1]:.1f} at the end). One `{rnd['preset']}` round of "
         f"{rnd['steps']} steps over {len(result['teachers'])} teachers "
-        f"({rnd['seconds']:.0f} s); the release is its step {rnd['selected_step']} "
+        f"({rnd['seconds']:.0f} s{_REUSED if rnd.get('reused') else ''}); the release is its "
+        f"step {rnd['selected_step']} "
         f"(selected on meta-val)"
         + (
             ": step 0 is the random initialization at the chosen scale, so the release "

@@ -1,11 +1,14 @@
 """Membership inference: whether a model tells an owner's training images from unseen ones.
 
 The attack is the loss attack of Yeom et al. ("Privacy risk in machine learning:
-analyzing the connection to overfitting", IEEE CSF 2018): an image scores minus the
-model's cross-entropy on its true label, a training image being fitted better than an
-unseen one. It needs no shadow models; LiRA (Carlini et al., S&P 2022) calibrates the
-same loss per example with shadow models trained with and without it, which costs
-dozens of trainings per owner and is left out here.
+analyzing the connection to overfitting", IEEE CSF 2018): an image scores higher the
+lower the model's cross-entropy on its true label, a training image being fitted better
+than an unseen one. The score is the logit-scaled confidence ``log(p / (1 - p))`` of the
+true label (Carlini et al., S&P 2022), a monotone function of the loss that orders the
+images the same way but stays distinct where a confident model's loss underflows to 0.
+It needs no shadow models; LiRA (Carlini et al., S&P 2022) calibrates the same score
+per example with shadow models trained with and without it, which costs dozens of
+trainings per owner and is left out here.
 
 - On a submitted model (`model_scores`): the model's own logits. This is the upper
   bound: the operator, and anyone who gets the file, holds the model.
@@ -31,9 +34,12 @@ from torch import Tensor, nn
 from free_common.errors import ConfigError
 from free_common.privacy.audit import OwnerImages
 
-__all__ = ["ATTACK", "batch_features", "model_scores", "release_scores"]
+__all__ = ["ATTACK", "batch_features", "confidence", "model_scores", "release_scores"]
 
-ATTACK = "loss attack (Yeom et al., IEEE CSF 2018): score = -cross-entropy of the true label"
+ATTACK = (
+    "loss attack (Yeom et al., IEEE CSF 2018), scored by the true label's logit-scaled "
+    "confidence log(p / (1 - p)), a monotone function of its cross-entropy"
+)
 
 Scores = tuple[np.ndarray, np.ndarray]
 """Member scores and non-member scores, higher meaning "more likely a member"."""
@@ -42,13 +48,17 @@ Scores = tuple[np.ndarray, np.ndarray]
 def model_scores(logits: Callable[[Tensor], Tensor], owner: OwnerImages) -> Scores:
     """Loss-attack scores of a classifier: `logits` maps images as `owner` holds them."""
     with torch.no_grad():
-        members = -F.cross_entropy(
-            logits(owner.members), owner.member_labels.long(), reduction="none"
-        )
-        nonmembers = -F.cross_entropy(
-            logits(owner.nonmembers), owner.nonmember_labels.long(), reduction="none"
-        )
+        members = confidence(logits(owner.members), owner.member_labels)
+        nonmembers = confidence(logits(owner.nonmembers), owner.nonmember_labels)
     return members.numpy(), nonmembers.numpy()
+
+
+def confidence(logits: Tensor, labels: Tensor) -> Tensor:
+    """``log(p_y / (1 - p_y))`` of (B, K) logits: the true logit minus the others' logsumexp."""
+    labels = labels.long()
+    true = logits.gather(1, labels[:, None]).squeeze(1)
+    others = logits.scatter(1, labels[:, None], float("-inf")).logsumexp(1)
+    return true - others
 
 
 def batch_features(model: nn.Module) -> Callable[[Tensor], Tensor]:
@@ -84,6 +94,6 @@ def release_scores(features: Callable[[Tensor], Tensor], owner: OwnerImages) -> 
     prototypes = (sums / counts.clamp_min(1)[:, None]).expand(len(images), -1, -1).clone()
     prototypes[torch.arange(len(images)), labels] = own
     logits = -((embedded[:, None, :] - prototypes) ** 2).sum(-1)  # (N, K)
-    scores = -F.cross_entropy(logits, labels, reduction="none").numpy()
+    scores = confidence(logits, labels).numpy()
     count = len(owner.members)
     return scores[:count], scores[count:]
