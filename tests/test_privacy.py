@@ -156,3 +156,42 @@ def test_dp_metadata_goes_together_and_is_checked() -> None:
         dp_from_props({DP_KEYS[0]: "lots", DP_KEYS[1]: "1e-5"})
     with pytest.raises(MetadataError, match="dp_delta"):
         dp_from_props({DP_KEYS[0]: "8", DP_KEYS[1]: "2"})
+
+
+def test_free_bench_privacy_end_to_end(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from free_common.bench.cli import app
+    from free_common.data.glyphs_store import MANIFEST, split_file, write_json, write_split_arrays
+
+    glyphs = tmp_path / "glyphs"
+    glyphs.mkdir()
+    for offset, split in enumerate(("meta-train", "meta-val", "meta-test")):
+        data = _easy_set(classes=6, per_class=20, side=32)
+        write_split_arrays(
+            split_file(glyphs, split),
+            {
+                "images": data.images,
+                "labels": data.labels,
+                "faces": np.zeros(len(data), np.int32),
+                "codepoints": np.arange(0x41, 0x47, dtype=np.int64) + 16 * offset,
+            },
+        )
+    write_json(
+        glyphs / MANIFEST, {"splits": {s: {} for s in ("meta-train", "meta-val", "meta-test")}}
+    )
+    zoo = tmp_path / "zoo"
+    train_zoo(_easy_set(classes=6, per_class=20, side=32), zoo, ZooConfig(models=2, epochs=1))
+    out = tmp_path / "out"
+    args = ["privacy", "--data", str(glyphs), "--zoo", str(zoo), "--out", str(out),
+            "--teachers", "2", "--preset", "smoke", "--round-steps", "2",
+            "--images-per-class", "3", "--test-episodes", "2"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "results.json").read_text())
+    assert [t["teacher"] for t in report["teachers"]] == ["teacher-000-conv4", "teacher-001-conv4"]
+    assert set(report["summary"]["audit"]) == {"pixel", "feature", "ssim"}
+    assert set(report["summary"]["attacks"]) == {"teacher", "release", "last-step", "random-init"}
+    assert {row["method"] for row in report["accuracy"]} == {"release", "last-step", "random-init"}
+    assert report["figures"] and all((out / f).is_file() for f in report["figures"])
+    assert "## Leakage audit" in (out / "results.md").read_text()

@@ -345,9 +345,21 @@ def training_split(data: ImageSet, record: dict[str, Any]) -> tuple[np.ndarray, 
         The replay does not give the record's classes and counts (another data set, or
         a zoo built with other settings).
     """
-    if record.get("train_indices"):
-        return np.asarray(record["train_indices"]), np.asarray(record["heldout_indices"])
     name = str(record.get("name", "?"))
+    if record.get("train_indices"):
+        train_idx = np.asarray(record["train_indices"], dtype=np.int64)
+        held_idx = np.asarray(record.get("heldout_indices") or [], dtype=np.int64)
+        both = np.concatenate([train_idx, held_idx])
+        if (
+            both.min() < 0
+            or both.max() >= len(data)
+            or not set(data.labels[both].tolist()) <= {int(c) for c in record.get("classes", [])}
+        ):
+            raise DataError(
+                f"the training images {name} records are not in this data set: pass the "
+                "meta-train split its zoo was built on"
+            )
+        return train_idx, held_idx
     try:
         index = int(name.split("-")[1])
         zoo_seed, remainder = divmod(int(record["seed"]) - index, 100_003)
