@@ -16,7 +16,8 @@ TORCH_SPEC ?= torch==2.13.0
 ORT_EXTRA ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo gpu || echo cpu)
 # The docker images leave out the development tools and Ray: EXTRAS=gpu (or cpu).
 # `simulation` (Ray, for Flower's simulation engine) is there because a test runs it.
-EXTRAS ?= $(ORT_EXTRA),dev,simulation
+# `privacy` (Opacus) trains the DP teachers of `free-bench zoo --dp-epsilon` and its tests.
+EXTRAS ?= $(ORT_EXTRA),dev,simulation,privacy
 export FLWR_TELEMETRY_ENABLED=0
 export FLWR_DISABLE_UPDATE_CHECK=1
 

@@ -6,6 +6,7 @@ from typing import NoReturn
 
 import typer
 
+from free_client.audit import audit
 from free_client.export import export
 from free_client.fetch import fetch
 from free_client.finetune import finetune
@@ -43,6 +44,7 @@ app.command("submit")(submit)
 app.command("fetch")(fetch)
 app.command("join")(join)
 app.command("finetune")(finetune)
+app.command("audit")(audit)
 
 
 def main() -> NoReturn:

@@ -8,6 +8,11 @@ the ``free.*`` metadata written in. What the source does not say (width, image
 size, normalization, class names) comes from flags, and flags win. After the
 export the same intake the server runs checks the file, so the owner learns the
 verdict before uploading.
+
+An owner who trained with DP-SGD declares it with ``--dp-epsilon`` and ``--dp-delta``
+(both): they go into ``free.dp_epsilon`` and ``free.dp_delta``, which the server shows in
+its status and release manifests (docs/privacy.md). A ``--from-onnx`` source that
+already declares them keeps its values unless the flags are given.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import typer
 from free_common.console import out_console
 from free_common.durable import write_synced
 from free_common.errors import ConfigError
-from free_common.types import TaskMetadata
+from free_common.types import DpGuarantee, TaskMetadata
 
 if TYPE_CHECKING:
     import torch
@@ -30,7 +35,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ARCHITECTURES", "ExportOptions", "export", "export_checkpoint", "tag_onnx"]
 
-ARCHITECTURES = ("conv4", "resnet10", "resnet18", "mlp")
+ARCHITECTURES = ("conv4", "resnet10", "resnet18", "mlp", "conv4gn")
 """The names in `free_common.models.backbones.BACKBONES`, for ``--help`` without loading
 torch (a test checks that the two agree)."""
 
@@ -48,6 +53,24 @@ class ExportOptions:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     class_names: tuple[str, ...] | None = None
+    dp: DpGuarantee | None = None
+
+
+def _dp(epsilon: float | None, delta: float | None) -> DpGuarantee | None:
+    """Return the DP guarantee the flags declare: both or neither."""
+    from free_common.errors import RecordError
+
+    if epsilon is None and delta is None:
+        return None
+    if epsilon is None or delta is None:
+        raise ConfigError(
+            "--dp-epsilon and --dp-delta go together: give both, the values your DP-SGD "
+            "accountant reported (docs/privacy.md)"
+        )
+    try:
+        return DpGuarantee(epsilon, delta)
+    except RecordError as exc:
+        raise ConfigError(f"--{exc.message.replace('_', '-')}") from None
 
 
 def _per_channel(values: tuple[float, ...], channels: int, flag: str) -> list[float]:
@@ -154,7 +177,7 @@ def export_checkpoint(checkpoint: Path, out: Path, options: ExportOptions) -> Ta
             f"{checkpoint} does not hold {arch} weights for this task "
             f"({task.num_classes} classes, input {list(task.input_shape)}): {detail}"
         ) from None
-    data = to_onnx(model, task)
+    data = to_onnx(model, task, options.dp)
     write_synced(out, data)
     return task
 
@@ -173,7 +196,7 @@ def tag_onnx(source: Path, out: Path, options: ExportOptions) -> TaskMetadata:
         The source is not an ONNX model, or the task it ends up with is incomplete.
     """
     from free_client.task_flags import TaskFlags, resolve_task
-    from free_common.models.metadata import write_metadata
+    from free_common.models.metadata import read_dp, write_metadata
     from free_common.models.onnx_static import IntakeLimits, declared_task_shapes, parse_model
 
     if options.arch is not None or options.width is not None:
@@ -202,7 +225,7 @@ def tag_onnx(source: Path, out: Path, options: ExportOptions) -> TaskMetadata:
         class_names=None if options.class_names is None else ",".join(options.class_names),
     )
     task = resolve_task(data, flags)
-    write_metadata(model, task)
+    write_metadata(model, task, options.dp or read_dp(model))
     write_synced(out, model.SerializeToString())
     return task
 
@@ -253,6 +276,10 @@ def export(
     class_names: Annotated[
         str | None, typer.Option(help="comma-separated class names, one per class")
     ] = None,
+    dp_epsilon: Annotated[
+        float | None, typer.Option(help="epsilon your DP-SGD training spent (with --dp-delta)")
+    ] = None,
+    dp_delta: Annotated[float | None, typer.Option(help="delta of that DP guarantee")] = None,
     check: Annotated[bool, typer.Option(help="run intake on the result")] = True,
 ) -> None:
     """Export your weights (safetensors) to an ONNX file with its task metadata.
@@ -274,6 +301,7 @@ def export(
         mean=_floats(mean, "--mean"),
         std=_floats(std, "--std"),
         class_names=None if class_names is None else tuple(class_names.split(",")),
+        dp=_dp(dp_epsilon, dp_delta),
     )
     if from_onnx is not None:
         task = tag_onnx(from_onnx, out, options)
@@ -283,6 +311,8 @@ def export(
     _show(
         f"wrote {out}: {task.num_classes} classes, input {list(task.input_shape)} "
         f"{task.channel_order.value}, mean {list(task.mean)}, std {list(task.std)}"
+        + ("" if options.dp is None else f", DP epsilon {options.dp.epsilon:g}")
+        + ("" if options.dp is None else f" delta {options.dp.delta:g}")
     )
     if check:
         from free_common.models.intake import run_intake

@@ -42,6 +42,7 @@ __all__ = [
     "PAYLOAD_FORMATS",
     "SHA256_HEX_CHARS",
     "ChannelOrder",
+    "DpGuarantee",
     "Receipt",
     "ReceiptStatus",
     "ReleaseManifest",
@@ -260,6 +261,27 @@ class TaskMetadata:
         for index, class_name in enumerate(names):
             _check_text(f"class_names[{index}]", class_name, MAX_CLASS_NAME_CHARS)
         object.__setattr__(self, "class_names", tuple(names))
+
+
+@dataclass(frozen=True)
+class DpGuarantee:
+    """The (epsilon, delta) differential privacy an owner declares its model was trained to.
+
+    Declared by the owner (``free.dp_epsilon``, ``free.dp_delta`` in the model's
+    metadata_props, written by ``free-client export --dp-epsilon``), not verified by the
+    server: nothing in a trained model proves how it was trained.
+    """
+
+    epsilon: float
+    delta: float
+
+    def __post_init__(self) -> None:
+        if type(self.epsilon) not in (int, float) or not 0 < self.epsilon < 1e6:
+            raise _fail("dp_epsilon", f"must be a positive number, got {self.epsilon!r:.40}")
+        if type(self.delta) not in (int, float) or not 0 < self.delta < 1:
+            raise _fail("dp_delta", f"must be between 0 and 1, got {self.delta!r:.40}")
+        object.__setattr__(self, "epsilon", float(self.epsilon))
+        object.__setattr__(self, "delta", float(self.delta))
 
 
 @dataclass(frozen=True)

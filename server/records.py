@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
+from free_common.types import DpGuarantee
+
 __all__ = [
     "ClientRow",
     "ClientState",
@@ -93,6 +95,14 @@ class SubmissionRow:
         """The task metadata, parsed from its stored JSON."""
         parsed: dict[str, Any] = json.loads(self.task_metadata_json)
         return parsed
+
+    @property
+    def dp(self) -> DpGuarantee | None:
+        """The DP guarantee the model declares (its ``free.dp_*`` metadata), or None."""
+        declared = self.task_metadata.get("dp")
+        if not isinstance(declared, dict):
+            return None
+        return DpGuarantee(float(declared["epsilon"]), float(declared["delta"]))
 
     @property
     def screening(self) -> dict[str, Any] | None:

@@ -13,6 +13,8 @@ is listed always has its weights. The manifest's fields:
   "engine": <the engine configuration>}``;
 - ``metrics_json``: the round's own figures (meta-val accuracy when the server
   had meta-val episodes, teacher accuracy on recovered images, recovery time);
+  and ``dp``: how many of its teachers declare DP-SGD training and the smallest and
+  largest epsilon (and largest delta) among those (`dp_summary`);
 - ``source_submission_ids``: the accepted submissions it was learned from.
 """
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -28,12 +31,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from free_common.security.canonical import canonical_bytes
 from free_common.security.keys import key_id
 from free_common.security.signing import sign
-from free_common.types import ReleaseManifest, Signed
+from free_common.types import DpGuarantee, ReleaseManifest, Signed
 from free_server.records import ReleaseRow
 from free_server.rounds import MetaRoundOutput
 from free_server.store import Store
 
-__all__ = ["publish_release", "release_manifest"]
+__all__ = ["dp_summary", "publish_release", "release_manifest"]
 
 _CONFIG_KEYS = (
     "format",
@@ -67,10 +70,35 @@ def _json(value: Any) -> str:
     return json.dumps(_finite(value), sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
+def dp_summary(declared: Sequence[DpGuarantee | None]) -> dict[str, Any]:
+    """Return a release's ``metrics.dp`` from its teachers' declared DP guarantees.
+
+    The release is computed from every teacher, and one owner's data reaches it only
+    through that owner's model: for that owner the release is as private as its own
+    model (post-processing), whatever the others declared. So the range is reported,
+    not a single guarantee.
+    """
+    private = [d for d in declared if d is not None]
+    return {
+        "teachers": len(declared),
+        "teachers_with_dp": len(private),
+        "epsilon_min": min((d.epsilon for d in private), default=None),
+        "epsilon_max": max((d.epsilon for d in private), default=None),
+        "delta_max": max((d.delta for d in private), default=None),
+    }
+
+
 def release_manifest(
-    output: MetaRoundOutput, *, version: int, server_key: Ed25519PrivateKey
+    output: MetaRoundOutput,
+    *,
+    version: int,
+    server_key: Ed25519PrivateKey,
+    dp: Sequence[DpGuarantee | None] = (),
 ) -> ReleaseManifest:
-    """Describe a round's output as release `version` (not signed yet)."""
+    """Describe a round's output as release `version` (not signed yet).
+
+    `dp` holds the DP guarantee each source submission declares, in `source_ids` order.
+    """
     engine_manifest = output.initialization.manifest
     config = {key: engine_manifest[key] for key in _CONFIG_KEYS if key in engine_manifest}
     config.update(preset=output.preset, fresh=output.fresh, engine=engine_manifest.get("config"))
@@ -81,7 +109,7 @@ def release_manifest(
         payload_sha256=output.initialization.sha256,
         payload_size=len(output.initialization.data),
         source_submission_ids=output.source_ids,
-        metrics_json=_json(engine_manifest.get("metrics", {})),
+        metrics_json=_json({**engine_manifest.get("metrics", {}), "dp": dp_summary(dp)}),
         created_at_ms=int(time.time() * 1000),
         server_key_id=key_id(server_key.public_key()),
     )
@@ -98,7 +126,9 @@ def publish_release(
         The stored release row and the signed manifest (what owners verify).
     """
     version = store.next_release_version()
-    signed = sign(server_key, release_manifest(output, version=version, server_key=server_key))
+    declared = [store.submission(int(source)).dp for source in output.source_ids]
+    manifest = release_manifest(output, version=version, server_key=server_key, dp=declared)
+    signed = sign(server_key, manifest)
     data = output.initialization.data
     with store.blob_writer(len(data)) as writer:
         writer.write(data)

@@ -25,21 +25,53 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from free_common.errors import IntakeError, IntakeResourceError, IntakeTimeout, ServerUnavailable
+from free_common.errors import (
+    IntakeError,
+    IntakeResourceError,
+    IntakeTimeout,
+    RecordError,
+    ServerUnavailable,
+)
 from free_common.models.intake import IntakeResult
 from free_common.models.metadata import task_to_dict
 from free_common.models.onnx_static import IntakeLimits
-from free_common.types import TaskMetadata
+from free_common.types import DpGuarantee, TaskMetadata
 
-__all__ = ["StaticCheckPool", "default_workers"]
+__all__ = ["StaticCheckPool", "StaticOutcome", "default_workers"]
 
 log = logging.getLogger("free_server.static_checks")
 
 _MAX_REPLY_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class StaticOutcome:
+    """What the static checks found in a model they passed.
+
+    Attributes
+    ----------
+    warnings
+        Things allowed but worth telling the owner.
+    dp
+        The DP guarantee the model declares in its metadata (not verified: declared).
+    """
+
+    warnings: tuple[str, ...] = ()
+    dp: DpGuarantee | None = None
+
+
+def _dp(reply: Any) -> DpGuarantee | None:
+    """Read the worker's ``dp`` reply field (None when absent or not a valid guarantee)."""
+    if not isinstance(reply, dict):
+        return None
+    try:
+        return DpGuarantee(reply.get("epsilon"), reply.get("delta"))  # type: ignore[arg-type]
+    except RecordError:
+        return None
 
 
 def default_workers() -> int:
@@ -198,8 +230,8 @@ class StaticCheckPool:
         if spawner is not None:
             spawner.shutdown(wait=False)
 
-    def check(self, path: Path, task: TaskMetadata | None) -> tuple[str, ...]:
-        """Run the static checks on the model file at `path`; return its warnings.
+    def check(self, path: Path, task: TaskMetadata | None) -> StaticOutcome:
+        """Run the static checks on the model file at `path`; return its warnings and DP.
 
         Raises
         ------
@@ -223,7 +255,8 @@ class StaticCheckPool:
             raise
         self._release(worker)
         if reply["ok"]:
-            return tuple(str(w) for w in reply.get("warnings", ()))
+            warnings = tuple(str(w) for w in reply.get("warnings", ()))
+            return StaticOutcome(warnings, _dp(reply.get("dp")))
         result = IntakeResult(
             accepted=False, reason=str(reply.get("reason")), refusal=str(reply.get("refusal"))
         )

@@ -31,6 +31,7 @@ from free_common.security.signing import sign, verify
 from free_common.types import Receipt, Signed, SubmissionManifest, TaskMetadata
 from free_server.blobs import StagedBlob
 from free_server.records import SubmissionResult, SubmissionRow
+from free_server.static_checks import StaticOutcome
 from free_server.store import Store
 
 __all__ = [
@@ -42,7 +43,7 @@ __all__ = [
     "unix_ms",
 ]
 
-StaticCheck = Callable[[Path, TaskMetadata | None], object]
+StaticCheck = Callable[[Path, TaskMetadata | None], StaticOutcome]
 """Runs the static ONNX checks on a staged file, raising the `IntakeError` that refuses it.
 
 The server's is `free_server.static_checks.StaticCheckPool.check` (worker processes);
@@ -192,15 +193,22 @@ def receive_submission(
         staged = writer.finish()
         _check_payload(staged, manifest)
         if static_check is None:
-            check_static(staged.path.read_bytes(), task=manifest.task, limits=policy.intake_limits)
+            report = check_static(
+                staged.path.read_bytes(), task=manifest.task, limits=policy.intake_limits
+            )
+            outcome = StaticOutcome(report.warnings, report.dp)
         else:
-            static_check(staged.path, manifest.task)
+            outcome = static_check(staged.path, manifest.task)
+        metadata = task_to_dict(manifest.task)
+        if outcome.dp is not None:
+            # The model's declared DP guarantee is kept beside its task (status, releases).
+            metadata["dp"] = {"epsilon": outcome.dp.epsilon, "delta": outcome.dp.delta}
         result = store.record_submission(
             staged,
             client_key_id=manifest.client_id,
             manifest=canonical_bytes(manifest),
             signature=signed.signature,
             nonce=manifest.nonce,
-            task_metadata=task_to_dict(manifest.task),
+            task_metadata=metadata,
         )
     return Upload(receipt_for(result.row, server_key), result)

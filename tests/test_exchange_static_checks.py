@@ -53,7 +53,7 @@ def test_a_good_model_passes_and_a_refusal_keeps_its_class(
     pool: StaticCheckPool, tmp_path: Path
 ) -> None:
     good = _write(tmp_path, "good.onnx", tiny_model().SerializeToString())
-    assert pool.check(good, TINY_TASK) == ()
+    assert pool.check(good, TINY_TASK).warnings == ()
     external = copy(tiny_model())
     point_to_external(external.graph.initializer[0], "secret.bin")
     hostile = _write(tmp_path, "hostile.onnx", external.SerializeToString())
@@ -63,7 +63,7 @@ def test_a_good_model_passes_and_a_refusal_keeps_its_class(
         pool.check(_write(tmp_path, "junk.onnx", b"\xff" * 100), None)
     # A refusal is an answer, not a failure: the same process checks the next model.
     before = _worker_pids()
-    assert pool.check(good, None) == ()
+    assert pool.check(good, None).warnings == ()
     assert _worker_pids() == before and len(before) == 1
 
 
@@ -76,7 +76,7 @@ def test_a_worker_killed_while_idle_is_replaced_without_refusing_anyone(
     os.kill(victim, signal.SIGKILL)
     # Dead (a zombie the pool has not reaped yet) before the next upload comes.
     assert wait_until(lambda: _state(victim) == "Z", 10)
-    assert pool.check(good, TINY_TASK) == ()
+    assert pool.check(good, TINY_TASK).warnings == ()
     assert victim not in _worker_pids()
 
 
@@ -103,7 +103,7 @@ def test_a_worker_that_dies_on_a_model_refuses_only_that_upload(
     assert len(outcome) == 1 and isinstance(outcome[0], IntakeResourceError)
     assert "killed by signal 9" in str(outcome[0])
     good = _write(tmp_path, "good.onnx", tiny_model().SerializeToString())
-    assert pool.check(good, TINY_TASK) == ()
+    assert pool.check(good, TINY_TASK).warnings == ()
 
 
 def test_a_check_past_the_time_limit_is_refused_and_its_worker_replaced(tmp_path: Path) -> None:

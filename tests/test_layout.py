@@ -42,12 +42,15 @@ LAYERS = {
     "memory": 3,
     "meta": 3,
     "engine": 4,
+    # DESIGN.md puts privacy beside inversion, but it inverts teachers with the
+    # meta-generator: it sits below inversion, beside the engine.
+    "privacy": 4,
     "wire": 4,
     "flower_app": 4,
 }
 # Not algorithm layers: the command-line tools and the terminal helpers they share.
 CLI_PARTS = {"bench", "console"}
-ALGORITHM_PARTS = {"data", "models", "inversion", "memory", "meta", "engine"}
+ALGORITHM_PARTS = {"data", "models", "inversion", "memory", "meta", "engine", "privacy"}
 FORBIDDEN_IN_ALGORITHMS = (
     "grpc",
     "grpc_health",

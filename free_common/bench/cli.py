@@ -7,6 +7,7 @@ Examples::
     free-bench zoo --data data-cache/small --models 8 --arch mix --out data-cache/zoo
     free-bench run --preset smoke --data data-cache/small --zoo data-cache/zoo --out runs/smoke
     free-bench poison --data data-cache/benchmark --zoo data-cache/zoo --out runs/poison
+    free-bench privacy --data data-cache/benchmark --zoo data-cache/zoo --out runs/privacy
     free-bench adapt --release RELEASE --data data-cache/benchmark --out runs/adapt
 """
 
@@ -19,6 +20,7 @@ import typer
 from free_common.bench.adapt_cmd import adapt
 from free_common.bench.data_cmd import data_app
 from free_common.bench.poison_cmd import poison
+from free_common.bench.privacy_cmd import privacy
 from free_common.bench.run_cmd import run
 from free_common.bench.zoo_cmd import zoo
 from free_common.console import run_app
@@ -35,6 +37,7 @@ app.add_typer(data_app, name="data")
 app.command("zoo")(zoo)
 app.command("run")(run)
 app.command("poison")(poison)
+app.command("privacy")(privacy)
 app.command("adapt")(adapt)
 
 

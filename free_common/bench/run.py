@@ -75,6 +75,7 @@ __all__ = [
     "BenchSettings",
     "ZooTeacher",
     "load_zoo",
+    "random_at_scale",
     "run_benchmark",
 ]
 
@@ -280,7 +281,7 @@ def run_benchmark(
         skipped["average"] = average
     else:
         models["average"], averaged = average
-    models["random"] = _random_at_scale(config, rounds["free"].init_scale)
+    models["random"] = random_at_scale(config, rounds["free"].init_scale)
 
     base = dataclasses.replace(
         config.validation, queries=TEST_QUERIES, episodes=settings.test_episodes
@@ -360,7 +361,7 @@ def _forward(tell: Notify, method: str) -> Callable[[EngineEvent], None]:
     return on_event
 
 
-def _random_at_scale(config: EngineConfig, scale: float) -> nn.Module:
+def random_at_scale(config: EngineConfig, scale: float) -> nn.Module:
     """Build the rounds' starting point: the seed's learner, scale-free weights rescaled."""
     model = random_init(lambda: build_learner(config.learner), config.seed)
     rescale_weights(model, scale_free_weights(model), scale)

@@ -13,6 +13,12 @@ safetensors weights under ``checkpoints/``.
 so one zoo holds heterogeneous teachers. ``--mix SPEC`` says exactly which: a JSON or
 TOML file of teacher groups (architecture, width, classes, input side, count) and
 whether label spaces are disjoint (`read_mix_spec`, `docs/zoo-mix.md`).
+
+With a `DpConfig` each teacher trains with DP-SGD (`free_common.privacy.dp`) as the
+batch-norm-free ``conv4gn`` and its metadata carries the epsilon and delta spent. Every
+record lists the indices (into the meta-train split) of the images it trained on and of
+those it held out, so the privacy audit knows members from non-members
+(`training_split` replays the draw for zoos built before the indices were recorded).
 """
 
 from __future__ import annotations
@@ -34,12 +40,13 @@ from torch import nn
 from free_common.data.episodes import to_tensor
 from free_common.data.imageset import ImageSet
 from free_common.durable import write_synced
-from free_common.errors import ConfigError, SplitError
+from free_common.errors import ConfigError, DataError, SplitError
 from free_common.models.backbones import BACKBONES, Backbone, build_backbone
 from free_common.models.checkpoint import save_checkpoint
 from free_common.models.export import to_onnx
 from free_common.models.metadata import task_to_dict
-from free_common.types import ChannelOrder, TaskMetadata
+from free_common.privacy.dp import DP_BACKBONES, DpConfig, DpResult, train_private
+from free_common.types import ChannelOrder, DpGuarantee, TaskMetadata
 
 __all__ = [
     "ZOO_ARCHS",
@@ -53,10 +60,11 @@ __all__ = [
     "teacher_plans",
     "train_teacher",
     "train_zoo",
+    "training_split",
 ]
 
-ZOO_ARCHS = ("conv4", "resnet", "mlp", "mix")
-_SINGLE = {"conv4": "conv4", "resnet": "resnet10", "mlp": "mlp"}
+ZOO_ARCHS = ("conv4", "conv4gn", "resnet", "mlp", "mix")
+_SINGLE = {"conv4": "conv4", "conv4gn": "conv4gn", "resnet": "resnet10", "mlp": "mlp"}
 _MIX = ("conv4", "resnet10", "mlp")
 # Input side of each architecture in a mixed zoo, relative to the data's own side.
 _MIX_SCALE = {"conv4": 1.0, "resnet10": 1.25, "mlp": 0.75}
@@ -179,6 +187,8 @@ class ZooConfig:
         Declare class names in the metadata (owners who share names share classes).
     mix
         A heterogeneous zoo's groups (`read_mix_spec`); it overrides `arch` and `ways`.
+    dp
+        Train every teacher with DP-SGD to this target (Conv4 zoos: as ``conv4gn``).
     """
 
     models: int
@@ -191,6 +201,7 @@ class ZooConfig:
     seed: int = 0
     class_names: bool = True
     mix: MixSpec | None = None
+    dp: DpConfig | None = None
 
     def __post_init__(self) -> None:
         if self.arch not in ZOO_ARCHS:
@@ -203,6 +214,11 @@ class ZooConfig:
             raise ConfigError(
                 f"the mix spec describes {self.mix.models} teachers but {self.models} were asked "
                 "for: leave --models out with --mix, or make them agree"
+            )
+        if self.dp is not None and (self.mix is not None or self.arch not in DP_BACKBONES):
+            raise ConfigError(
+                "DP teachers are Conv4 (trained as the batch-norm-free conv4gn): use --arch "
+                "conv4 without --mix with --dp-epsilon"
             )
 
 
@@ -223,10 +239,19 @@ class TeacherRecord:
     heldout_images: int
     seed: int
     train_seconds: float
+    train_indices: tuple[int, ...] = ()
+    """Indices into the meta-train split of the images it trained on (its members)."""
+    heldout_indices: tuple[int, ...] = ()
+    """Indices of its classes' images it never trained on (checkpoint selection only)."""
+    dp_epsilon: float | None = None
+    """Epsilon Opacus's accountant reports for its DP-SGD training; None without DP."""
+    dp_delta: float | None = None
 
 
 def teacher_plan(config: ZooConfig, index: int, image_side: int) -> tuple[str, int]:
     """Architecture and input side of teacher `index` in a zoo without a mix spec."""
+    if config.dp is not None:
+        return DP_BACKBONES[config.arch], image_side
     if config.arch != "mix":
         return _SINGLE[config.arch], image_side
     arch = _MIX[index % len(_MIX)]
@@ -295,6 +320,63 @@ def _split_indices(
         np.concatenate(held_idx),
         np.concatenate(held_y),
     )
+
+
+def _draw(
+    config: ZooConfig, index: int, ways: int, num_classes: int, disjoint: list[np.ndarray] | None
+) -> tuple[np.ndarray, np.random.Generator]:
+    """Teacher `index`'s classes and the generator its split then draws from."""
+    rng = np.random.default_rng([config.seed, index])
+    if disjoint is None:
+        return rng.choice(num_classes, ways, replace=False), rng
+    return disjoint[index], rng
+
+
+def training_split(data: ImageSet, record: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Return the indices into `data` (meta-train) of a teacher's training and held-out images.
+
+    Zoos record them (``train_indices``, ``heldout_indices``); for one built before they
+    did, the draw is replayed from the record's seed (Conv4-style zoo without a mix spec,
+    20 % held out) and checked against its classes and image counts.
+
+    Raises
+    ------
+    DataError
+        The replay does not give the record's classes and counts (another data set, or
+        a zoo built with other settings).
+    """
+    name = str(record.get("name", "?"))
+    if record.get("train_indices"):
+        train_idx = np.asarray(record["train_indices"], dtype=np.int64)
+        held_idx = np.asarray(record.get("heldout_indices") or [], dtype=np.int64)
+        both = np.concatenate([train_idx, held_idx])
+        if (
+            both.min() < 0
+            or both.max() >= len(data)
+            or not set(data.labels[both].tolist()) <= {int(c) for c in record.get("classes", [])}
+        ):
+            raise DataError(
+                f"the training images {name} records are not in this data set: pass the "
+                "meta-train split its zoo was built on"
+            )
+        return train_idx, held_idx
+    try:
+        index = int(name.split("-")[1])
+        zoo_seed, remainder = divmod(int(record["seed"]) - index, 100_003)
+        classes = [int(c) for c in record["classes"]]
+        config = ZooConfig(models=index + 1, ways=len(classes), seed=zoo_seed)
+    except (IndexError, ValueError, KeyError, TypeError, ConfigError):
+        raise DataError(f"zoo record {name} says too little to find its training images") from None
+    drawn, rng = _draw(config, index, len(classes), data.num_classes, None)
+    if remainder or [int(c) for c in drawn] != classes:
+        raise DataError(
+            f"cannot replay the training split of {name}: rebuild the zoo with this "
+            "free-bench (it records the indices) or pass the meta-train split it was built on"
+        )
+    train_idx, _, held_idx, _ = _split_indices(data, drawn, config.holdout, rng)
+    if (len(train_idx), len(held_idx)) != (record["train_images"], record["heldout_images"]):
+        raise DataError(f"the replayed split of {name} does not match its image counts")
+    return train_idx, held_idx
 
 
 def _images(data: ImageSet, indices: np.ndarray, side: int) -> torch.Tensor:
@@ -397,11 +479,7 @@ def train_zoo(
     records = []
     for index, plan in enumerate(plans):
         seed = config.seed * 100_003 + index
-        rng = np.random.default_rng([config.seed, index])
-        if disjoint is None:
-            classes = rng.choice(data.num_classes, plan.ways, replace=False)
-        else:
-            classes = disjoint[index]
+        classes, rng = _draw(config, index, plan.ways, data.num_classes, disjoint)
         arch, teacher_side = plan.arch, plan.side
         train_idx, train_y, held_idx, held_y = _split_indices(data, classes, config.holdout, rng)
         raw_train = _images(data, train_idx, teacher_side)
@@ -420,17 +498,25 @@ def train_zoo(
             class_names=names if config.class_names else (),
         )
         started = time.perf_counter()
-        model, accuracy, best_epoch = train_teacher(
-            plan,
-            ((raw_train - shift) / scale, torch.from_numpy(train_y)),
-            ((_images(data, held_idx, teacher_side) - shift) / scale, torch.from_numpy(held_y)),
-            config,
-            seed,
+        train = ((raw_train - shift) / scale, torch.from_numpy(train_y))
+        heldout = (
+            (_images(data, held_idx, teacher_side) - shift) / scale,
+            torch.from_numpy(held_y),
         )
+        spent: DpResult | None = None
+        if config.dp is None:
+            model, accuracy, best_epoch = train_teacher(plan, train, heldout, config, seed)
+        else:
+            torch.manual_seed(seed)
+            model = build_backbone(plan.arch, plan.ways, data.channels, teacher_side,
+                                   width=plan.width)  # fmt: skip
+            spent = train_private(model, train, heldout, config.epochs, config.dp, seed)
+            accuracy, best_epoch = spent.heldout_accuracy, spent.best_epoch
         suffix = "" if plan.width == BACKBONES[arch].default_width else f"-w{plan.width}"
         name = f"teacher-{index:03d}-{arch}{suffix}"
         width = plan.width
-        write_synced(out / f"{name}.onnx", to_onnx(model, task))
+        guarantee = None if spent is None else DpGuarantee(spent.epsilon, spent.delta)
+        write_synced(out / f"{name}.onnx", to_onnx(model, task, dp=guarantee))
         save_checkpoint(out / "checkpoints" / f"{name}.safetensors", model, arch=arch,
                         width=width, task=task)  # fmt: skip
         record = TeacherRecord(
@@ -446,6 +532,10 @@ def train_zoo(
             heldout_images=len(held_idx),
             seed=seed,
             train_seconds=round(time.perf_counter() - started, 3),
+            train_indices=tuple(int(i) for i in train_idx),
+            heldout_indices=tuple(int(i) for i in held_idx),
+            dp_epsilon=None if spent is None else round(spent.epsilon, 4),
+            dp_delta=None if spent is None else spent.delta,
         )
         text = json.dumps(asdict(record), indent=2, ensure_ascii=False) + "\n"
         write_synced(out / f"{name}.json", text.encode())

@@ -5,6 +5,7 @@ Example::
     free-bench data build --size small --out data-cache/small
     free-bench zoo --data data-cache/small --models 8 --arch mix --out data-cache/zoo
     free-bench zoo --data data-cache/benchmark --mix benchmarks/zoo-mixed.toml --out DIR
+    free-bench zoo --data data-cache/benchmark --models 8 --dp-epsilon 8 --out DIR
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from free_common.bench.zoo import ZOO_ARCHS, ZooConfig, read_mix_spec, train_zoo
 from free_common.console import out_console, progress
 from free_common.data.glyphs_store import load_glyph_split
 from free_common.errors import ConfigError
+from free_common.privacy.dp import DpConfig
 
 __all__ = ["zoo"]
 
@@ -43,6 +45,11 @@ def zoo(
     class_names: Annotated[
         bool, typer.Option(help="declare class names in the models' metadata")
     ] = True,
+    dp_epsilon: Annotated[
+        float | None,
+        typer.Option(help="train with DP-SGD (Opacus) to this epsilon; Conv4 trains as conv4gn"),
+    ] = None,
+    dp_delta: Annotated[float, typer.Option(help="DP delta (with --dp-epsilon)")] = 1e-5,
 ) -> None:
     """Train one classifier per random class subset of meta-train and export each to ONNX."""
     spec = read_mix_spec(mix) if mix is not None else None
@@ -59,6 +66,7 @@ def zoo(
         lr=lr,
         seed=seed,
         class_names=class_names,
+        dp=None if dp_epsilon is None else DpConfig(epsilon=dp_epsilon, delta=dp_delta),
     )
     split = load_glyph_split(data, "meta-train")
     with progress("training teachers", count) as advance:
@@ -68,7 +76,8 @@ def zoo(
         out_console.print(
             f"{record.name}: {record.arch} {side}x{side}, held-out accuracy "
             f"{record.heldout_accuracy:.1%} (epoch {record.best_epoch}), "
-            f"{record.train_seconds:.1f} s",
+            f"{record.train_seconds:.1f} s"
+            + ("" if record.dp_epsilon is None else f", DP epsilon {record.dp_epsilon:.2f}"),
             markup=False,
             highlight=False,
         )

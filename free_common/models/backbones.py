@@ -21,6 +21,12 @@ Registered names (`BACKBONES`):
     the paper uses w = 64, the default here is 16 so it trains on a CPU.
 ``mlp``
     flatten, [Linear, BN1d, ReLU] x 2, linear.
+``conv4gn``
+    Conv4 with `GroupNorm2d` (4 groups) in place of batch norm: the backbone of
+    differentially private teachers. DP-SGD clips each example's gradient, which batch
+    norm makes meaningless (an example's output depends on the whole batch), so Opacus
+    refuses it. Group norm normalizes each example on its own and keeps no running
+    statistics, so its ONNX graph gives inversion no batch-norm prior either.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ __all__ = [
     "Backbone",
     "BackboneSpec",
     "Conv4",
+    "GroupNorm2d",
     "ResNet",
     "build_backbone",
 ]
@@ -80,10 +87,54 @@ class ConvBlock(nn.Sequential):
         self.pool = nn.MaxPool2d(2)
 
 
+class GroupNorm2d(nn.Module):
+    """Group normalization of ``[N, C, H, W]`` written in allow-listed ONNX operators.
+
+    `nn.GroupNorm` exports at opset 17 as InstanceNormalization, which intake does not
+    take; this computes the same function from Reshape, ReduceMean, Sub, Mul, Sqrt and
+    Div. Opacus has no hook for it and computes its per-example gradients with functorch.
+    """
+
+    def __init__(self, groups: int, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        if channels % groups:
+            raise ConfigError(f"group norm needs channels ({channels}) divisible by {groups}")
+        self.groups = groups
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(1, channels, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalize each example's channel groups to mean 0, variance 1, then scale and shift."""
+        grouped = x.reshape(x.shape[0], self.groups, -1)  # (N, G, C/G * H * W)
+        centred = grouped - grouped.mean(dim=2, keepdim=True)
+        variance = (centred * centred).mean(dim=2, keepdim=True)
+        normalized = (centred / torch.sqrt(variance + self.eps)).reshape(x.shape)
+        return normalized * self.weight + self.bias
+
+
+class GroupNormBlock(nn.Sequential):
+    """Conv3x3 (padding 1) -> GroupNorm2d -> ReLU -> MaxPool 2: `ConvBlock` without batch norm."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.gn = GroupNorm2d(4 if out_channels % 4 == 0 else 1, out_channels)
+        self.relu = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+
+
 class Conv4(Backbone):
     """The Conv4 of FREE and CloserLook: four `ConvBlock` then a flattened linear head."""
 
-    def __init__(self, num_classes: int, in_channels: int, image_size: int, width: int) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        in_channels: int,
+        image_size: int,
+        width: int,
+        block: Callable[[int, int], nn.Module] = ConvBlock,
+    ) -> None:
         if image_size < 16:
             raise ConfigError(
                 f"conv4 needs images of at least 16x16 (four 2x poolings); got {image_size}"
@@ -91,7 +142,7 @@ class Conv4(Backbone):
         side = image_size
         for _ in range(4):
             side //= 2  # MaxPool2d(2) floors odd sizes: 28 -> 14 -> 7 -> 3 -> 1
-        blocks = [ConvBlock(in_channels if i == 0 else width, width) for i in range(4)]
+        blocks = [block(in_channels if i == 0 else width, width) for i in range(4)]
         features = nn.Sequential(*blocks, nn.Flatten())
         super().__init__(features, width * side * side, num_classes)
 
@@ -190,6 +241,12 @@ BACKBONES: dict[str, BackboneSpec] = {
         "ResNet-18 (CloserLook), GAP",
     ),
     "mlp": BackboneSpec(MLP, 256, "features.1.weight", "flatten, 2 x linear-BN1d-ReLU, linear"),
+    "conv4gn": BackboneSpec(
+        lambda n, c, s, w: Conv4(n, c, s, w, GroupNormBlock),
+        32,
+        "features.0.conv.weight",
+        "4 x conv3x3-GroupNorm-ReLU-maxpool, flatten, linear (DP teachers)",
+    ),
 }
 
 
@@ -206,7 +263,7 @@ def build_backbone(
     Parameters
     ----------
     name
-        A key of `BACKBONES`: ``conv4``, ``resnet10``, ``resnet18`` or ``mlp``.
+        A key of `BACKBONES`: ``conv4``, ``resnet10``, ``resnet18``, ``mlp`` or ``conv4gn``.
     num_classes
         Number of output logits.
     in_channels

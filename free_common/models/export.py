@@ -21,7 +21,7 @@ from torch import nn
 
 from free_common.errors import ConfigError
 from free_common.models.metadata import write_metadata
-from free_common.types import TaskMetadata
+from free_common.types import DpGuarantee, TaskMetadata
 
 __all__ = ["EXPORT_OPSET", "INPUT_NAME", "OUTPUT_NAME", "to_onnx"]
 
@@ -30,7 +30,7 @@ INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 
 
-def to_onnx(model: nn.Module, task: TaskMetadata) -> bytes:
+def to_onnx(model: nn.Module, task: TaskMetadata, dp: DpGuarantee | None = None) -> bytes:
     """Serialize `model` as ONNX bytes with BatchNorm kept and `task` in metadata_props.
 
     Parameters
@@ -41,6 +41,8 @@ def to_onnx(model: nn.Module, task: TaskMetadata) -> bytes:
         restored afterwards and its weights are not changed.
     task
         The metadata written into the file.
+    dp
+        The DP guarantee it was trained to, written beside the task when given.
 
     Returns
     -------
@@ -89,5 +91,5 @@ def to_onnx(model: nn.Module, task: TaskMetadata) -> bytes:
         model.train(was_training)
     proto = onnx.ModelProto()
     proto.ParseFromString(exported)
-    write_metadata(proto, task)
+    write_metadata(proto, task, dp)
     return bytes(proto.SerializeToString())

@@ -15,6 +15,11 @@ Keys (values are strings; lists are JSON)::
     free.mean              "[0.5]"              one value per channel
     free.std               "[0.5]"
     free.class_names       '["a", "b", ...]'   optional
+    free.dp_epsilon        "8.0"                optional, with free.dp_delta: the
+    free.dp_delta          "1e-05"              owner's declared DP-SGD guarantee
+
+The two ``dp`` keys are read apart from the task (`dp_from_props`): a model either
+declares both or neither.
 """
 
 from __future__ import annotations
@@ -26,13 +31,17 @@ from typing import Any
 import onnx
 
 from free_common.errors import MetadataError, RecordError
-from free_common.types import MAX_JSON_CHARS, ChannelOrder, TaskMetadata
+from free_common.types import MAX_JSON_CHARS, ChannelOrder, DpGuarantee, TaskMetadata
 
 __all__ = [
+    "DP_KEYS",
     "METADATA_PREFIX",
     "METADATA_VERSION",
+    "dp_from_props",
+    "dp_to_props",
     "metadata_from_props",
     "metadata_to_props",
+    "read_dp",
     "read_metadata",
     "task_from_dict",
     "task_to_dict",
@@ -42,6 +51,33 @@ __all__ = [
 METADATA_PREFIX = "free."
 METADATA_VERSION = "1"
 _JSON_KEYS = ("num_classes", "input_shape", "mean", "std", "class_names")
+DP_KEYS = (METADATA_PREFIX + "dp_epsilon", METADATA_PREFIX + "dp_delta")
+
+
+def dp_to_props(dp: DpGuarantee) -> dict[str, str]:
+    """Return the ``free.dp_epsilon`` and ``free.dp_delta`` entries of `dp`."""
+    return {DP_KEYS[0]: repr(dp.epsilon), DP_KEYS[1]: repr(dp.delta)}
+
+
+def dp_from_props(props: Mapping[str, str]) -> DpGuarantee | None:
+    """Parse the declared DP guarantee in `props`; None when it declares none.
+
+    Raises
+    ------
+    MetadataError
+        Only one of the two keys, or a value that is not a number in its range.
+    """
+    present = [key in props for key in DP_KEYS]
+    if not any(present):
+        return None
+    if not all(present):
+        raise MetadataError("free.dp_epsilon and free.dp_delta go together: give both or neither")
+    try:
+        return DpGuarantee(float(props[DP_KEYS[0]][:40]), float(props[DP_KEYS[1]][:40]))
+    except ValueError:
+        raise MetadataError("free.dp_epsilon and free.dp_delta must be numbers") from None
+    except RecordError as exc:
+        raise MetadataError(f"metadata {exc.message}") from None
 
 
 def task_to_dict(task: TaskMetadata) -> dict[str, Any]:
@@ -107,7 +143,11 @@ def metadata_from_props(props: Mapping[str, str]) -> TaskMetadata | None:
     MetadataError
         The entries are present but malformed, unknown or inconsistent.
     """
-    ours = {k[len(METADATA_PREFIX) :]: v for k, v in props.items() if k.startswith(METADATA_PREFIX)}
+    ours = {
+        k[len(METADATA_PREFIX) :]: v
+        for k, v in props.items()
+        if k.startswith(METADATA_PREFIX) and k not in DP_KEYS
+    }
     if not ours:
         return None
     version = ours.pop("metadata_version", None)
@@ -136,12 +176,26 @@ def _refuse_constant(token: str) -> object:
     raise ValueError(f"{token} is not JSON")
 
 
-def write_metadata(model: onnx.ModelProto, task: TaskMetadata) -> None:
-    """Replace the model's ``free.*`` metadata_props with `task` (other keys are kept)."""
+def write_metadata(
+    model: onnx.ModelProto, task: TaskMetadata, dp: DpGuarantee | None = None
+) -> None:
+    """Replace the model's ``free.*`` metadata_props with `task` and `dp` (others are kept)."""
     kept = [(p.key, p.value) for p in model.metadata_props if not p.key.startswith(METADATA_PREFIX)]
     del model.metadata_props[:]
-    for key, value in [*kept, *metadata_to_props(task).items()]:
+    ours = {**metadata_to_props(task), **(dp_to_props(dp) if dp is not None else {})}
+    for key, value in [*kept, *ours.items()]:
         model.metadata_props.add(key=key, value=value)
+
+
+def read_dp(model: onnx.ModelProto) -> DpGuarantee | None:
+    """Read the DP guarantee `model` declares; None when it declares none.
+
+    Raises
+    ------
+    MetadataError
+        The keys are malformed or only one is present.
+    """
+    return dp_from_props({p.key: p.value for p in model.metadata_props})
 
 
 def read_metadata(model: onnx.ModelProto) -> TaskMetadata | None:

@@ -45,8 +45,8 @@ from free_common.errors import (
     TensorLimitError,
     UnsupportedOperatorError,
 )
-from free_common.models.metadata import read_metadata
-from free_common.types import TaskMetadata
+from free_common.models.metadata import read_dp, read_metadata
+from free_common.types import DpGuarantee, TaskMetadata
 
 __all__ = [
     "ALLOWED_OPS",
@@ -213,6 +213,8 @@ class StaticReport:
         Every ``metadata_props`` entry, ours and others.
     warnings
         Things that are allowed but worth telling the owner.
+    dp
+        The DP guarantee the model declares (``free.dp_epsilon``, ``free.dp_delta``).
     """
 
     model: onnx.ModelProto
@@ -228,6 +230,7 @@ class StaticReport:
     num_parameters: int
     metadata_props: dict[str, str]
     warnings: tuple[str, ...] = field(default=())
+    dp: DpGuarantee | None = None
 
 
 def parse_model(data: bytes, limits: IntakeLimits) -> onnx.ModelProto:
@@ -676,6 +679,7 @@ def check_static(
             f"{limits.max_metadata_chars:,}"
         )
     own_task = read_metadata(model)
+    dp = read_dp(model)
     task = task or own_task
     if task is None:
         raise MetadataError(
@@ -710,6 +714,7 @@ def check_static(
         num_parameters=num_parameters,
         metadata_props={p.key: p.value for p in model.metadata_props},
         warnings=tuple(warnings),
+        dp=dp,
     )
 
 

@@ -9,7 +9,7 @@ the path of a staged upload.
 
 Protocol: ``python -m free_common.models.static_worker '<limits JSON>'``, then
 one JSON request per line on stdin, ``{"path": str, "task": dict | null}``, and
-one JSON reply per line on stdout, ``{"ok": true, "warnings": [...]}`` or
+one JSON reply per line on stdout, ``{"ok": true, "warnings": [...], "dp": {...} | null}`` or
 ``{"ok": false, "refusal": "<IntakeError subclass>", "reason": str}``. The
 worker caps its own address space, file writes and core dumps before it reads
 any request; the server enforces the time limit by killing it.
@@ -97,7 +97,8 @@ def check_file(
     except MemoryError:
         reason = out_of_memory_reason(limits.memory_bytes, "the static checks could not allocate")
         return refusal_reply(IntakeResourceError(reason))
-    return {"ok": True, "warnings": list(report.warnings)}
+    dp = None if report.dp is None else {"epsilon": report.dp.epsilon, "delta": report.dp.delta}
+    return {"ok": True, "warnings": list(report.warnings), "dp": dp}
 
 
 def main() -> None:

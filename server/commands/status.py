@@ -8,7 +8,8 @@
      "submissions": {"received": n, "accepted": n, "refused": n, "held": n, "withdrawn": n,
                      "recent": [{"id", "client", "client_key_id", "sha256", "size",
                                  "state", "reason", "received_at", "verdict_at",
-                                 "withdrawn_at", "held_at", "hold_reason", "screening"}]},
+                                 "withdrawn_at", "held_at", "hold_reason", "screening",
+                                 "dp"}]},
      "rounds": [{"id", "state", "preset", "requested_at", "started_at", "finished_at",
                  "error"}],
      "releases": [{"version", "round_id", "sha256", "size", "created_at",
@@ -21,7 +22,9 @@ A client is one key of an owner: ``state`` is ``active``, ``revoked`` or ``repla
 ``withdrawn`` only, and keeps its verdict ``state`` in ``recent``; a held one (screening
 or the operator holds it: `free-server submissions`) is counted under ``held``, keeps its
 ``state`` and has ``held_at`` and ``hold_reason`` set. ``screening`` is the screening
-report (``figures``, ``verdict``, ``reason``, ``seconds``) or null.
+report (``figures``, ``verdict``, ``reason``, ``seconds``) or null. ``dp`` is the
+``{"epsilon", "delta"}`` the model declares it was trained to with DP-SGD, or null; a
+release's ``metrics.dp`` gives the smallest and largest epsilon among its teachers.
 """
 
 from __future__ import annotations
@@ -102,6 +105,7 @@ def summary_to_json(summary: StoreSummary) -> dict[str, Any]:
                     "held_at": _iso(s.held_at),
                     "hold_reason": s.hold_reason,
                     "screening": s.screening,
+                    "dp": None if s.dp is None else {"epsilon": s.dp.epsilon, "delta": s.dp.delta},
                 }
                 for s in summary.submissions
             ],
@@ -131,6 +135,15 @@ def summary_to_json(summary: StoreSummary) -> dict[str, Any]:
     }
 
 
+def _dp_range(dp: dict[str, Any] | None) -> str:
+    """``1-8 (3/5)``: the epsilon range among a release's DP teachers, and how many are."""
+    if not dp or not dp.get("teachers_with_dp"):
+        return ""
+    low, high = dp["epsilon_min"], dp["epsilon_max"]
+    span = f"{low:g}" if low == high else f"{low:g}-{high:g}"
+    return f"{span} ({dp['teachers_with_dp']}/{dp['teachers']})"
+
+
 def _short(moment: str | None) -> str:
     return "" if moment is None else moment[:16].replace("T", " ")
 
@@ -148,7 +161,7 @@ def _print(report: dict[str, Any]) -> None:
         f" {subs['refused']} refused, {subs['held']} held, {subs['withdrawn']} withdrawn"
     )
     if subs["recent"]:
-        table = Table("id", "client", "size", "received", "state")
+        table = Table("id", "client", "size", "received", "state", "DP epsilon")
         table.add_column("reason", overflow="fold")
         for s in subs["recent"]:
             table.add_row(
@@ -159,6 +172,7 @@ def _print(report: dict[str, Any]) -> None:
                 s["state"]
                 + (", withdrawn" if s["withdrawn_at"] else "")
                 + (", held" if s["held_at"] else ""),
+                "" if s["dp"] is None else f"{s['dp']['epsilon']:g}",
                 s["reason"] or s["hold_reason"] or "",
             )
         show(table)
@@ -178,7 +192,9 @@ def _print(report: dict[str, Any]) -> None:
         show(table)
     show(f"[bold]releases[/] {len(report['releases'])}")
     if report["releases"]:
-        table = Table("version", "round", "architecture", "size", "created", "sources")
+        table = Table(
+            "version", "round", "architecture", "size", "created", "sources", "DP epsilon"
+        )
         for rel in report["releases"]:
             table.add_row(
                 str(rel["version"]),
@@ -187,6 +203,7 @@ def _print(report: dict[str, Any]) -> None:
                 f"{rel['size']:,}",
                 _short(rel["created_at"]),
                 str(len(rel.get("source_submission_ids", []))),
+                _dp_range(rel.get("metrics", {}).get("dp")),
             )
         show(table)
     show(f"[bold]evaluations[/] {len(report['evaluations'])}")
