@@ -145,7 +145,7 @@ def main() -> None:
         result = run_round(
             zoo[: (index + 1) * args.arrivals],
             continual,
-            args.out / "work-continual",
+            args.out / "work" / "continual",
             validation=validation,
             device="cpu",
             fresh=index == 0,
@@ -157,7 +157,7 @@ def main() -> None:
 
     clock = time.perf_counter()
     whole = run_round(
-        zoo, full, args.out / "work-full", validation=validation, device="cpu", fresh=True
+        zoo, full, args.out / "work" / "full", validation=validation, device="cpu", fresh=True
     )
     seconds = time.perf_counter() - clock
     whole_scores = scored(whole)
