@@ -1,29 +1,37 @@
 """Load benchmark of the exchange service: K owners submit models of one size at once, over TLS.
 
 It makes a server home in a temporary folder (loopback only), enrolls K owners,
-starts ``free-server start --no-flower`` as a subprocess, and has K threads, each
-an owner with its own TLS channel, upload a distinct valid ONNX model of the chosen
-size at the same moment (the uploader's own building blocks: signed manifest,
-chunked stream, receipt checked against the pinned server key). It reports, as
-JSON on stdout and in ``--out``:
+starts ``free-server start --no-flower`` as a subprocess, and has the K owners,
+spread over ``--procs`` generator processes (a thread and a TLS channel each, so
+the generator's own Python is not one GIL's worth of bottleneck), upload a
+distinct valid ONNX model of the chosen size at the same moment (the uploader's
+own building blocks: signed manifest, chunked stream, receipt checked against
+the pinned server key). It reports, as JSON on stdout and in ``--out``:
 
 - ``acknowledged``: uploads that got a verified receipt; ``stored_once``: owners
   with exactly one stored row whose blob's sha256 is their model's;
-- ``throughput_per_s``, ``p50_s``, ``p99_s``: receipts per second, and latency from
-  the common start to the receipt (busy retries included);
-- ``busy_retries``: calls the server refused with RESOURCE_EXHAUSTED because its
-  concurrent-call limit (`free_server.grpc_server.MAX_CONCURRENT_CALLS`) was
-  reached; ``unavailable_retries`` and ``handshake_retries`` count connections
-  that timed out or whose TLS handshake the loaded server dropped. The benchmark
-  retries all three with jittered backoff, as ``free-client submit`` does
+- ``throughput_per_s``, ``throughput_mb_per_s``, ``p50_s``, ``p99_s``: receipts
+  per second and MiB per second into the store, and latency from the common
+  start to the receipt (retries included);
+- ``busy_retries``: calls refused with RESOURCE_EXHAUSTED because the server's
+  hard cap on calls (`free_server.grpc_server.MAX_CONCURRENT_CALLS`) was reached;
+  ``unavailable_retries`` and ``handshake_retries`` count connections that timed
+  out or whose TLS handshake the loaded server dropped. The benchmark retries all
+  three with jittered backoff, as ``free-client submit`` does
   (`free_client.uploader`), and counts them by kind;
 - ``verdict_s``: time from the start until every acknowledged model has its
-  intake verdict, and the verdict counts;
+  intake verdict, and the verdict counts; ``verdict_s_per_model`` and
+  ``intake_cpu_s_per_model`` (CPU of the intake worker processes per verdict);
+- ``cpu_s_until_receipts``: CPU seconds from the start to the last receipt of the
+  exchange process (and its threads by name), its static check workers, intake
+  workers, and the load generator's processes (`load_profile`);
 - ``server_rss_growth_mb``: peak RSS of the exchange server process during the
   run (its ``VmHWM``, reset with ``/proc/PID/clear_refs`` once the server is idle)
   minus its idle RSS. Intake workers and static check workers are separate
   processes under their own memory limit (``intake.memory_mb``); their largest
-  sampled peaks are reported apart.
+  sampled peaks are reported apart;
+- with ``--profile DIR``: a perf recording of the exchange process (on-CPU split
+  by shared object) and a py-spy profile of its Python (``--gil``), summarized.
 
 Usage::
 
@@ -180,8 +188,8 @@ class Server:
     port: int
 
 
-def start_server(home: ServerHome) -> Server:
-    """Run ``free-server start --no-flower`` on a free loopback port."""
+def start_server(home: ServerHome, *, insecure: bool = False) -> Server:
+    """Run ``free-server start --no-flower`` on a free loopback port (plaintext if asked)."""
     command = [
         str(Path(sys.executable).parent / "free-server"),
         "start",
@@ -190,6 +198,7 @@ def start_server(home: ServerHome) -> Server:
         "--port",
         "0",
         "--no-flower",
+        *(["--insecure"] if insecure else []),
     ]
     env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
     log = (home.root / "server.log").open("w")
@@ -285,6 +294,7 @@ class Generator:
     model_size: int
     chunk_bytes: int
     deadline_s: float
+    insecure: bool
 
 
 def _chunks(data: bytes, size: int) -> Iterator[bytes]:
@@ -353,7 +363,11 @@ def generate(
     receipt, so the generator's own cost is known apart from the server's.
     """
     template = template_model(spec.model_size)
-    connection = Connection(spec.address, ca=spec.ca)
+    connection = (
+        Connection(spec.address, insecure=True)
+        if spec.insecure
+        else Connection(spec.address, ca=spec.ca)
+    )
     server_pub = load_public_key(spec.server_pub)
     outcomes = [Outcome() for _ in owners]
     local = threading.Barrier(len(owners) + 1)
@@ -471,8 +485,7 @@ def _profile_report(folder: Path) -> dict[str, Any]:
     """The CPU split of the exchange process from its perf and py-spy recordings."""
     report: dict[str, Any] = {"folder": str(folder)}
     if (folder / "server.perf.data").is_file():
-        split = perf_split(folder / "server.perf.data")
-        report["perf_on_cpu_split"] = {k: round(v, 3) for k, v in split.items()}
+        report["perf_on_cpu"] = perf_split(folder / "server.perf.data")
     if (folder / "server-py-spy.txt").is_file():
         raw = folder / "server-py-spy.txt"
         report["py_spy_gil_split"] = {k: round(v, 3) for k, v in profile_split(raw).items()}
@@ -496,7 +509,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             intake_memory_mb=args.intake_memory_mb,
         )
         keys = enroll(home, args.clients)
-        server = start_server(home)
+        server = start_server(home, insecure=args.insecure)
         profiler = perf = None
         try:
             spec = Generator(
@@ -506,6 +519,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 size,
                 args.chunk_kb * 1024,
                 args.deadline_s,
+                args.insecure,
             )
             processes, ready, start, t0, results = _start_generators(spec, keys, procs)
             ready.wait()  # every generator has its models and channels
@@ -605,6 +619,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "intake_worker_peak_rss_mb_sampled": watch.worker_peak_kb / 1024,
         "static_check_worker_peak_rss_mb_sampled": watch.static_peak_kb / 1024,
         "chunk_bytes": args.chunk_kb * 1024,
+        "transport": "plaintext (--insecure)" if args.insecure else "TLS",
         "cpus": os.cpu_count(),
         "load_average_before": [round(x, 2) for x in load0],
         "load_average_after": [round(x, 2) for x in load1],
@@ -630,6 +645,9 @@ def main() -> None:
     parser.add_argument("--settle-s", type=float, default=2.0, help="idle time before the baseline")
     parser.add_argument(
         "--procs", type=int, default=4, help="load generator processes the owners run in"
+    )
+    parser.add_argument(
+        "--insecure", action="store_true", help="plaintext (to measure what TLS costs)"
     )
     parser.add_argument(
         "--profile", type=Path, help="folder for perf and py-spy recordings of the server"
