@@ -428,6 +428,7 @@ def _wait_for_verdicts(
         if "received" not in states or time.monotonic() > deadline:
             return {
                 "verdict_s": time.monotonic() - t0 if "received" not in states else None,
+                "verdict_waited_s": time.monotonic() - t0,
                 "accepted": states.count("accepted"),
                 "refused": states.count("refused"),
                 "pending": states.count("received"),
@@ -573,7 +574,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 server.process.wait(60)
             except subprocess.TimeoutExpired:
                 server.process.kill()
-    verdict_s = verdicts["verdict_s"]
     decided = verdicts["accepted"] + verdicts["refused"]
     report: dict[str, Any] = {
         "clients": args.clients,
@@ -592,7 +592,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "handshake_retries": sum(o.handshake_retries for o in outcomes),
         "errors": errors,
         **verdicts,
-        "verdict_s_per_model": verdict_s / decided if verdict_s and decided else None,
+        # Wall time per verdict, also when the wait ended with models still pending.
+        "verdict_s_per_model": verdicts["verdict_waited_s"] / decided if decided else None,
         "intake_cpu_s_per_model": (reaped2 - reaped0) / decided if decided else None,
         "cpu_s_until_receipts": {
             "exchange_process": server_cpu1 - server_cpu0,
