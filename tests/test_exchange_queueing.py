@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from exchange_harness import TASK, Owner, enroll, good_model, make_owner, new_ho
 
 from free_client.stub import Connection, ExchangeClient
 from free_client.uploader import check_receipt, sign_manifest
-from free_common.errors import HandshakeDropped, ServerRefused
+from free_common.errors import FreeError, HandshakeDropped, ServerRefused
 from free_common.models.onnx_static import IntakeLimits
 from free_common.security.keys import load_private_key, load_public_key
 from free_common.types import Receipt, Signed
@@ -148,3 +149,27 @@ def test_an_upload_that_stops_sending_gives_its_thread_back(
     assert sum(world.store.summary(recent=0).submission_counts.values()) == 0
     receipt = _submit(world, good_model(seed=302))
     assert receipt.record.payload_size > 0
+
+
+def test_stopping_with_an_upload_in_flight_and_one_waiting_ends_both_promptly(
+    world: World,
+) -> None:
+    release = threading.Event()
+    first, second = good_model(seed=401), good_model(seed=402)
+    temp = world.store.blobs.tmp_dir
+    with ThreadPoolExecutor(2) as pool:
+        held = pool.submit(_submit, world, first, _held(first, release))
+        assert wait_until(lambda: len(list(temp.iterdir())) == 1, 10)
+        waiting = pool.submit(_submit, world, second)
+        time.sleep(0.3)  # the second call is queued for the one upload thread
+        began = time.monotonic()
+        world.server.stop(1)
+        # Grace, then the calls are cancelled: the thread reading the held stream
+        # learns it at once, instead of waiting out READ_IDLE_S.
+        assert time.monotonic() - began < 10
+        release.set()
+        for outcome in (held, waiting):
+            with pytest.raises(FreeError):
+                outcome.result(30)
+    assert list(temp.iterdir()) == []
+    assert sum(world.store.summary(recent=0).submission_counts.values()) == 0
