@@ -126,7 +126,7 @@ class CallAuthInterceptor(_Interceptor):
         self._executor = executor
         self._clock = clock
 
-    async def intercept_service(  # type: ignore[override]  # grpc passes None on: unknown methods
+    async def intercept_service(  # type: ignore[override]  # None: no such method
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,

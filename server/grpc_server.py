@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+
+# Public as grpc_health.v1.health.aio, imported there only conditionally (mypy misses it).
 from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -211,6 +213,7 @@ class ExchangeServer:
             port = 0
             log.debug("binding %s failed: %s", target, exc)
         if port == 0:
+            await server.stop(None)
             raise ConfigError(
                 f"cannot listen on {target}: the port is in use or the address is not this"
                 " machine's; choose another --port"

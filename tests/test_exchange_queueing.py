@@ -22,7 +22,7 @@ from exchange_harness import TASK, Owner, enroll, good_model, make_owner, new_ho
 
 from free_client.stub import Connection, ExchangeClient
 from free_client.uploader import check_receipt, sign_manifest
-from free_common.errors import FreeError, HandshakeDropped, ServerRefused
+from free_common.errors import ConfigError, FreeError, HandshakeDropped, ServerRefused
 from free_common.models.onnx_static import IntakeLimits
 from free_common.security.keys import load_private_key, load_public_key
 from free_common.types import Receipt, Signed
@@ -173,3 +173,19 @@ def test_stopping_with_an_upload_in_flight_and_one_waiting_ends_both_promptly(
                 outcome.result(30)
     assert list(temp.iterdir()) == []
     assert sum(world.store.summary(recent=0).submission_counts.values()) == 0
+
+
+def test_a_second_server_on_a_taken_port_fails_with_one_line_and_leaves_no_thread(
+    world: World,
+) -> None:
+    policy = SubmissionPolicy(1 << 20, 300_000, IntakeLimits())
+    service = ExchangeService(
+        world.store, load_private_key(world.home.signing_key), policy, chunk_bytes=1024
+    )
+    second = ExchangeServer(service, world.home, Listen("127.0.0.1", world.server.port), 300)
+    threads = threading.active_count()
+    with pytest.raises(ConfigError, match="choose another --port"):
+        second.start()
+    assert wait_until(lambda: threading.active_count() <= threads, 5)
+    # The first server still serves.
+    assert _submit(world, good_model(seed=501)).record.payload_size > 0
