@@ -1,29 +1,37 @@
 """Load benchmark of the exchange service: K owners submit models of one size at once, over TLS.
 
 It makes a server home in a temporary folder (loopback only), enrolls K owners,
-starts ``free-server start --no-flower`` as a subprocess, and has K threads, each
-an owner with its own TLS channel, upload a distinct valid ONNX model of the chosen
-size at the same moment (the uploader's own building blocks: signed manifest,
-chunked stream, receipt checked against the pinned server key). It reports, as
-JSON on stdout and in ``--out``:
+starts ``free-server start --no-flower`` as a subprocess, and has the K owners,
+spread over ``--procs`` generator processes (a thread and a TLS channel each, so
+the generator's own Python is not one GIL's worth of bottleneck), upload a
+distinct valid ONNX model of the chosen size at the same moment (the uploader's
+own building blocks: signed manifest, chunked stream, receipt checked against
+the pinned server key). It reports, as JSON on stdout and in ``--out``:
 
 - ``acknowledged``: uploads that got a verified receipt; ``stored_once``: owners
   with exactly one stored row whose blob's sha256 is their model's;
-- ``throughput_per_s``, ``p50_s``, ``p99_s``: receipts per second, and latency from
-  the common start to the receipt (busy retries included);
-- ``busy_retries``: calls the server refused with RESOURCE_EXHAUSTED because its
-  concurrent-call limit (`free_server.grpc_server.MAX_CONCURRENT_CALLS`) was
-  reached; ``unavailable_retries`` and ``handshake_retries`` count connections
-  that timed out or whose TLS handshake the loaded server dropped. The benchmark
-  retries all three with jittered backoff, as ``free-client submit`` does
+- ``throughput_per_s``, ``throughput_mb_per_s``, ``p50_s``, ``p99_s``: receipts
+  per second and MiB per second into the store, and latency from the common
+  start to the receipt (retries included);
+- ``busy_retries``: calls refused with RESOURCE_EXHAUSTED because the server's
+  hard cap on calls (`free_server.grpc_server.MAX_CONCURRENT_CALLS`) was reached;
+  ``unavailable_retries`` and ``handshake_retries`` count connections that timed
+  out or whose TLS handshake the loaded server dropped. The benchmark retries all
+  three with jittered backoff, as ``free-client submit`` does
   (`free_client.uploader`), and counts them by kind;
 - ``verdict_s``: time from the start until every acknowledged model has its
-  intake verdict, and the verdict counts;
+  intake verdict, and the verdict counts; ``verdict_s_per_model`` and
+  ``intake_cpu_s_per_model`` (CPU of the intake worker processes per verdict);
+- ``cpu_s_until_receipts``: CPU seconds from the start to the last receipt of the
+  exchange process (and its threads by name), its static check workers, intake
+  workers, and the load generator's processes (`load_profile`);
 - ``server_rss_growth_mb``: peak RSS of the exchange server process during the
   run (its ``VmHWM``, reset with ``/proc/PID/clear_refs`` once the server is idle)
   minus its idle RSS. Intake workers and static check workers are separate
   processes under their own memory limit (``intake.memory_mb``); their largest
-  sampled peaks are reported apart.
+  sampled peaks are reported apart;
+- with ``--profile DIR``: a perf recording of the exchange process (on-CPU split
+  by shared object) and a py-spy profile of its Python (``--gil``), summarized.
 
 Usage::
 
@@ -38,6 +46,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
@@ -48,13 +57,23 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from load_profile import (
+    cpu_seconds,
+    perf_split,
+    profile_split,
+    start_perf,
+    start_profiler,
+    stop_profiler,
+    thread_cpu,
+    top_frames,
+)
 from onnx import TensorProto, helper, numpy_helper
 
 from free_client.stub import Connection, ExchangeClient
@@ -62,7 +81,7 @@ from free_client.uploader import check_receipt, sign_manifest
 from free_common.errors import FreeError, ServerRefused, ServerUnavailable, TlsError
 from free_common.models.metadata import write_metadata
 from free_common.security.keys import generate_signing_key, key_id, load_public_key, public_key_pem
-from free_common.types import ChannelOrder, Receipt, Signed, TaskMetadata
+from free_common.types import ChannelOrder, TaskMetadata
 from free_server.config import CONFIG_NAME, write_config
 from free_server.home import ServerHome, create_home
 
@@ -169,8 +188,8 @@ class Server:
     port: int
 
 
-def start_server(home: ServerHome) -> Server:
-    """Run ``free-server start --no-flower`` on a free loopback port."""
+def start_server(home: ServerHome, *, insecure: bool = False) -> Server:
+    """Run ``free-server start --no-flower`` on a free loopback port (plaintext if asked)."""
     command = [
         str(Path(sys.executable).parent / "free-server"),
         "start",
@@ -179,6 +198,7 @@ def start_server(home: ServerHome) -> Server:
         "--port",
         "0",
         "--no-flower",
+        *(["--insecure"] if insecure else []),
     ]
     env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "200", "OMP_NUM_THREADS": "1"}
     log = (home.root / "server.log").open("w")
@@ -257,11 +277,24 @@ class MemoryWatch:
 @dataclass
 class Outcome:
     latency_s: float | None = None
-    receipt: Signed[Receipt] | None = None
+    submission_id: str | None = None
     busy_retries: int = 0
     unavailable_retries: int = 0
     handshake_retries: int = 0
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class Generator:
+    """What one load generator process needs: where the server is, what to send."""
+
+    address: str
+    ca: Path
+    server_pub: Path
+    model_size: int
+    chunk_bytes: int
+    deadline_s: float
+    insecure: bool
 
 
 def _chunks(data: bytes, size: int) -> Iterator[bytes]:
@@ -275,23 +308,21 @@ def run_owner(
     key: Ed25519PrivateKey,
     data: bytes,
     server_pub: Any,
-    start: threading.Event,
-    ready: threading.Barrier,
-    t0: list[float],
-    chunk_bytes: int,
-    deadline_s: float,
+    go: Callable[[], float],
+    spec: Generator,
     outcome: Outcome,
 ) -> None:
     """One owner: wait for the common start, upload, retry busy or unavailable calls."""
     rng = random.Random(key_id(key.public_key()))  # noqa: S311 (backoff jitter)
     with ExchangeClient(connection, key) as client:
-        ready.wait()
-        start.wait()
+        t0 = go()
         attempt = 0
-        while time.monotonic() - t0[0] < deadline_s:
+        while time.monotonic() - t0 < spec.deadline_s:
             signed = sign_manifest(key, data, TASK)
             try:
-                reply = client.submit(signed, _chunks(data, chunk_bytes), timeout_s=deadline_s)
+                reply = client.submit(
+                    signed, _chunks(data, spec.chunk_bytes), timeout_s=spec.deadline_s
+                )
             except ServerRefused as exc:
                 if exc.status != "RESOURCE_EXHAUSTED" or BUSY not in exc.message:
                     outcome.error = exc.message
@@ -310,12 +341,69 @@ def run_owner(
                 return
             else:
                 check_receipt(reply, signed.record, server_pub)
-                outcome.latency_s = time.monotonic() - t0[0]
-                outcome.receipt, outcome.error = reply, None
+                outcome.latency_s = time.monotonic() - t0
+                outcome.submission_id, outcome.error = reply.record.submission_id, None
                 return
             attempt += 1
             time.sleep(rng.uniform(0, min(2.0, 0.1 * 2 ** min(attempt, 8))))
         outcome.error = outcome.error or "no receipt before the deadline"
+
+
+def generate(
+    spec: Generator,
+    owners: list[tuple[int, bytes]],
+    ready: Any,
+    start: Any,
+    t0: Any,
+    results: Any,
+) -> None:
+    """One generator process: a thread per owner (index, raw private key), all at once.
+
+    Reports its outcomes and the CPU seconds it spent from the start to its last
+    receipt, so the generator's own cost is known apart from the server's.
+    """
+    template = template_model(spec.model_size)
+    connection = (
+        Connection(spec.address, insecure=True)
+        if spec.insecure
+        else Connection(spec.address, ca=spec.ca)
+    )
+    server_pub = load_public_key(spec.server_pub)
+    outcomes = [Outcome() for _ in owners]
+    local = threading.Barrier(len(owners) + 1)
+
+    def go() -> float:
+        local.wait()
+        start.wait()
+        return float(t0.value)
+
+    threads = [
+        threading.Thread(
+            target=run_owner,
+            args=(
+                connection,
+                Ed25519PrivateKey.from_private_bytes(raw),
+                owner_model(template, index),
+                server_pub,
+                go,
+                spec,
+                outcome,
+            ),
+            daemon=True,
+        )
+        for (index, raw), outcome in zip(owners, outcomes, strict=True)
+    ]
+    for thread in threads:
+        thread.start()
+    local.wait()  # every channel object made, every model built
+    ready.wait()
+    start.wait()
+    before = os.times()
+    for thread in threads:
+        thread.join(spec.deadline_s + 60)
+    after = os.times()
+    cpu = after.user + after.system - before.user - before.system
+    results.put((os.getpid(), cpu, [dataclasses.asdict(o) for o in outcomes]))
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -340,6 +428,7 @@ def _wait_for_verdicts(
         if "received" not in states or time.monotonic() > deadline:
             return {
                 "verdict_s": time.monotonic() - t0 if "received" not in states else None,
+                "verdict_waited_s": time.monotonic() - t0,
                 "accepted": states.count("accepted"),
                 "refused": states.count("refused"),
                 "pending": states.count("received"),
@@ -347,99 +436,152 @@ def _wait_for_verdicts(
         time.sleep(0.5)
 
 
-def _stored_once(home: ServerHome, keys: list[Ed25519PrivateKey], models: list[bytes]) -> int:
+def _stored_once(home: ServerHome, keys: list[Ed25519PrivateKey], digests: list[str]) -> int:
     with home.open_store() as store:
         rows = store.summary(recent=10**6).submissions
         by_owner: dict[str, list[Any]] = {}
         for row in rows:
             by_owner.setdefault(row.client_key_id, []).append(row)
         once = 0
-        for key, data in zip(keys, models, strict=True):
+        for key, digest in zip(keys, digests, strict=True):
             mine = by_owner.get(key_id(key.public_key()), [])
             if len(mine) != 1:
                 continue
             row = mine[0]
             blob = store.blob_path(row.sha256).read_bytes()
-            digest = hashlib.sha256(data).hexdigest()
             once += row.sha256 == digest == hashlib.sha256(blob).hexdigest()
         return once
+
+
+def _static_worker_cpu(pid: int) -> float:
+    total = 0.0
+    for child in _workers(pid, b"static_worker"):
+        try:
+            total += cpu_seconds(child)[0]
+        except OSError:
+            continue
+    return total
+
+
+def _start_generators(
+    spec: Generator, keys: list[Ed25519PrivateKey], procs: int
+) -> tuple[list[Any], Any, Any, Any, Any]:
+    """Spawn `procs` generator processes, the owners dealt out round robin."""
+    context = multiprocessing.get_context("spawn")  # no fork of a process that imported grpc
+    ready, start = context.Barrier(procs + 1), context.Event()
+    t0, results = context.Value("d", 0.0), context.Queue()
+    owners = [(i, key.private_bytes_raw()) for i, key in enumerate(keys)]
+    processes = [
+        context.Process(
+            target=generate, args=(spec, owners[p::procs], ready, start, t0, results), daemon=True
+        )
+        for p in range(procs)
+    ]
+    for process in processes:
+        process.start()
+    return processes, ready, start, t0, results
+
+
+def _profile_report(folder: Path) -> dict[str, Any]:
+    """The CPU split of the exchange process from its perf and py-spy recordings."""
+    report: dict[str, Any] = {"folder": str(folder)}
+    if (folder / "server.perf.data").is_file():
+        report["perf_on_cpu"] = perf_split(folder / "server.perf.data")
+    if (folder / "server-py-spy.txt").is_file():
+        raw = folder / "server-py-spy.txt"
+        report["py_spy_gil_split"] = {k: round(v, 3) for k, v in profile_split(raw).items()}
+        report["py_spy_top_frames"] = [[f, round(v, 3)] for f, v in top_frames(raw)]
+    return report
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run one benchmark and return its report."""
     size = int(args.model_mb * _MB)
     template = template_model(size)
-    models = [owner_model(template, i) for i in range(args.clients)]
+    model_bytes = len(owner_model(template, 0))
+    digests = [hashlib.sha256(owner_model(template, i)).hexdigest() for i in range(args.clients)]
+    del template
+    procs = max(1, min(args.procs, args.clients))
     with tempfile.TemporaryDirectory(prefix="free-load-") as workdir:
         home = make_home(
             Path(workdir) / "home",
-            model_bytes=len(models[0]),
+            model_bytes=model_bytes,
             intake_workers=args.intake_workers,
             intake_memory_mb=args.intake_memory_mb,
         )
         keys = enroll(home, args.clients)
-        server_pub = load_public_key(home.signing_pub)
-        server = start_server(home)
+        server = start_server(home, insecure=args.insecure)
+        profiler = perf = None
         try:
+            spec = Generator(
+                f"127.0.0.1:{server.port}",
+                home.ca_cert,
+                home.signing_pub,
+                size,
+                args.chunk_kb * 1024,
+                args.deadline_s,
+                args.insecure,
+            )
+            processes, ready, start, t0, results = _start_generators(spec, keys, procs)
+            ready.wait()  # every generator has its models and channels
             time.sleep(args.settle_s)  # let start-up allocations settle before the baseline
             pid = server.process.pid
             idle_kb = _status_kb(pid, "VmRSS")
             Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := current RSS
             watch = MemoryWatch(pid)
             watch.start()
-            connection = Connection(f"127.0.0.1:{server.port}", ca=home.ca_cert)
-            outcomes = [Outcome() for _ in keys]
-            start, ready, t0 = threading.Event(), threading.Barrier(args.clients + 1), [0.0]
-            threads = [
-                threading.Thread(
-                    target=run_owner,
-                    args=(
-                        connection,
-                        key,
-                        data,
-                        server_pub,
-                        start,
-                        ready,
-                        t0,
-                        args.chunk_kb * 1024,
-                        args.deadline_s,
-                        outcome,
-                    ),
-                    daemon=True,
-                )
-                for key, data, outcome in zip(keys, models, outcomes, strict=True)
-            ]
-            for thread in threads:
-                thread.start()
-            ready.wait()
-            t0[0] = time.monotonic()
+            if args.profile is not None:
+                args.profile.mkdir(parents=True, exist_ok=True)
+                profiler = start_profiler(pid, args.profile / "server-py-spy.txt")
+                perf = start_perf(pid, args.profile / "server.perf.data")
+            load0 = os.getloadavg()
+            server_cpu0, reaped0 = cpu_seconds(pid)
+            threads0 = thread_cpu(pid)
+            static0 = _static_worker_cpu(pid)
+            t0.value = time.monotonic()
             start.set()
-            for thread in threads:
-                thread.join(args.deadline_s + 60)
-            acked = [o for o in outcomes if o.receipt is not None]
+            reports = [results.get(timeout=args.deadline_s + 120) for _ in processes]
+            for process in processes:
+                process.join(60)
+            outcomes = [Outcome(**o) for _, _, batch in reports for o in batch]
+            acked = [o for o in outcomes if o.submission_id is not None]
             latencies = [o.latency_s for o in acked if o.latency_s is not None]
             last_receipt_s = max(latencies, default=0.0)
+            server_cpu1, reaped1 = cpu_seconds(pid)
+            threads1 = thread_cpu(pid)
+            static1 = _static_worker_cpu(pid)
+            if profiler is not None:
+                stop_profiler(profiler)
+            if perf is not None:
+                stop_profiler(perf)
             receipts_peak_kb = max(_status_kb(pid, "VmHWM"), watch.peak_rss_kb)
-            ids = {int(o.receipt.record.submission_id) for o in acked if o.receipt is not None}
-            verdicts = _wait_for_verdicts(home, ids, t0[0], args.verdict_limit_s)
+            ids = {int(o.submission_id) for o in acked if o.submission_id is not None}
+            verdicts = _wait_for_verdicts(home, ids, t0.value, args.verdict_limit_s)
             watch.stop()
-            # Intake threads stream each blob to its worker: the verdict phase counts too.
+            load1 = os.getloadavg()
+            # Intake workers are children the server reaps: their CPU lands in `reaped`.
+            server_cpu2, reaped2 = cpu_seconds(pid)
+            # Intake threads stream each blob to their worker: the verdict phase counts too.
             peak_kb = max(_status_kb(pid, "VmHWM"), watch.peak_rss_kb)
-            stored_once = _stored_once(home, keys, models)
-            errors = sorted({o.error for o in outcomes if o.error and o.receipt is None})
+            stored_once = _stored_once(home, keys, digests)
+            errors = sorted({o.error for o in outcomes if o.error and o.submission_id is None})
         finally:
+            for sampler in (profiler, perf):
+                if sampler is not None and sampler.poll() is None:
+                    stop_profiler(sampler)
             server.process.send_signal(signal.SIGTERM)
             try:
                 server.process.wait(60)
             except subprocess.TimeoutExpired:
                 server.process.kill()
-    return {
+    decided = verdicts["accepted"] + verdicts["refused"]
+    report: dict[str, Any] = {
         "clients": args.clients,
-        "model_bytes": len(models[0]),
+        "model_bytes": model_bytes,
         "acknowledged": len(acked),
         "stored_once": stored_once,
         "throughput_per_s": len(acked) / last_receipt_s if latencies else 0.0,
-        "throughput_mb_per_s": len(acked) * len(models[0]) / _MB / last_receipt_s
+        "throughput_mb_per_s": len(acked) * model_bytes / _MB / last_receipt_s
         if latencies
         else 0.0,
         "p50_s": _percentile(latencies, 0.50),
@@ -450,6 +592,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "handshake_retries": sum(o.handshake_retries for o in outcomes),
         "errors": errors,
         **verdicts,
+        # Wall time per verdict, also when the wait ended with models still pending.
+        "verdict_s_per_model": verdicts["verdict_waited_s"] / decided if decided else None,
+        "intake_cpu_s_per_model": (reaped2 - reaped0) / decided if decided else None,
+        "cpu_s_until_receipts": {
+            "exchange_process": server_cpu1 - server_cpu0,
+            "exchange_threads": {
+                name: round(cpu - threads0.get(name, 0.0), 2)
+                for name, cpu in sorted(threads1.items())
+                if cpu - threads0.get(name, 0.0) >= 0.05
+            },
+            "static_check_workers": static1 - static0,
+            "intake_workers": reaped1 - reaped0,
+            "load_generator": sum(cpu for _, cpu, _ in reports),
+            "load_generator_processes": procs,
+        },
+        "cpu_s_after_receipts": {
+            "exchange_process": server_cpu2 - server_cpu1,
+            "intake_workers": reaped2 - reaped1,
+        },
         "server_idle_rss_mb": idle_kb / 1024,
         "server_peak_rss_mb": peak_kb / 1024,
         "server_rss_growth_mb": (peak_kb - idle_kb) / 1024,
@@ -459,9 +620,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "intake_worker_peak_rss_mb_sampled": watch.worker_peak_kb / 1024,
         "static_check_worker_peak_rss_mb_sampled": watch.static_peak_kb / 1024,
         "chunk_bytes": args.chunk_kb * 1024,
+        "transport": "plaintext (--insecure)" if args.insecure else "TLS",
         "cpus": os.cpu_count(),
+        "load_average_before": [round(x, 2) for x in load0],
+        "load_average_after": [round(x, 2) for x in load1],
         "command": shlex.join([Path(sys.executable).name, *sys.argv]),
     }
+    if args.profile is not None:
+        report["profile"] = _profile_report(args.profile)
+    return report
 
 
 def main() -> None:
@@ -477,11 +644,22 @@ def main() -> None:
         "--verdict-limit-s", type=float, default=1800.0, help="stop waiting for verdicts after"
     )
     parser.add_argument("--settle-s", type=float, default=2.0, help="idle time before the baseline")
+    parser.add_argument(
+        "--procs", type=int, default=4, help="load generator processes the owners run in"
+    )
+    parser.add_argument(
+        "--insecure", action="store_true", help="plaintext (to measure what TLS costs)"
+    )
+    parser.add_argument(
+        "--profile", type=Path, help="folder for perf and py-spy recordings of the server"
+    )
     parser.add_argument("--out", type=Path, help="write the JSON report here too")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup in `finally`
     if not 1 <= args.clients <= 1000:
         parser.error("--clients must be 1..1000")
+    if args.procs < 1:
+        parser.error("--procs must be at least 1")
     report = run(args)
     text = json.dumps(report, indent=1, allow_nan=False)
     print(text)

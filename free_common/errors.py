@@ -29,7 +29,8 @@ answers with, so the CLIs and the servicer never invent their own mapping::
     ├── RecordError            a manifest, receipt, verdict or release field out of its rules
     ├── UploadError            streamed bytes that cannot be accepted
     │   ├── PayloadTooLarge    more bytes than the server's cap
-    │   └── PayloadMismatch    size or sha256 differ from the signed manifest
+    │   ├── PayloadMismatch    size or sha256 differ from the signed manifest
+    │   └── UploadStalled      an upload sent nothing for too long (ABORTED)
     ├── StoreError             the server's store cannot be read or written
     │   ├── StoreVersionError  a store made by a newer free-server
     │   ├── RecordNotFound     no client, submission or release by that name
@@ -148,6 +149,7 @@ __all__ = [
     "UnknownClient",
     "UnsupportedOperatorError",
     "UploadError",
+    "UploadStalled",
     "VerdictTimeout",
     "WireError",
 ]
@@ -275,6 +277,12 @@ class PayloadTooLarge(UploadError):
 
 class PayloadMismatch(UploadError):
     """The streamed bytes differ in size or sha256 from the signed manifest."""
+
+
+class UploadStalled(UploadError):
+    """An upload being stored sent nothing for too long and was dropped."""
+
+    grpc_status = "ABORTED"
 
 
 class StoreError(FreeError):

@@ -10,8 +10,11 @@ intercepted: monitors need no key.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -36,10 +39,10 @@ log = logging.getLogger("free_server.auth")
 if TYPE_CHECKING:
     # grpc-stubs makes these generic; the runtime classes are not subscriptable.
     Handler = grpc.RpcMethodHandler[Any, Any]
-    _Interceptor = grpc.ServerInterceptor[Any, Any]
+    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
 else:
     Handler = grpc.RpcMethodHandler
-    _Interceptor = grpc.ServerInterceptor
+    _Interceptor = grpc.aio.ServerInterceptor
 
 
 def authenticate_call(
@@ -66,9 +69,9 @@ def authenticate_call(
     return credentials.key_id
 
 
-def caller_key_id(context: grpc.ServicerContext) -> str:
+def caller_key_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     """Return the key id of an authenticated call (the interceptor let it through)."""
-    for key, value in context.invocation_metadata():
+    for key, value in context.invocation_metadata() or ():
         if key == KEY_ID_HEADER and isinstance(value, str):
             return value
     raise RuntimeError("exchange call without credentials passed the auth interceptor")
@@ -77,8 +80,8 @@ def caller_key_id(context: grpc.ServicerContext) -> str:
 def _aborting_handler(handler: Handler, code: grpc.StatusCode, message: str) -> Handler:
     """Build a handler of the same shape as `handler` that refuses the call."""
 
-    def abort(_request: object, context: grpc.ServicerContext) -> Any:
-        context.abort(code, message)
+    async def abort(_request: object, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(code, message)
 
     kwargs = {
         "request_deserializer": handler.request_deserializer,
@@ -96,40 +99,55 @@ def _aborting_handler(handler: Handler, code: grpc.StatusCode, message: str) -> 
 class CallAuthInterceptor(_Interceptor):
     """Refuse exchange calls whose credentials do not check out.
 
+    The check reads the store and verifies a signature: it runs on `executor`'s
+    threads, so the event loop keeps moving other calls' bytes meanwhile.
+
     Parameters
     ----------
     store
         Where the allow-list is read, on every call.
     window_s
         How far a call's timestamp may be from the server's clock.
+    executor
+        Threads for the check (None: the event loop's default pool).
     clock
         Unix milliseconds now (tests pass a fixed one).
     """
 
-    def __init__(self, store: Store, window_s: float, clock: Callable[[], int] = now_ms) -> None:
+    def __init__(
+        self,
+        store: Store,
+        window_s: float,
+        executor: Executor | None = None,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
         self._store = store
         self._window_ms = int(window_s * 1000)
+        self._executor = executor
         self._clock = clock
 
-    def intercept_service(
+    async def intercept_service(  # type: ignore[override]  # None: no such method
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Handler | None:
         """Let an authenticated exchange call (or any other service's call) through."""
-        handler = continuation(handler_call_details)
+        handler = await continuation(handler_call_details)
         method: str = handler_call_details.method
         if handler is None or not method.startswith(EXCHANGE_METHOD_PREFIX):
             return handler
         name = method.removeprefix(EXCHANGE_METHOD_PREFIX)
+        metadata = handler_call_details.invocation_metadata
+        check = functools.partial(
+            authenticate_call,
+            self._store,
+            method,
+            metadata,
+            now=self._clock(),
+            window_ms=self._window_ms,
+        )
         try:
-            authenticate_call(
-                self._store,
-                method,
-                handler_call_details.invocation_metadata,
-                now=self._clock(),
-                window_ms=self._window_ms,
-            )
+            await asyncio.get_running_loop().run_in_executor(self._executor, check)
         except FreeError as error:
             return _aborting_handler(handler, *public_message(error, name))
         except Exception:

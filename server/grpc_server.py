@@ -3,20 +3,26 @@
 TLS is the default, from the home's certificate and key; with
 ``network.mutual_tls`` owners must also present a client certificate signed by
 the home's CA; plaintext only when asked for (``--insecure``). Message sizes are
-capped on purpose (`free_common.wire.GRPC_MESSAGE_OPTIONS`), and so is the number
-of calls served at once. Health checking (``grpc.health.v1``) reports the
-exchange as serving while it is, and as not serving once shutdown begins.
+capped on purpose (`free_common.wire.GRPC_MESSAGE_OPTIONS`), and so are the
+number of calls held at once and the number of uploads stored at once. Health
+checking (``grpc.health.v1``) reports the exchange as serving while it is, and
+as not serving once shutdown begins.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from concurrent import futures
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+# Public as grpc_health.v1.health.aio, imported there only conditionally (mypy misses it).
+from grpc_health.v1 import _async as health_aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from free_common.errors import ConfigError
 from free_common.wire import GRPC_MESSAGE_OPTIONS
@@ -25,13 +31,27 @@ from free_server.exchange import ExchangeService
 from free_server.home import ServerHome
 from free_server.servicer import add_to_server, full_service_name
 
-__all__ = ["MAX_CONCURRENT_CALLS", "ExchangeServer", "Listen", "server_credentials"]
+__all__ = [
+    "MAX_CONCURRENT_CALLS",
+    "UPLOAD_THREADS",
+    "ExchangeServer",
+    "Listen",
+    "server_credentials",
+]
 
 log = logging.getLogger("free_server.grpc")
 
-MAX_CONCURRENT_CALLS = 64
-"""Calls beyond this are refused with RESOURCE_EXHAUSTED instead of piling up."""
-_THREADS = 16
+MAX_CONCURRENT_CALLS = 2048
+"""A hard cap on calls in progress or waiting; more are refused with RESOURCE_EXHAUSTED.
+
+A waiting upload holds at most its 64 KiB stream window in the server, so the
+cap bounds that memory (128 MiB at the very worst) whatever the owners do.
+"""
+
+UPLOAD_THREADS = 16
+"""Uploads being stored at once; the others wait for a thread, their bytes on the owner's side."""
+
+_CALL_THREADS = 4
 
 
 @dataclass(frozen=True)
@@ -96,6 +116,11 @@ def _host_port(host: str, port: int) -> str:
 class ExchangeServer:
     """The exchange gRPC server, as a component of the running server.
 
+    It is grpc's asyncio server on an event loop thread of its own: a call costs
+    no thread while it waits, so calls queue instead of being refused. The
+    blocking work of a call (store, files, static checks) runs on bounded
+    thread pools (`free_server.servicer`).
+
     Parameters
     ----------
     service
@@ -107,7 +132,10 @@ class ExchangeServer:
     time_window_s
         Allowed clock distance of a call's signed timestamp.
     max_concurrent_calls
-        Calls in progress at once; gRPC refuses more with ``RESOURCE_EXHAUSTED``.
+        Calls in progress or waiting at once; gRPC refuses more with
+        ``RESOURCE_EXHAUSTED``. A waiting call holds at most one stream window.
+    upload_threads
+        Uploads stored at once; further uploads wait in arrival order.
     """
 
     name = "exchange service"
@@ -120,14 +148,19 @@ class ExchangeServer:
         time_window_s: float,
         *,
         max_concurrent_calls: int = MAX_CONCURRENT_CALLS,
+        upload_threads: int = UPLOAD_THREADS,
     ) -> None:
         self._service = service
         self._max_calls = max_concurrent_calls
+        self._upload_threads = upload_threads
         self._home = home
         self.listen = listen
         self._window_s = time_window_s
-        self._server: grpc.Server | None = None
-        self._health = health.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread: threading.Thread | None = None
+        self._pools: list[ThreadPoolExecutor] = []
+        self._health = health_aio.HealthServicer()
         self.port = listen.port
 
     @property
@@ -143,16 +176,31 @@ class ExchangeServer:
         ConfigError
             The port cannot be bound, or the TLS material cannot be read.
         """
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="exchange"),
-            interceptors=[CallAuthInterceptor(self._service.store, self._window_s)],
+        uploads = ThreadPoolExecutor(self._upload_threads, thread_name_prefix="exchange-upload")
+        calls = ThreadPoolExecutor(_CALL_THREADS, thread_name_prefix="exchange-call")
+        self._pools = [uploads, calls]
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        self._loop_thread = threading.Thread(
+            target=loop.run_forever, name="exchange-loop", daemon=True
+        )
+        self._loop_thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self._serve(uploads, calls), loop).result()
+        except BaseException:
+            self._close_loop()
+            raise
+
+    async def _serve(self, uploads: ThreadPoolExecutor, calls: ThreadPoolExecutor) -> None:
+        server = grpc.aio.server(
+            interceptors=[CallAuthInterceptor(self._service.store, self._window_s, calls)],
             # No SO_REUSEPORT: a second server on a taken port must fail, not share it.
             # No BDP probing: it grows each stream's receive window far past 64 KiB, and
-            # then the uploads of calls waiting for a handler thread pile up in memory.
+            # then the uploads of calls waiting for an upload thread pile up in memory.
             options=[*GRPC_MESSAGE_OPTIONS, ("grpc.so_reuseport", 0), ("grpc.http2.bdp_probe", 0)],
             maximum_concurrent_rpcs=self._max_calls,
         )
-        add_to_server(self._service, server)
+        add_to_server(self._service, server, uploads, calls)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         target = _host_port(self.listen.host, self.listen.port)
         try:
@@ -165,20 +213,39 @@ class ExchangeServer:
             port = 0
             log.debug("binding %s failed: %s", target, exc)
         if port == 0:
+            await server.stop(None)
             raise ConfigError(
                 f"cannot listen on {target}: the port is in use or the address is not this"
                 " machine's; choose another --port"
             )
         self.port = port
-        server.start()
+        await server.start()
         self._server = server
         for name in ("", full_service_name()):
-            self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+            await self._health.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def _shutdown(self, grace_s: float) -> None:
+        await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(grace_s)
+            self._server = None
 
     def stop(self, grace_s: float) -> None:
         """Refuse new calls, give calls in flight `grace_s` seconds, then cancel them."""
-        if self._server is None:
+        if self._loop is None:
             return
-        self._health.enter_graceful_shutdown()
-        self._server.stop(grace_s).wait()
-        self._server = None
+        asyncio.run_coroutine_threadsafe(self._shutdown(grace_s), self._loop).result()
+        self._close_loop()
+
+    def _close_loop(self) -> None:
+        # The pools end before the loop: a thread still reading a cancelled call's
+        # stream needs the loop to learn that the call is gone.
+        for pool in self._pools:
+            pool.shutdown(wait=True, cancel_futures=True)
+        self._pools = []
+        loop, thread = self._loop, self._loop_thread
+        self._loop = self._loop_thread = None
+        if loop is not None and thread is not None:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            loop.close()

@@ -36,7 +36,7 @@ from free_server.store import Store
 if TYPE_CHECKING:
     from free_common.screening.screen import ScreeningReport
 
-__all__ = ["MAX_ATTEMPTS", "IntakePool", "Judge", "Screen", "default_judge"]
+__all__ = ["INTAKE_NICENESS", "MAX_ATTEMPTS", "IntakePool", "Judge", "Screen", "default_judge"]
 
 log = logging.getLogger("free_server.intake")
 
@@ -50,9 +50,18 @@ Screen = Callable[[Path, TaskMetadata, str], "ScreeningReport"]
 """Screens a model intake accepted (`free_server.screener.Screener`); the str names it."""
 
 
+INTAKE_NICENESS = 10
+"""How far below the exchange's CPU priority intake workers run.
+
+Receipts are what owners wait on; verdicts come after. On a machine whose cores
+the workers would fill, the exchange then still gets the CPU it needs, and the
+workers get every cycle it leaves (they are never idle while models wait).
+"""
+
+
 def default_judge(path: Path, task: TaskMetadata, limits: IntakeLimits) -> IntakeResult:
-    """Run full intake in its bounded worker process."""
-    return run_intake_file(path, task=task, limits=limits)
+    """Run full intake in its bounded worker process, at a lower CPU priority."""
+    return run_intake_file(path, task=task, limits=limits, niceness=INTAKE_NICENESS)
 
 
 class IntakePool:

@@ -10,16 +10,21 @@ error's class name travels in the trailing metadata (`ERROR_CLASS_METADATA`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
 
 import grpc
 
 from free_common.errors import ERROR_CLASS_METADATA, FreeError
 
-__all__ = ["internal_message", "public_message", "rpc_error_translator", "status_code"]
+__all__ = ["CallGone", "internal_message", "public_message", "rpc_error_translator", "status_code"]
 
 log = logging.getLogger("free_server.rpc")
+
+
+class CallGone(Exception):
+    """The call ended (cancelled, deadline passed, peer gone) while its stream was read."""
 
 
 def status_code(error: FreeError) -> grpc.StatusCode:
@@ -43,14 +48,16 @@ def public_message(error: FreeError, rpc_name: str) -> tuple[grpc.StatusCode, st
     return code, error.message
 
 
-@contextmanager
-def rpc_error_translator(context: grpc.ServicerContext, rpc_name: str) -> Iterator[None]:
+@asynccontextmanager
+async def rpc_error_translator(
+    context: grpc.aio.ServicerContext[Any, Any], rpc_name: str
+) -> AsyncIterator[None]:
     """Run an RPC body; abort the call with the right status if it raises.
 
     Parameters
     ----------
     context
-        The call's servicer context.
+        The call's servicer context (the exchange runs on grpc's asyncio server).
     rpc_name
         The method name, for the log and the generic message.
     """
@@ -60,12 +67,14 @@ def rpc_error_translator(context: grpc.ServicerContext, rpc_name: str) -> Iterat
         # The class name lets a client retry a transient refusal (`StoreFull`) and not a
         # final one with the same status; a class name carries no path or detail.
         context.set_trailing_metadata(((ERROR_CLASS_METADATA, type(error).__name__),))
-        context.abort(*public_message(error, rpc_name))
-    except grpc.RpcError:
-        # Reading the request stream raises this when the client cancelled or vanished;
+        await context.abort(*public_message(error, rpc_name))
+    except (grpc.RpcError, CallGone):
+        # Reading the request stream fails so when the client cancelled or vanished;
         # nobody is listening for a status any more.
         log.info("%s: the client cancelled the call or went away", rpc_name)
-        context.abort(grpc.StatusCode.CANCELLED, f"{rpc_name} was cancelled by the client")
+        await context.abort(grpc.StatusCode.CANCELLED, f"{rpc_name} was cancelled by the client")
+    except grpc.aio.AbortError:
+        raise  # an abort already under way (the auth interceptor's)
     except Exception:
         log.exception("%s failed unexpectedly", rpc_name)
-        context.abort(grpc.StatusCode.INTERNAL, internal_message(rpc_name))
+        await context.abort(grpc.StatusCode.INTERNAL, internal_message(rpc_name))

@@ -205,7 +205,11 @@ class StaticCheckPool:
         self._spawner: ThreadPoolExecutor | None = None
 
     def start(self) -> None:
-        """Accept checks; workers start on first use and are then kept."""
+        """Accept checks, and start every worker now (each is then kept).
+
+        A worker takes most of a second of CPU to start: started at the first
+        uploads, that would delay their receipts, under load most of all.
+        """
         with self._changed:
             self._closed = False
             if self._spawner is None:
@@ -213,6 +217,20 @@ class StaticCheckPool:
                 # and a check may come from a thread that ends next: one thread that lives
                 # as long as the pool starts them all.
                 self._spawner = ThreadPoolExecutor(1, thread_name_prefix="static-check-spawner")
+            missing = self._size - self._live
+            self._live += missing
+            spawner = self._spawner
+        for _ in range(missing):
+            spawner.submit(self._prestart)
+
+    def _prestart(self) -> None:
+        try:
+            worker = _Worker(self._limits)
+        except OSError as exc:
+            log.warning("a static check worker did not start (%s): it is retried on use", exc)
+            self._release(None)
+            return
+        self._release(worker)
 
     def stop(self, grace_s: float) -> None:
         """Refuse new checks, wait up to `grace_s` for running ones, then end every worker."""

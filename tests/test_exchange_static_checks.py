@@ -1,8 +1,9 @@
 """The static checks before a receipt run in a bounded pool of worker processes.
 
-Real worker processes on tiny models: refusals keep their own class, a worker
-that dies or runs out of time costs only the upload it was checking, at most
-``workers`` processes run at once, and a stopped pool refuses politely.
+Real worker processes on tiny models: the workers start with the pool (not with
+the first uploads), refusals keep their own class, a worker that dies or runs
+out of time costs only the upload it was checking, at most ``workers``
+processes run at once, and a stopped pool refuses politely.
 """
 
 from __future__ import annotations
@@ -43,6 +44,20 @@ def pool() -> Iterator[StaticCheckPool]:
     checks.stop(5)
 
 
+@pytest.fixture
+def single() -> Iterator[StaticCheckPool]:
+    """A pool of one worker, so the test knows which process checks."""
+    checks = StaticCheckPool(IntakeLimits(), workers=1)
+    checks.start()
+    yield checks
+    checks.stop(5)
+
+
+def test_the_workers_start_with_the_pool_before_any_upload(pool: StaticCheckPool) -> None:
+    # Starting one costs most of a second of CPU: the first receipts must not pay it.
+    assert wait_until(lambda: len(_worker_pids()) == 2, 20)
+
+
 def _write(folder: Path, name: str, data: bytes) -> Path:
     path = folder / name
     path.write_bytes(data)
@@ -64,24 +79,24 @@ def test_a_good_model_passes_and_a_refusal_keeps_its_class(
     # A refusal is an answer, not a failure: the same process checks the next model.
     before = _worker_pids()
     assert pool.check(good, None).warnings == ()
-    assert _worker_pids() == before and len(before) == 1
+    assert _worker_pids() == before and len(before) == 2
 
 
 def test_a_worker_killed_while_idle_is_replaced_without_refusing_anyone(
-    pool: StaticCheckPool, tmp_path: Path
+    single: StaticCheckPool, tmp_path: Path
 ) -> None:
     good = _write(tmp_path, "good.onnx", tiny_model().SerializeToString())
-    pool.check(good, TINY_TASK)
+    single.check(good, TINY_TASK)
     (victim,) = _worker_pids()
     os.kill(victim, signal.SIGKILL)
     # Dead (a zombie the pool has not reaped yet) before the next upload comes.
     assert wait_until(lambda: _state(victim) == "Z", 10)
-    assert pool.check(good, TINY_TASK).warnings == ()
+    assert single.check(good, TINY_TASK).warnings == ()
     assert victim not in _worker_pids()
 
 
 def test_a_worker_that_dies_on_a_model_refuses_only_that_upload(
-    pool: StaticCheckPool, tmp_path: Path
+    single: StaticCheckPool, tmp_path: Path
 ) -> None:
     # A FIFO holds the worker inside the check until the test kills it, as if a
     # hostile model had crashed the parser: that upload is refused, the next is served.
@@ -91,19 +106,29 @@ def test_a_worker_that_dies_on_a_model_refuses_only_that_upload(
 
     def check() -> None:
         try:
-            pool.check(fifo, TINY_TASK)
+            single.check(fifo, TINY_TASK)
         except BaseException as exc:  # noqa: BLE001 (inspected below)
             outcome.append(exc)
 
     thread = threading.Thread(target=check)
     thread.start()
-    assert wait_until(lambda: len(_worker_pids()) == 1, 20)
+    writer: list[int] = []
+
+    def worker_reads_the_fifo() -> bool:
+        # Opening the write end without blocking succeeds once a reader has it open:
+        # the worker is inside the check (it was started before, with the pool).
+        with contextlib.suppress(OSError):
+            writer.append(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        return bool(writer)
+
+    assert wait_until(worker_reads_the_fifo, 20)
     os.kill(_worker_pids()[0], signal.SIGKILL)
     thread.join(20)
+    os.close(writer[0])
     assert len(outcome) == 1 and isinstance(outcome[0], IntakeResourceError)
     assert "killed by signal 9" in str(outcome[0])
     good = _write(tmp_path, "good.onnx", tiny_model().SerializeToString())
-    assert pool.check(good, TINY_TASK).warnings == ()
+    assert single.check(good, TINY_TASK).warnings == ()
 
 
 def test_a_check_past_the_time_limit_is_refused_and_its_worker_replaced(tmp_path: Path) -> None:

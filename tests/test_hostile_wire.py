@@ -13,9 +13,9 @@ For each: the exact gRPC status and a line naming the problem; nothing stored
 home or elsewhere opened or read (inotify), no file outside ``store/`` added or
 changed; and the next honest owner's upload gets a receipt that verifies.
 
-Bytes gRPC itself cannot decode never reach the servicer: grpcio answers
-``INTERNAL`` "Exception deserializing request!" before any FREE-Fed code runs.
-That status is gRPC's, not ours; the tests pin it so a change is noticed.
+Bytes that do not decode as the method's request message are refused by the
+servicer, which decodes requests itself (`free_server.servicer`), with
+``INVALID_ARGUMENT`` and the message type they should have been.
 """
 
 from __future__ import annotations
@@ -52,7 +52,14 @@ from free_server.config import LimitSettings
 from free_server.runtime import ServerRuntime
 
 MAX_UPLOAD = 256 * 1024
-DECODE_FAILED = ("INTERNAL", "Exception deserializing request!")
+
+
+def _undecodable(message: str) -> tuple[str, str]:
+    """The refusal of bytes that do not decode as the method's request message."""
+    return ("INVALID_ARGUMENT", f"the request does not decode as free.v1.{message}")
+
+
+SUBMIT_UNDECODABLE = _undecodable("SubmitRequest")
 
 
 @dataclass(frozen=True)
@@ -149,9 +156,9 @@ def _set(path: str, value: object) -> Callable[[pb.SignedManifest], None]:
 Case = tuple[str, Callable[[Owner], bytes | list[bytes]], tuple[str, str]]
 
 SUBMIT_CASES: list[Case] = [
-    ("garbage", lambda o: [b"\xff\xfe\xfd\xfc" * 8], DECODE_FAILED),
-    ("truncated-manifest", lambda o: [_head(o)[:150]], DECODE_FAILED),
-    ("deep-unknown-groups", lambda o: [b"\x7b" * 200 + b"\x7c" * 200], DECODE_FAILED),
+    ("garbage", lambda o: [b"\xff\xfe\xfd\xfc" * 8], SUBMIT_UNDECODABLE),
+    ("truncated-manifest", lambda o: [_head(o)[:150]], SUBMIT_UNDECODABLE),
+    ("deep-unknown-groups", lambda o: [b"\x7b" * 200 + b"\x7c" * 200], SUBMIT_UNDECODABLE),
     ("empty-stream", lambda o: [], ("INVALID_ARGUMENT", "Submit stream is empty")),
     (
         "chunk-first",
@@ -241,7 +248,7 @@ SUBMIT_CASES: list[Case] = [
     (
         "garbage-after-the-manifest",
         lambda o: [_head(o), _chunk(DATA[:300]), b"\xff\xff\xff"],
-        DECODE_FAILED,
+        SUBMIT_UNDECODABLE,
     ),
     (
         "empty-chunk",
@@ -298,8 +305,8 @@ def test_a_message_over_the_grpc_cap_is_refused_by_the_server(world: World) -> N
 
 
 UNARY_CASES = [
-    ("GetVerdict", b"\xff\xff\xff", DECODE_FAILED),
-    ("GetVerdict", b"\x0a\x05ab", DECODE_FAILED),
+    ("GetVerdict", b"\xff\xff\xff", _undecodable("GetVerdictRequest")),
+    ("GetVerdict", b"\x0a\x05ab", _undecodable("GetVerdictRequest")),
     ("GetVerdict", b"\x08\x05", ("INVALID_ARGUMENT", "submission_id is missing")),
     (
         "GetVerdict",
@@ -314,8 +321,8 @@ UNARY_CASES = [
         ("INVALID_ARGUMENT", "submission_id must be"),
     ),
     ("GetVerdict", length_delimited(1, b"123456789012345678"), ("NOT_FOUND", "no submission")),
-    ("GetStatus", b"\xff\xff\xff", DECODE_FAILED),
-    ("FetchRelease", b"\xff\xff", DECODE_FAILED),
+    ("GetStatus", b"\xff\xff\xff", _undecodable("GetStatusRequest")),
+    ("FetchRelease", b"\xff\xff", _undecodable("FetchReleaseRequest")),
     ("FetchRelease", length_delimited(1, b"a"), ("NOT_FOUND", "no release has been published yet")),
     (
         "FetchRelease",

@@ -6,15 +6,20 @@ running the model can find, plus the worker's own defences.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from exchange_harness import child_pids
 from onnx import helper
 from onnx_builders import TINY_TASK, OpenWatch, copy, init, make, point_to_external, tiny_model
 
@@ -28,7 +33,7 @@ from free_common.errors import (
     RuntimeProbeError,
     TensorLimitError,
 )
-from free_common.models.intake import IntakeResult, load_teacher, run_intake
+from free_common.models.intake import IntakeResult, load_teacher, run_intake, run_intake_file
 from free_common.models.onnx_static import IntakeLimits
 from free_common.models.static_worker import header_for
 from free_common.types import ChannelOrder, TaskMetadata
@@ -187,3 +192,31 @@ def test_load_teacher_of_an_accepted_model_skips_the_worker() -> None:
     assert again.summary is None
     reference = onnx.numpy_helper.to_array(tiny_model().graph.initializer[0])
     assert np.array_equal(again.module.layers["n0_conv"].weight.numpy(), reference)
+
+
+def test_a_niced_intake_worker_runs_below_its_parent_and_still_decides(tmp_path: Path) -> None:
+    # The server runs intake 10 nice levels down so receipts win the CPU; the worker
+    # must really run at that priority, and still give its verdict.
+    model = tmp_path / "model.onnx"
+    model.write_bytes(tiny_model().SerializeToString())
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    seen: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            for pid in child_pids("free_common.models.intake_worker"):
+                with contextlib.suppress(OSError):
+                    seen.append(os.getpriority(os.PRIO_PROCESS, pid))
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        result = run_intake_file(model, task=TINY_TASK, niceness=5)
+    finally:
+        done.set()
+        watcher.join()
+    assert result.accepted, result.reason
+    # The first look may come between the worker's start and its renicing.
+    assert seen and max(seen) == min(mine + 5, 19)

@@ -13,6 +13,7 @@ differentiable torch module in this process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -279,7 +280,7 @@ def _feed(stdin: IO[bytes], header: bytes, model: bytes | Path) -> None:
 
 
 def _run_worker(
-    model: bytes | Path, task: TaskMetadata | None, limits: IntakeLimits
+    model: bytes | Path, task: TaskMetadata | None, limits: IntakeLimits, niceness: int = 0
 ) -> IntakeResult:
     with tempfile.TemporaryDirectory(prefix="free-intake-") as empty:
         worker = subprocess.Popen(
@@ -290,6 +291,12 @@ def _run_worker(
             cwd=empty,
             env=_worker_env(),
         )
+        if niceness:
+            # Set from here, not by a preexec hook (unsafe in a threaded parent); the
+            # worker spends its first second importing, long before it reads a model.
+            with contextlib.suppress(ProcessLookupError):
+                mine = os.getpriority(os.PRIO_PROCESS, 0)
+                os.setpriority(os.PRIO_PROCESS, worker.pid, mine + niceness)
         assert worker.stdin is not None
         # The worker reads all of its input before it writes a byte, so feeding it
         # first and collecting its output after cannot deadlock.
@@ -375,16 +382,21 @@ def run_intake(
 
 
 def run_intake_file(
-    path: Path, *, task: TaskMetadata | None = None, limits: IntakeLimits | None = None
+    path: Path,
+    *,
+    task: TaskMetadata | None = None,
+    limits: IntakeLimits | None = None,
+    niceness: int = 0,
 ) -> IntakeResult:
     """Decide on a model stored at `path`, without ever holding it in this process.
 
     What the server's intake threads call: the file is streamed to the worker,
     which runs the static checks itself before the rest (`run_intake` runs them
     here first, to spare a worker for a model the client is about to refuse).
-    Arguments and result as `run_intake`.
+    `niceness` lowers the worker's CPU priority by that much below this
+    process's. Other arguments and result as `run_intake`.
     """
-    return _run_worker(path, task, limits or IntakeLimits())
+    return _run_worker(path, task, limits or IntakeLimits(), niceness)
 
 
 def load_teacher(
