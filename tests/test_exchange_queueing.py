@@ -22,7 +22,13 @@ from exchange_harness import TASK, Owner, enroll, good_model, make_owner, new_ho
 
 from free_client.stub import Connection, ExchangeClient
 from free_client.uploader import check_receipt, sign_manifest
-from free_common.errors import ConfigError, FreeError, HandshakeDropped, ServerRefused
+from free_common.errors import (
+    ConfigError,
+    FreeError,
+    HandshakeDropped,
+    ServerRefused,
+    ServerUnavailable,
+)
 from free_common.models.onnx_static import IntakeLimits
 from free_common.security.keys import load_private_key, load_public_key
 from free_common.types import Receipt, Signed
@@ -70,20 +76,23 @@ def _client(world: World) -> ExchangeClient:
 def _submit(world: World, data: bytes, chunks: Iterator[bytes] | None = None) -> Signed[Receipt]:
     """One upload on its own channel; any refusal of the call fails the test.
 
-    Only a TLS handshake dropped before the call exists is tried again: a burst of
-    connections on a loaded machine can lose one (the uploader retries it too),
-    and it is not the call limit this file is about.
+    Only a connection lost before the call exists is tried again (a TLS handshake
+    dropped, or one that did not finish before the channel's connect timeout): a burst
+    of 80 connections on a loaded machine can lose one (the uploader retries both
+    too), and it is not the call limit this file is about; a refused call
+    (`ServerBusy`, RESOURCE_EXHAUSTED) is never retried.
     """
     signed = sign_manifest(world.owner.key, data, TASK)
-    for attempt in range(3):
+    for attempt in range(5):
         pieces = chunks or iter([data[i : i + 512] for i in range(0, len(data), 512)])
         try:
             with _client(world) as client:
                 receipt = client.submit(signed, pieces, timeout_s=60)
             break
-        except HandshakeDropped:
-            if attempt == 2:
+        except (HandshakeDropped, ServerUnavailable):
+            if attempt == 4:
                 raise
+            time.sleep(0.2 * 2**attempt)  # the burst thins out, as with the uploader's backoff
     check_receipt(receipt, signed.record, load_public_key(world.home.signing_pub))
     return receipt
 
