@@ -9,10 +9,11 @@ from pathlib import Path
 import engine_tiny as tiny
 import torch
 
-from free_common.engine import EngineEvent, RoundResult, StepFinished, run_round
+from free_common.engine import EngineEvent, Evaluated, RoundResult, StepFinished, run_round
 from free_common.engine.checkpoint import read_checkpoint
 from free_common.engine.config import EngineConfig
 from free_common.engine.teachers import EngineTeacher
+from free_common.meta.evaluate import evaluate
 
 
 def _run(
@@ -86,7 +87,9 @@ def test_a_resumed_continual_round_still_knows_what_it_had_seen(tmp_path: Path) 
     assert resumed.initialization.sha256 == straight.initialization.sha256
 
 
-def test_a_warm_round_starts_from_the_release_not_the_last_step(tmp_path: Path) -> None:
+def test_a_warm_round_offers_the_release_at_step_0_and_trains_on_from_the_last_state(
+    tmp_path: Path,
+) -> None:
     # An outer step this large wrecks every state after the start, so round 1 hands back
     # step 0 and its last state is far from it.
     config = tiny.config(bell=dataclasses.replace(tiny.config().bell, outer_lr=3.0))
@@ -94,7 +97,14 @@ def test_a_warm_round_starts_from_the_release_not_the_last_step(tmp_path: Path) 
     episodes = tiny.validation_episodes()
     first = run_round(pool[:3], config, tmp_path, validation=episodes, device="cpu")
     assert first.selected_step == 0
-    second = run_round(pool, config, tmp_path, validation=episodes, device="cpu")
+    last_of_first = evaluate(first.learner, episodes, config.validation, "meta-val").mean
+    events: list[EngineEvent] = []
+    second = run_round(
+        pool, config, tmp_path, validation=episodes, device="cpu", on_event=events.append
+    )
+    scores = [e.mean for e in events if isinstance(e, Evaluated)]
+    # Step 0 is the release (its round-1 score again), not the wrecked last state.
+    assert scores[0] == first.curve[0].mean != last_of_first
     assert second.round == 2 and second.selected_step == 0
     released = first.initialization.build_model().state_dict()
     carried = second.initialization.build_model().state_dict()

@@ -17,12 +17,12 @@ Meta-val episodes, when given, are scored every `validate_every` steps and the b
 state is the initialization (never the test split; without episodes the last state
 is). The state is checkpointed every `checkpoint_every` steps; calling again with the
 same teachers and config after a kill resumes there and ends exactly where an
-uninterrupted run would. A finished round's state (its release as the meta-learner)
-carries into the next call (a new round, warm start) unless ``fresh=True``; a
-warm-started round draws only the teachers no earlier round learned from, if it has
-any (`EngineConfig.continual`). CPU and CUDA take the same path: every random draw comes
-from one CPU generator, or from a teacher's own generator seeded by it (so a teacher's
-draws do not depend on the teachers before it).
+uninterrupted run would. A finished round's state carries into the next call (a new
+round, warm start) unless ``fresh=True``: training goes on from its last state, and
+step 0 scores its release; a warm-started round draws only the teachers no earlier
+round learned from, if it has any (`EngineConfig.continual`). CPU and CUDA take the
+same path: every random draw comes from one CPU generator, or from a teacher's own
+generator seeded by it (so a teacher's draws do not depend on the teachers before it).
 
 Several processes (`free_common.engine.distributed`, torch's launcher) run one round
 together: each adapts and reads its share of a step's teachers (`free_common.engine.shard`)
@@ -315,7 +315,7 @@ class _Round:
     def _start(self) -> None:
         """Before the first step: choose a fresh learner's scale, pin norms, score step 0.
 
-        Step 0 (the initialization itself, or the state a warm start carried in) is a
+        Step 0 (the initialization itself, or the release a warm start carried in) is a
         candidate of the selection like any later state, so a round never hands back
         a model that meta-val scores below where it began.
         """
@@ -330,8 +330,24 @@ class _Round:
         if config.bell.pin_norms and not state.pinned:
             state.pinned = weight_norms(state.learner, names)
         if self.validation is not None:
-            self._validate(scored)
+            self._validate_start(scored)
+        state.carried_release = None
         state.started = True
+
+    def _validate_start(self, scored: EvalResult | None) -> None:
+        """Score step 0: a warm round's carried release, else the initialization itself.
+
+        A warm round trains on from the last round's last state, but what it is
+        offered to begin with is what that round handed back.
+        """
+        state = self.state
+        if state.carried_release is None:
+            self._validate(scored)
+            return
+        last = {name: t.clone() for name, t in state.learner.state_dict().items()}
+        state.learner.load_state_dict(state.carried_release)
+        self._validate()
+        state.learner.load_state_dict(last)
 
     def _choose_scale(self, names: list[str]) -> tuple[float, EvalResult | None]:
         """Return the candidate scale whose rescaled initialization scores best on meta-val."""

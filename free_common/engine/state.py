@@ -70,6 +70,9 @@ class TrainingState:
     seen
         Ids of the teachers earlier rounds learned from (carried from round to round):
         what a continual round (`EngineConfig.continual`) leaves to the memory bank.
+    carried_release
+        A warm round's start: the meta-learner state the last round handed back, for
+        step 0 to score (None once the start is done, and in a fresh round).
     """
 
     round: int
@@ -90,6 +93,7 @@ class TrainingState:
     scale_scores: dict[str, float] = field(default_factory=dict)
     started: bool = False
     seen: tuple[str, ...] = ()
+    carried_release: dict[str, Tensor] | None = None
 
 
 def round_rng(config: EngineConfig, round_index: int) -> torch.Generator:
@@ -128,6 +132,7 @@ def state_record(state: TrainingState) -> tuple[dict[str, Tensor], dict[str, Any
         "scale_scores": dict(state.scale_scores),
         "started": state.started,
         "seen": list(state.seen),
+        "carried_release": pack(state.carried_release, "carried_release", tensors),
         "learner": pack(state.learner.state_dict(), "learner", tensors),
         "optimizer": pack(state.optimizer.state_dict(), "optimizer", tensors),
         "generator": pack(state.meta_generator.state_dict(), "generator", tensors),
@@ -160,7 +165,6 @@ def restore_state(
     """
     state = carry_state(config, device, tensors, record)
     try:
-        state.learner.load_state_dict(unpack(record["learner"], tensors))  # not the selection
         state.round, state.step = int(record["round"]), int(record["step"])
         state.warmup, state.seconds = int(record["warmup"]), float(record["seconds"])
         state.scale_scores = {str(k): float(v) for k, v in record.get("scale_scores", {}).items()}
@@ -186,16 +190,24 @@ def carry_state(
 ) -> TrainingState:
     """Warm start: the next round begins from the saved meta-learner, generator and memory.
 
-    The meta-learner is the one the finished round handed back (its meta-val
-    selection, the published release) when it had one, else its last state: a next
-    round builds on what was released, not on the steps meta-val turned down. The
-    round number goes up by one, steps start at 0 with no warm-up (the meta-generator
-    is warmed up already), and the selector and curves start empty.
+    Training goes on from the finished round's last state (a dip in meta-val is often
+    passed through: a round that stopped at one would start every later round in it),
+    while the state it handed back (its meta-val selection, the release) is kept as
+    `TrainingState.carried_release`: step 0 of the new round scores it, so a round
+    never hands back less than what was released. The round number goes up by one,
+    steps start at 0 with no warm-up (the meta-generator is warmed up already), and
+    the selector and curves start empty.
     """
     state = new_state(config, device)
     try:
-        selected = record.get("selector", {}).get("state")
-        state.learner.load_state_dict(unpack(selected or record["learner"], tensors))
+        state.learner.load_state_dict(unpack(record["learner"], tensors))
+        # Resuming an unfinished round reads the copy its start kept (None once done).
+        release = (
+            record.get("selector", {}).get("state")
+            if record.get("finished")
+            else record.get("carried_release")
+        )
+        state.carried_release = None if release is None else unpack(release, tensors)
         state.optimizer.load_state_dict(unpack(record["optimizer"], tensors))
         state.init_scale = float(record.get("init_scale", 1.0))
         set_outer_lr(state.optimizer, config.bell, state.init_scale)  # the new config wins
