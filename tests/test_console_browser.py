@@ -153,7 +153,9 @@ def test_each_page_loads_with_the_stores_figures(
     rows = _table(browser, "submissions")
     assert [int(r[0]) for r in rows] == [4, 3, 2, 1]
     assert {int(r[0]): int(r[2].replace(",", "")) for r in rows} == sizes
-    assert rows[0][6] == "refused" and rows[0][7] == REFUSAL
+    # Columns 7 and 8: declared DP epsilon (none of these models declares one), reason.
+    assert rows[0][6] == "refused" and rows[0][8] == REFUSAL
+    assert all(r[7] == "" for r in rows)
     assert all(r[6] == "accepted" for r in rows[1:])
 
     _open(browser, served, "/rounds", shots, "rounds")

@@ -25,7 +25,7 @@ ATOL = 1e-4
 
 # (arch, channels, image size); every registered architecture appears at least once.
 VARIANTS = [("conv4", 1, 28), ("conv4", 3, 32), ("resnet10", 3, 32), ("resnet18", 1, 16),
-            ("mlp", 1, 28)]  # fmt: skip
+            ("mlp", 1, 28), ("conv4gn", 1, 28)]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -72,9 +72,13 @@ def test_export_keeps_batch_norm_and_metadata(exported: Exported) -> None:
     original_bns = [
         m for m in exported.original.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
     ]
-    assert report.op_counts.get("BatchNormalization", 0) == len(original_bns) > 0
     assert report.task == exported.task == read_metadata(report.model)
     assert report.input_dims == ("batch", *exported.task.input_shape)
+    if not original_bns:  # the group-norm backbone of DP teachers: intake says what it lacks
+        assert "BatchNormalization" not in report.op_counts
+        assert len(report.warnings) == 1 and "batch" in report.warnings[0].lower()
+        return
+    assert report.op_counts.get("BatchNormalization", 0) == len(original_bns)
     assert report.warnings == ()
     converted_bns = exported.converted.batch_norms
     assert len(converted_bns) == len(original_bns)
