@@ -96,10 +96,6 @@ def _release_features(release_dir: Path, server_pub: Path | None) -> Any:
     return lambda images: features(fit_images(images, spec.channels, spec.image_size))
 
 
-def _advantage(block: Any) -> dict[str, Any]:
-    return asdict(block)
-
-
 def audit(
     model: Annotated[Path, typer.Argument(help="your ONNX model (free-client export)")],
     data: Annotated[
@@ -154,20 +150,13 @@ def audit(
         "nonmembers": len(owner.nonmembers),
         "generator": {"kind": "fresh", "steps": steps, "images_per_class": images_per_class},
         "recovery_agreement": found.recovery_agreement,
-        "audit": {
-            name: {
-                "nearest_member": m.nearest_member,
-                "nearest_nonmember": m.nearest_nonmember,
-                **_advantage(m.advantage),
-            }
-            for name, m in found.metrics.items()
-        },
+        "audit": found.summary(),
         "attack": ATTACK,
-        "attacks": {"model": _advantage(advantage(*model_scores(adapted, owner), seed=seed))},
+        "attacks": {"model": asdict(advantage(*model_scores(adapted, owner), seed=seed))},
     }
     if features is not None:
         scores = release_scores(features, owner)
-        report["attacks"]["release"] = _advantage(advantage(*scores, seed=seed))
+        report["attacks"]["release"] = asdict(advantage(*scores, seed=seed))
     if out is not None:
         _write(out, report, found.recovered, found.nearest)
     if as_json:

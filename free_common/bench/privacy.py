@@ -46,7 +46,7 @@ from free_common.errors import ConfigError
 from free_common.inversion.teacher import AdaptedTeacher
 from free_common.privacy.audit import METRICS, AuditConfig, OwnerImages, audit_teacher
 from free_common.privacy.membership import ATTACK, batch_features, model_scores, release_scores
-from free_common.privacy.metrics import Advantage, advantage, mean_ci95
+from free_common.privacy.metrics import advantage, mean_ci95
 
 __all__ = ["PrivacyRequest", "owner_images", "run_privacy", "summarize", "write_report"]
 
@@ -100,10 +100,6 @@ def owner_images(data: ImageSet, record: dict[str, Any]) -> OwnerImages:
         nonmembers=to_tensor(data.images[held_idx]),
         nonmember_labels=labels(held_idx),
     )
-
-
-def _advantage_dict(adv: Advantage) -> dict[str, Any]:
-    return dataclasses.asdict(adv)
 
 
 def _round_config(request: PrivacyRequest, data: ImageSet) -> EngineConfig:
@@ -183,16 +179,9 @@ def run_privacy(
                 "members": len(owner.members),
                 "nonmembers": len(owner.nonmembers),
                 "recovery_agreement": found.recovery_agreement,
-                "audit": {
-                    name: {
-                        "nearest_member": m.nearest_member,
-                        "nearest_nonmember": m.nearest_nonmember,
-                        **_advantage_dict(m.advantage),
-                    }
-                    for name, m in found.metrics.items()
-                },
+                "audit": found.summary(),
                 "attacks": {
-                    name: _advantage_dict(
+                    name: dataclasses.asdict(
                         advantage(*scores, resamples=audit.resamples, seed=audit.seed)
                     )
                     for name, scores in attacks.items()
@@ -277,7 +266,7 @@ def summarize(
             audit.seed,
         )
         summary["audit"][name] = {
-            "pooled": _advantage_dict(pooled),
+            "pooled": dataclasses.asdict(pooled),
             "mean_auc": mean_ci95([m.advantage.auc for m in measured]),
             "mean_tpr_at_1fpr": mean_ci95([m.advantage.tpr_at_1fpr for m in measured]),
             "nearest_member": mean_ci95([m.nearest_member for m in measured]),
@@ -293,7 +282,7 @@ def summarize(
         )
         per = [row["attacks"][target] for row in rows]
         summary["attacks"][target] = {
-            "pooled": _advantage_dict(pooled),
+            "pooled": dataclasses.asdict(pooled),
             "mean_auc": mean_ci95([p["auc"] for p in per]),
             "mean_tpr_at_1fpr": mean_ci95([p["tpr_at_1fpr"] for p in per]),
         }

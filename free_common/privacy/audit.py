@@ -25,6 +25,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -137,6 +138,17 @@ class TeacherAudit:
     recovered: Tensor
     nearest: Tensor
     seconds: float
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """Return, per distance, the mean nearest distances and the advantage (JSON-able)."""
+        return {
+            name: {
+                "nearest_member": m.nearest_member,
+                "nearest_nonmember": m.nearest_nonmember,
+                **dataclasses.asdict(m.advantage),
+            }
+            for name, m in self.metrics.items()
+        }
 
 
 def fit_images(images: Tensor, channels: int, side: int) -> Tensor:
