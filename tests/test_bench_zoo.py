@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from image_sets import easy_image_set
 from typer.testing import CliRunner
 
 from free_common.bench.zoo import TeacherRecord, ZooConfig, read_mix_spec, teacher_plan, train_zoo
@@ -22,15 +23,7 @@ from free_common.models.onnx_static import check_static
 
 
 def _easy_set(classes: int = 8, per_class: int = 12, side: int = 16) -> ImageSet:
-    """Each class is a fixed random pattern plus noise: learnable in a few epochs."""
-    rng = np.random.default_rng(0)
-    patterns = rng.integers(0, 256, (classes, side, side))
-    images = patterns.repeat(per_class, axis=0) + rng.normal(
-        0, 40, (classes * per_class, side, side)
-    )
-    labels = np.arange(classes, dtype=np.int64).repeat(per_class)
-    names = tuple(f"U+{0x41 + c:04X}" for c in range(classes))
-    return ImageSet(np.clip(images, 0, 255).astype(np.uint8), labels, names, "meta-train")
+    return easy_image_set(classes, per_class, side)
 
 
 @pytest.fixture(scope="module")

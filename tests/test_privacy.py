@@ -9,6 +9,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from image_sets import easy_image_set
 
 from free_common.bench.zoo import ZooConfig, train_zoo, training_split
 from free_common.data.imageset import ImageSet
@@ -96,14 +97,7 @@ def test_owner_images_need_members_and_nonmembers() -> None:
 
 
 def _easy_set(classes: int = 6, per_class: int = 12, side: int = 16) -> ImageSet:
-    rng = np.random.default_rng(0)
-    patterns = rng.integers(0, 256, (classes, side, side))
-    images = patterns.repeat(per_class, axis=0) + rng.normal(
-        0, 40, (classes * per_class, side, side)
-    )
-    labels = np.arange(classes, dtype=np.int64).repeat(per_class)
-    names = tuple(f"U+{0x41 + c:04X}" for c in range(classes))
-    return ImageSet(np.clip(images, 0, 255).astype(np.uint8), labels, names, "meta-train")
+    return easy_image_set(classes, per_class, side)
 
 
 def test_dp_zoo_spends_the_target_epsilon_and_declares_it(tmp_path: Path) -> None:
