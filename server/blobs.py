@@ -27,7 +27,7 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -112,11 +112,13 @@ class BlobStore:
         """Start streaming a new blob of at most `max_bytes` bytes."""
         return BlobWriter(self, max_bytes)
 
-    def place(self, staged: StagedBlob) -> Path:
+    def place(self, staged: StagedBlob, *, sync: bool = True) -> Path:
         """Move a staged blob to its content address and make the rename durable.
 
         When a blob with the same hash is already in place, it holds the same
-        bytes, so the staged copy is simply dropped.
+        bytes, so the staged copy is simply dropped. With ``sync=False`` the
+        caller fsyncs the returned path's folder itself, before it commits any
+        row that names the blob (one fsync for several blobs of one folder).
         """
         target = self.path_of(staged.sha256)
         if target.is_file():
@@ -128,8 +130,15 @@ class BlobStore:
                 folder.mkdir()
                 fsync_dir(self.blobs_dir)
             os.replace(staged.path, target)
-            fsync_dir(folder)
+            if sync:
+                fsync_dir(folder)
         return target
+
+    def sync_folders(self, folders: Iterable[Path]) -> None:
+        """Make the renames of ``place(..., sync=False)`` into these folders durable."""
+        with _full_disk_refused(self.root):
+            for folder in folders:
+                fsync_dir(folder)
 
     def remove(self, sha256: str) -> None:
         """Delete a blob if present."""

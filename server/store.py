@@ -26,6 +26,7 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
@@ -35,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from free_common.errors import (
     DuplicateRecord,
+    FreeError,
     RecordNotFound,
     ReplayError,
     RevokedClient,
@@ -175,6 +177,20 @@ def _evaluation(row: sqlite3.Row) -> EvaluationRow:
     )
 
 
+@dataclass
+class _PendingReceipt:
+    """One `Store.record_submission` call waiting for its group commit."""
+
+    staged: StagedBlob
+    client_key_id: str
+    manifest: bytes
+    signature: bytes
+    nonce: bytes
+    metadata_json: str
+    # Set by the call that commits the group: the result, or why this call failed.
+    outcome: SubmissionResult | BaseException | None = None
+
+
 class Store:
     """Typed access to one server store folder (``<home>/store``).
 
@@ -211,6 +227,11 @@ class Store:
         self.db_path = root / DB_NAME
         self._clock = clock
         self._lock = threading.RLock()
+        # Group commit of receipts (`record_submission`): calls queue here, and
+        # whichever holds the leader lock commits all that are waiting.
+        self._receipts: list[_PendingReceipt] = []
+        self._receipts_mutex = threading.Lock()
+        self._receipt_leader = threading.Lock()
         if not self.db_path.is_file():
             if not create or read_only:
                 raise StoreError(
@@ -579,8 +600,15 @@ class Store:
         The order is DESIGN.md section 3's: if this client already stored these
         exact bytes, the original row is returned whatever the nonce (an
         idempotent retry; the staged copy is dropped). Otherwise the nonce must
-        be new for this client; then the blob is placed (fsync, rename, fsync)
-        and the row and nonce are committed, all under one write lock.
+        be new for this client; then the blob is placed (rename, directory
+        fsync) and the row and nonce are committed, all under one write lock.
+
+        Calls that arrive while another call's transaction commits wait and are
+        then committed together, in arrival order, in one transaction (a group
+        commit: one WAL fsync and one fsync per blob folder for the lot). Each
+        call still returns only once its own row is durable, and a call refused
+        for its own reasons (a replayed nonce, a revoked key) leaves the others
+        of its group untouched.
 
         Raises
         ------
@@ -589,59 +617,112 @@ class Store:
         ReplayError
             The nonce was already used by this client for other bytes.
         """
-        metadata_json = json.dumps(dict(task_metadata), sort_keys=True, separators=(",", ":"))
-        with self._write() as conn:
-            client_row = conn.execute(
-                f"SELECT {_CLIENT_COLS} FROM clients WHERE key_id = ?", (client_key_id,)
-            ).fetchone()
-            self._check_active(None if client_row is None else _client(client_row), client_key_id)
-            original = conn.execute(
-                f"SELECT {_SUBMISSION_COLS} FROM submissions"
-                " WHERE client_key_id = ? AND sha256 = ?",
-                (client_key_id, staged.sha256),
-            ).fetchone()
-            if original is not None:
-                return SubmissionResult(_submission(original), duplicate=True)
-            used = conn.execute(
-                "SELECT 1 FROM nonces WHERE client_key_id = ? AND nonce = ?",
-                (client_key_id, nonce),
-            ).fetchone()
-            if used is not None:
-                raise ReplayError(
-                    "this manifest's nonce was already used for other bytes: sign a new"
-                    " manifest (submit does this for every new model)"
-                )
-            now = self._now()
-            self.blobs.place(staged)
-            conn.execute(
-                "INSERT INTO nonces (client_key_id, nonce, seen_at) VALUES (?, ?, ?)",
-                (client_key_id, nonce, now),
+        pending = _PendingReceipt(
+            staged,
+            client_key_id,
+            manifest,
+            signature,
+            nonce,
+            json.dumps(dict(task_metadata), sort_keys=True, separators=(",", ":")),
+        )
+        with self._receipts_mutex:
+            self._receipts.append(pending)
+        with self._receipt_leader:
+            if pending.outcome is None:
+                self._commit_receipts()
+        outcome = pending.outcome
+        if isinstance(outcome, BaseException):
+            raise outcome
+        assert outcome is not None  # the leader that took it gave every call an outcome
+        return outcome
+
+    def _commit_receipts(self) -> None:
+        """Commit every waiting receipt in one transaction; give each call its outcome."""
+        with self._receipts_mutex:
+            group, self._receipts = self._receipts, []
+        done: list[tuple[_PendingReceipt, SubmissionResult]] = []
+        failure: Exception = StoreError(
+            "the server stopped while storing this upload: send it again"
+        )
+        try:
+            with self._write() as conn:
+                folders: set[Path] = set()
+                for pending in group:
+                    conn.execute("SAVEPOINT receipt")
+                    try:
+                        result = self._insert_submission(conn, pending, folders)
+                    except FreeError as exc:  # this call's own refusal: the others go on
+                        conn.execute("ROLLBACK TO receipt")
+                        pending.outcome = exc
+                    else:
+                        done.append((pending, result))
+                    conn.execute("RELEASE receipt")
+                # The renames of the whole group become durable before any row does.
+                self.blobs.sync_folders(folders)
+            for pending, result in done:
+                pending.outcome = result
+        # The group's transaction failed, so each of its calls did: each raises it.
+        except Exception as exc:  # noqa: BLE001
+            failure = exc
+        finally:
+            for pending in group:
+                if pending.outcome is None:
+                    pending.outcome = failure
+
+    def _insert_submission(
+        self, conn: sqlite3.Connection, pending: _PendingReceipt, folders: set[Path]
+    ) -> SubmissionResult:
+        """Check and write one receipt in the open transaction; note the folder to sync."""
+        key_id, staged = pending.client_key_id, pending.staged
+        client_row = conn.execute(
+            f"SELECT {_CLIENT_COLS} FROM clients WHERE key_id = ?", (key_id,)
+        ).fetchone()
+        self._check_active(None if client_row is None else _client(client_row), key_id)
+        original = conn.execute(
+            f"SELECT {_SUBMISSION_COLS} FROM submissions WHERE client_key_id = ? AND sha256 = ?",
+            (key_id, staged.sha256),
+        ).fetchone()
+        if original is not None:
+            return SubmissionResult(_submission(original), duplicate=True)
+        used = conn.execute(
+            "SELECT 1 FROM nonces WHERE client_key_id = ? AND nonce = ?", (key_id, pending.nonce)
+        ).fetchone()
+        if used is not None:
+            raise ReplayError(
+                "this manifest's nonce was already used for other bytes: sign a new"
+                " manifest (submit does this for every new model)"
             )
-            cursor = conn.execute(
-                "INSERT INTO submissions (client_key_id, sha256, size, manifest, signature,"
-                " nonce, task_metadata, received_at, state)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'received')",
-                (
-                    client_key_id,
-                    staged.sha256,
-                    staged.size,
-                    manifest,
-                    signature,
-                    nonce,
-                    metadata_json,
-                    now,
-                ),
-            )
-            row_id = cast(int, cursor.lastrowid)
-            self._audit(
-                conn,
-                "submission.received",
-                id=row_id,
-                client_key_id=client_key_id,
-                sha256=staged.sha256,
-                size=staged.size,
-            )
-            return SubmissionResult(self._submission_by_id(conn, row_id), duplicate=False)
+        now = self._now()
+        folders.add(self.blobs.place(staged, sync=False).parent)
+        conn.execute(
+            "INSERT INTO nonces (client_key_id, nonce, seen_at) VALUES (?, ?, ?)",
+            (key_id, pending.nonce, now),
+        )
+        cursor = conn.execute(
+            "INSERT INTO submissions (client_key_id, sha256, size, manifest, signature,"
+            " nonce, task_metadata, received_at, state)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'received')",
+            (
+                key_id,
+                staged.sha256,
+                staged.size,
+                pending.manifest,
+                pending.signature,
+                pending.nonce,
+                pending.metadata_json,
+                now,
+            ),
+        )
+        row_id = cast(int, cursor.lastrowid)
+        self._audit(
+            conn,
+            "submission.received",
+            id=row_id,
+            client_key_id=key_id,
+            sha256=staged.sha256,
+            size=staged.size,
+        )
+        return SubmissionResult(self._submission_by_id(conn, row_id), duplicate=False)
 
     def submission(self, submission_id: int) -> SubmissionRow:
         """Return one submission by id; `RecordNotFound` if there is none."""

@@ -83,11 +83,11 @@ def test_crash_between_blob_rename_and_commit_leaves_an_invisible_blob(store: St
         from free_server import blobs
         from free_server.store import Store
 
-        place = blobs.BlobStore.place
-        def place_then_die(self, staged):
-            place(self, staged)
-            os.kill(os.getpid(), signal.SIGKILL)  # after fsync + rename, before COMMIT
-        blobs.BlobStore.place = place_then_die
+        sync_folders = blobs.BlobStore.sync_folders
+        def sync_then_die(self, folders):
+            sync_folders(self, folders)
+            os.kill(os.getpid(), signal.SIGKILL)  # after rename + fsync, before COMMIT
+        blobs.BlobStore.sync_folders = sync_then_die
 
         store = Store(Path({str(store.root)!r}))
         with store.blob_writer(1000) as writer:

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import sqlite3
+import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -149,6 +152,44 @@ def test_submissions_from_unknown_or_revoked_keys_store_nothing(store: Store) ->
         _submit(store, b"model", b"1" * 16, KEY_A)
     assert store.pending_intake() == [] and store.blobs.all_hashes() == set()
     assert _tmp_files(store) == []
+
+
+def test_calls_that_wait_are_committed_together_and_a_refusal_spares_the_rest(
+    store: Store,
+) -> None:
+    _submit(store, b"first", b"0" * 16)
+    commits: list[str] = []
+    store._conn.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+    calls = [(b"one", b"1"), (b"replay", b"0"), (b"two", b"2"), (b"first", b"9")]
+    outcomes: dict[bytes, SubmissionResult | Exception] = {}
+
+    def call(payload: bytes, nonce: bytes) -> None:
+        try:
+            outcomes[payload] = _submit(store, payload, nonce * 16)
+        except ReplayError as exc:
+            outcomes[payload] = exc
+
+    # Hold the commit back (as a slow transaction would) until every call waits for it.
+    with store._receipt_leader:
+        threads = [threading.Thread(target=call, args=args) for args in calls]
+        for thread in threads:
+            thread.start()
+        while len(store._receipts) < len(calls):
+            time.sleep(0.01)
+    for thread in threads:
+        thread.join(timeout=30)
+    assert commits == ["COMMIT"]  # one transaction for the four calls
+    assert isinstance(outcomes[b"replay"], ReplayError)  # nonce 0 was used for b"first"
+    stored = [o for p, o in outcomes.items() if p in (b"one", b"two", b"first")]
+    assert all(isinstance(o, SubmissionResult) for o in stored)
+    assert cast(SubmissionResult, outcomes[b"first"]).duplicate  # the retry, in the group
+    assert sorted(r.row.id for r in cast(list[SubmissionResult], stored)) == [1, 2, 3]
+    assert {s.sha256 for s in store.pending_intake()} == {
+        hashlib.sha256(p).hexdigest() for p in (b"first", b"one", b"two")
+    }
+    assert len(store.blobs.all_hashes()) == 3 and _tmp_files(store) == []
+    audit = store.audit_log()
+    assert [e.kind for e in audit.entries].count("submission.received") == 3
 
 
 def test_byte_cap_refuses_before_writing_and_the_temp_file_goes(store: Store) -> None:
