@@ -218,25 +218,51 @@ def _status_kb(pid: int, field: str) -> int:
     return int(match.group(1)) if match else 0
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found.extend(int(c) for c in (task / "children").read_text().split())
+        except OSError:
+            continue
+    return found
+
+
+def _intake_workers(pid: int) -> list[int]:
+    """The full-intake workers of server `pid`: children of its intake fork server."""
+    return [w for server in _workers(pid, b"intake_forkserver") for w in _children(server)]
+
+
+def _intake_cpu(pid: int) -> float:
+    """CPU seconds of the finished intake workers of server `pid`.
+
+    Their fork server reaps them, so their CPU is in its count of reaped children
+    (and in the server's, for a fork server that ended).
+    """
+    total = cpu_seconds(pid)[1]
+    for server in _workers(pid, b"intake_forkserver"):
+        try:
+            own, reaped = cpu_seconds(server)
+        except OSError:
+            continue
+        total += own + reaped
+    return total
+
+
 def _workers(pid: int, module: bytes) -> list[int]:
-    """Children of `pid` running a worker module (``intake_worker``, ``static_worker``).
+    """Children of `pid` running a worker module (``static_worker``, ``intake_forkserver``).
 
     Only once they exec it: between fork and exec a child still shows the
     server's own memory.
     """
     found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
+    for child in _children(pid):
         try:
-            children = [int(c) for c in (task / "children").read_text().split()]
+            command = Path(f"/proc/{child}/cmdline").read_bytes()
         except OSError:
             continue
-        for child in children:
-            try:
-                command = Path(f"/proc/{child}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if module in command:
-                found.append(child)
+        if module in command:
+            found.append(child)
     return found
 
 
@@ -263,7 +289,7 @@ class MemoryWatch:
         while not self._stop.wait(self.every_s):
             try:
                 self.peak_rss_kb = max(self.peak_rss_kb, _status_kb(self.pid, "VmRSS"))
-                for child in _workers(self.pid, b"intake_worker"):
+                for child in _intake_workers(self.pid):
                     self.worker_peak_kb = max(self.worker_peak_kb, _status_kb(child, "VmHWM"))
                 for child in _workers(self.pid, b"static_worker"):
                     self.static_peak_kb = max(self.static_peak_kb, _status_kb(child, "VmHWM"))
@@ -535,7 +561,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 profiler = start_profiler(pid, args.profile / "server-py-spy.txt")
                 perf = start_perf(pid, args.profile / "server.perf.data")
             load0 = os.getloadavg()
-            server_cpu0, reaped0 = cpu_seconds(pid)
+            server_cpu0, reaped0 = cpu_seconds(pid)[0], _intake_cpu(pid)
             threads0 = thread_cpu(pid)
             static0 = _static_worker_cpu(pid)
             t0.value = time.monotonic()
@@ -547,7 +573,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             acked = [o for o in outcomes if o.submission_id is not None]
             latencies = [o.latency_s for o in acked if o.latency_s is not None]
             last_receipt_s = max(latencies, default=0.0)
-            server_cpu1, reaped1 = cpu_seconds(pid)
+            server_cpu1, reaped1 = cpu_seconds(pid)[0], _intake_cpu(pid)
             threads1 = thread_cpu(pid)
             static1 = _static_worker_cpu(pid)
             if profiler is not None:
@@ -559,8 +585,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             verdicts = _wait_for_verdicts(home, ids, t0.value, args.verdict_limit_s)
             watch.stop()
             load1 = os.getloadavg()
-            # Intake workers are children the server reaps: their CPU lands in `reaped`.
-            server_cpu2, reaped2 = cpu_seconds(pid)
+            server_cpu2, reaped2 = cpu_seconds(pid)[0], _intake_cpu(pid)
             # Intake threads stream each blob to their worker: the verdict phase counts too.
             peak_kb = max(_status_kb(pid, "VmHWM"), watch.peak_rss_kb)
             stored_once = _stored_once(home, keys, digests)

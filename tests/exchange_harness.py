@@ -7,6 +7,7 @@ runs the real command. Models come from `onnx_builders`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import os
@@ -169,6 +170,20 @@ def child_pids(module: str, parent: int | None = None) -> list[int]:
             continue
         if stat is not None and stat[1] == parent and module.encode() in cmdline:
             pids.append(int(entry.name))
+    return pids
+
+
+def intake_worker_pids(parent: int | None = None) -> list[int]:
+    """Pids of the full-intake workers running for `parent` (default: this process).
+
+    Each is forked by the parent's intake fork server
+    (`free_common.models.intake_forkserver`), which is single-threaded.
+    """
+    pids = []
+    for server in child_pids("free_common.models.intake_forkserver", parent):
+        with contextlib.suppress(OSError):
+            children = Path(f"/proc/{server}/task/{server}/children").read_text()
+            pids.extend(int(pid) for pid in children.split())
     return pids
 
 

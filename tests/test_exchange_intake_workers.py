@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from exchange_harness import (
     TASK,
-    child_pids,
     client,
     enroll,
     good_model,
+    intake_worker_pids,
     make_owner,
     new_home,
     serving,
@@ -86,9 +86,7 @@ def test_a_killed_worker_is_a_refusal_and_the_pool_goes_on(tmp_path: Path) -> No
     with serving(home) as runtime, client(runtime, alice) as c:
         doomed = upload(c, alice.key, good_model(seed=2), TASK).record.submission_id
         found: list[int] = []
-        assert wait_until(
-            lambda: bool(found.extend(child_pids("free_common.models.intake_worker")) or found), 20
-        )
+        assert wait_until(lambda: bool(found.extend(intake_worker_pids()) or found), 20)
         os.kill(found[0], signal.SIGKILL)
         verdict = wait_for_verdict(c, doomed, timeout_s=30, poll_s=0.1)
         assert verdict.state is VerdictState.REFUSED

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from exchange_harness import child_pids
+from exchange_harness import intake_worker_pids
 from onnx import helper
 from onnx_builders import TINY_TASK, OpenWatch, copy, init, make, point_to_external, tiny_model
 
@@ -126,9 +126,31 @@ def test_memory_limit_stops_an_allocation_bomb() -> None:
     )
 
 
+def _slow_model(layers: int) -> bytes:
+    """3x3 convolutions of 64 maps on 128x128 images: a second or more of probing."""
+    task = TaskMetadata(3, (1, 128, 128), ChannelOrder.GRAY, (0.5,), (0.25,))
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], pads=[1, 1, 1, 1])]
+    initializers = [init("w0", 0.3 * rng.standard_normal((64, 1, 3, 3)).astype(np.float32))]
+    for i in range(1, layers + 1):
+        nodes.append(helper.make_node("Conv", [f"c{i - 1}", f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1]))
+        weight = 0.04 * rng.standard_normal((64, 64, 3, 3)).astype(np.float32)
+        initializers.append(init(f"w{i}", weight))
+    nodes += [
+        helper.make_node("GlobalAveragePool", [f"c{layers}"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc.w"], ["y"], transB=1),
+    ]
+    initializers.append(init("fc.w", rng.standard_normal((3, 64)).astype(np.float32)))
+    shapes = {"input_shape": ["batch", 1, 128, 128], "output_shape": ["batch", 3]}
+    return make(nodes, initializers, task=task, **shapes).SerializeToString()
+
+
 def test_timeout_stops_the_worker() -> None:
-    result = run_intake(tiny_model().SerializeToString(), limits=IntakeLimits(timeout_s=0.2))
+    # A tiny model is judged in well under 0.2 s by a forked worker; this one takes seconds.
+    result = run_intake(_slow_model(16), limits=IntakeLimits(timeout_s=0.2))
     _assert_refused(result, IntakeTimeout, "longer than 0.2 s")
+    assert intake_worker_pids() == []
 
 
 def test_parity_failure_is_refused() -> None:
@@ -205,7 +227,7 @@ def test_a_niced_intake_worker_runs_below_its_parent_and_still_decides(tmp_path:
 
     def watch() -> None:
         while not done.is_set():
-            for pid in child_pids("free_common.models.intake_worker"):
+            for pid in intake_worker_pids():
                 with contextlib.suppress(OSError):
                     seen.append(os.getpriority(os.PRIO_PROCESS, pid))
             time.sleep(0.01)

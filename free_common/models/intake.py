@@ -2,8 +2,9 @@
 
 `run_intake` gives the verdict on a model's bytes: the static checks run here
 (cheap, and a refusal needs no worker), then full intake runs in a worker
-process (`free_common.models.intake_worker`) under a memory limit, a wall-clock
-timeout and an empty working directory. A refusal is a typed `IntakeError`
+process (`free_common.models.intake_worker`, forked for each model from a
+pre-imported server: `free_common.models.intake_forkserver`) under a memory
+limit, a wall-clock timeout and an empty working directory. A refusal is a typed `IntakeError`
 subclass with a reason the owner can act on; `IntakeResult` carries its name
 and message, so the server can store the verdict and the client can print it.
 
@@ -19,7 +20,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +32,7 @@ from free_common.errors import (
     IntakeTimeout,
     RuntimeProbeError,
 )
+from free_common.models.intake_forkserver import fork_worker
 from free_common.models.metadata import task_from_dict, task_to_dict
 from free_common.models.onnx_static import IntakeLimits, check_static
 from free_common.models.static_worker import header_for, out_of_memory_reason
@@ -53,6 +54,9 @@ __all__ = [
 
 _FEED_CHUNK = 1 << 20
 """Bytes of a model file copied to the worker at a time."""
+
+_KILL_WAIT_S = 10.0
+"""How long a killed worker may take to be reaped."""
 
 _REFUSALS: dict[str, type[IntakeError]] = {
     name: cls
@@ -252,10 +256,6 @@ class Teacher:
         return (images - mean) / std
 
 
-def _worker_command() -> list[str]:
-    return [sys.executable, "-m", "free_common.models.intake_worker"]
-
-
 def _worker_env() -> dict[str, str]:
     env = dict(os.environ)
     # One thread each: intake runs beside other work, and small models gain nothing.
@@ -264,10 +264,7 @@ def _worker_env() -> dict[str, str]:
 
 
 def _feed(stdin: IO[bytes], header: bytes, model: bytes | Path) -> None:
-    """Write the header and the model to the worker, the file in chunks (never whole here).
-
-    ``communicate`` flushes and closes `stdin` afterwards.
-    """
+    """Write the header and the model to the worker, the file in chunks (never whole here)."""
     try:
         stdin.write(header)
         if isinstance(model, Path):
@@ -283,36 +280,27 @@ def _run_worker(
     model: bytes | Path, task: TaskMetadata | None, limits: IntakeLimits, niceness: int = 0
 ) -> IntakeResult:
     with tempfile.TemporaryDirectory(prefix="free-intake-") as empty:
-        worker = subprocess.Popen(
-            _worker_command(),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=empty,
-            env=_worker_env(),
-        )
-        if niceness:
-            # Set from here, not by a preexec hook (unsafe in a threaded parent); the
-            # worker spends its first second importing, long before it reads a model.
-            with contextlib.suppress(ProcessLookupError):
-                mine = os.getpriority(os.PRIO_PROCESS, 0)
-                os.setpriority(os.PRIO_PROCESS, worker.pid, mine + niceness)
-        assert worker.stdin is not None
-        # The worker reads all of its input before it writes a byte, so feeding it
-        # first and collecting its output after cannot deadlock.
-        _feed(worker.stdin, header_for(task, limits), model)
+        worker = fork_worker(empty, niceness, _worker_env())
         try:
-            stdout, stderr = worker.communicate(timeout=limits.timeout_s)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.communicate()
-            return IntakeResult.refused(
-                IntakeTimeout(
-                    f"full intake took longer than {limits.timeout_s:g} s; a teacher should run "
-                    "a small batch in well under a second: export a smaller model"
+            # The worker reads all of its input before it writes a byte, so feeding it
+            # first and collecting its output after cannot deadlock.
+            _feed(worker.stdin, header_for(task, limits), model)
+            with contextlib.suppress(BrokenPipeError):
+                worker.stdin.close()
+            try:
+                stdout, stderr, returncode = worker.communicate(limits.timeout_s)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+                worker.communicate(_KILL_WAIT_S)
+                return IntakeResult.refused(
+                    IntakeTimeout(
+                        f"full intake took longer than {limits.timeout_s:g} s; a teacher should "
+                        "run a small batch in well under a second: export a smaller model"
+                    )
                 )
-            )
-    return _reply_of(worker.returncode, stdout, stderr, limits)
+        finally:
+            worker.close()
+    return _reply_of(returncode, stdout, stderr, limits)
 
 
 def _reply_of(
