@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 from exchange_harness import child_pids, intake_worker_pids, process_stat, wait_until
@@ -70,3 +71,20 @@ def test_a_dead_fork_server_is_started_again() -> None:
     result = run_intake(tiny_model().SerializeToString())
     assert result.accepted, result.reason
     assert _fork_servers() not in ([], [server])
+
+
+def test_a_killed_worker_reports_its_signal_however_late_the_caller_reads(tmp_path: Path) -> None:
+    # The server used to close the status socket with the caller's "kill" unread,
+    # which resets the caller's end: a caller reading the exit status after that
+    # close got ECONNRESET instead.
+    for settle_s in (0.0, 0.3):
+        worker = fork_worker(str(tmp_path), 0, _ENV)
+        try:
+            assert wait_until(lambda: len(intake_worker_pids()) == 1, 30)
+            worker.kill()
+            worker.kill()  # twice, as a caller racing the worker's end may
+            time.sleep(settle_s)  # long enough for the server to have reaped the worker
+            _, _, returncode = worker.communicate(10)
+        finally:
+            worker.close()
+        assert returncode == -signal.SIGKILL

@@ -215,6 +215,7 @@ class _Job:
     status: socket.socket
     killed: bool = False
     reaped: bool = False
+    caller_gone: bool = False
 
 
 def _become_worker(request: dict[str, object], fds: list[int]) -> None:
@@ -256,23 +257,39 @@ def _serve(control: socket.socket) -> None:
                 selector.register(job.status, selectors.EVENT_READ, job)
                 continue
             job = key.data
-            if job.reaped:
-                continue  # its status socket's event came in the batch that reaped it
             if key.fileobj is job.status:
-                if not job.killed:  # "kill", or the caller closed its end
-                    os.kill(job.pid, signal.SIGKILL)  # not reaped yet: the pid is still ours
-                    job.killed = True
-                selector.unregister(job.status)
-                continue
-            _, wait_status = os.waitpid(job.pid, 0)
-            job.reaped = True
-            selector.unregister(job.pidfd)
-            os.close(job.pidfd)
-            with contextlib.suppress(OSError):
-                job.status.send(f"exit {os.waitstatus_to_exitcode(wait_status)}".encode())
-            with contextlib.suppress(KeyError):
-                selector.unregister(job.status)
+                _on_caller_message(selector, job)
+            else:
+                _reap(selector, job)
+
+
+def _on_caller_message(selector: selectors.BaseSelector, job: _Job) -> None:
+    # Every message is read: closing a Unix socket with unread data resets the
+    # peer, and the caller would get ECONNRESET instead of the queued exit status.
+    try:
+        message = job.status.recv(_MAX_MESSAGE)
+    except OSError:
+        message = b""
+    if not job.reaped and not job.killed:  # "kill", or the caller closed its end
+        os.kill(job.pid, signal.SIGKILL)  # not reaped yet: the pid is still ours
+        job.killed = True
+    if not message:
+        job.caller_gone = True
+        selector.unregister(job.status)
+        if job.reaped:
             job.status.close()
+
+
+def _reap(selector: selectors.BaseSelector, job: _Job) -> None:
+    _, wait_status = os.waitpid(job.pid, 0)
+    job.reaped = True
+    selector.unregister(job.pidfd)
+    os.close(job.pidfd)
+    with contextlib.suppress(OSError):
+        job.status.send(f"exit {os.waitstatus_to_exitcode(wait_status)}".encode())
+    if job.caller_gone:
+        job.status.close()
+    # Otherwise the status socket stays open until the caller closes it.
 
 
 def _fork(request: dict[str, object], fds: list[int]) -> _Job:
