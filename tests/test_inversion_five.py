@@ -54,6 +54,21 @@ def test_adaptation_lowers_the_teachers_loss_below_no_adaptation() -> None:
         assert recovery.losses[-1] < recovery.losses[0] - 0.2
 
 
+def test_an_adaptation_told_where_to_stop_stops_there_and_keeps_those_images() -> None:
+    config = FiveConfig(images_per_class=4, adapt_steps=60, augment=NO_AUGMENT)
+    teacher = _teacher(0)
+    full, _ = _meta_generator(config).adapt(teacher, torch.Generator().manual_seed(0))
+    assert len(full.losses) == 60 and full.teacher_accuracy == 1.0
+    early, _ = _meta_generator(config).adapt(teacher, torch.Generator().manual_seed(0), stop_at=0.5)
+    # Checked every 5 steps: it stops at the first check the images pass, and reports them.
+    assert len(early.losses) % 5 == 0 and len(early.losses) < 60
+    assert early.teacher_accuracy >= 0.5
+    never, _ = _meta_generator(config).adapt(
+        teacher, torch.Generator().manual_seed(0), stop_at=1.01
+    )
+    assert never.losses == full.losses
+
+
 def test_adapt_leaves_the_meta_generator_unchanged() -> None:
     meta = _meta_generator(FiveConfig(images_per_class=2))
     before = copy.deepcopy(meta.generator.state_dict())

@@ -109,6 +109,19 @@ def test_without_a_shared_name_pool_agreement_is_not_measured() -> None:
     assert report.figures["structure"] is not None
 
 
+def test_one_shared_name_is_too_little_evidence_to_hold_a_model_on() -> None:
+    # A model relabelled on its only shared name disagrees on it fully, but one name
+    # cannot tell relabelling from images that do not transfer between models.
+    context = _fresh(_memory_of(tiny.teacher(1, names=NAMES)))
+    permuted = tiny.teacher(1, names=("a", "w", "x", "y", "z"))
+    layer = _linear(permuted)
+    with torch.no_grad():
+        layer.weight.copy_(layer.weight.roll(1, 0))
+    assert screen_teacher(_adapted(permuted), context, CONFIG).figures["pool_agreement"] is None
+    config = dataclasses.replace(CONFIG, min_pool_names=1)
+    assert screen_teacher(_adapted(permuted), context, config).figures["pool_agreement"] == 0.0
+
+
 def test_answers_unrelated_to_the_pools_classes_have_no_structure() -> None:
     context = _fresh(_memory_of(tiny.teacher(1, names=NAMES)))
     report = screen_teacher(_adapted(_constant(tiny.teacher(2))), context, CONFIG)

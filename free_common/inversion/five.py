@@ -29,6 +29,9 @@ from free_common.inversion.timing import wall_clock
 
 __all__ = ["MetaGenerator", "Recovery", "StudentFn", "target_labels"]
 
+_STOP_CHECK_EVERY = 5
+"""Steps between agreement checks of an adaptation that may stop early (one teacher pass each)."""
+
 StudentFn = Callable[[Tensor], Tensor]
 """The current meta-learner as a function: (B, C_s, S, S) images in [0, 1] -> (B, K) logits."""
 
@@ -81,7 +84,12 @@ class MetaGenerator:
         self._meta_optimizer = self._adam() if config.persistent_meta_optimizer else None
 
     def adapt(
-        self, teacher: AdaptedTeacher, rng: torch.Generator, student: StudentFn | None = None
+        self,
+        teacher: AdaptedTeacher,
+        rng: torch.Generator,
+        student: StudentFn | None = None,
+        *,
+        stop_at: float | None = None,
     ) -> tuple[Recovery, list[Tensor]]:
         """Adapt a copy of the meta-generator to one teacher; phi itself is not touched.
 
@@ -93,6 +101,10 @@ class MetaGenerator:
             CPU generator for the latent codes and the augmentation.
         student
             The current meta-learner, or None during warm-up (no adversarial term).
+        stop_at
+            Stop before `adapt_steps` once the teacher gives at least this share of the
+            images their target (checked every `_STOP_CHECK_EVERY` steps): screening
+            only needs to know that a model can be inverted, not its best images.
 
         Returns
         -------
@@ -117,12 +129,19 @@ class MetaGenerator:
                 betas=cfg.betas,
             )
             losses: list[float] = []
-            for _ in range(cfg.adapt_steps):
+            for step in range(1, cfg.adapt_steps + 1):
                 images = fast(z)  # (N, C_s, S, S)
                 loss = self._loss(teacher, images, labels, rng, student)
                 optimizer.zero_grad(set_to_none=True)
                 torch.autograd.backward(loss)
                 losses.append(float(loss.detach()))
+                if (
+                    stop_at is not None
+                    and step % _STOP_CHECK_EVERY == 0
+                    and step < cfg.adapt_steps
+                    and teacher_accuracy(teacher, images.detach(), labels) >= stop_at
+                ):
+                    break  # these images are the ones kept; the step below would move past them
                 optimizer.step()
             # Gradients of the last loss at phi_i^(k-1); the step above does not touch .grad.
             grads = [_grad_or_zero(p) for p in fast.parameters()]

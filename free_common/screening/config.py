@@ -30,12 +30,21 @@ class ScreeningConfig:
         `min_recovery_agreement` (and of the only try before any round has meta-learned
         the generator): an honest model the generator has not met the like of may need
         more; one that answers the same whatever it sees fails any number of steps.
+    good_enough_recovery
+        The longer try stops early once the model gives this share of its recovered images
+        their target (never below `min_recovery_agreement` plus `hold_band`): images good
+        enough for the tests that read them, at a fraction of the steps.
     min_recovery_agreement
         The model's own agreement with the targets on its recovered images: a model that
         answers (nearly) the same whatever it sees cannot be inverted.
     min_pool_agreement
         On the memory's images of a class name the model declares too, the share it
         gives that class: labels that do not mean what the pool means by them.
+    min_pool_names
+        Class names the model must share with the pool before `min_pool_agreement` is
+        tested: on a single name, honest models of other architectures scored 0 to 0.5
+        (the images of one class recovered from one other model are weak evidence), while a
+        model that relabels classes has to share several.
     min_structure
         Normalized mutual information between the memory's pseudo-classes and the
         model's answers on their images: a model whose answers follow no visual
@@ -49,25 +58,40 @@ class ScreeningConfig:
         Share of the image's pixels that patch keeps.
     trigger_steps
         Optimization steps of the patch search.
+    trigger_images
+        At most this many recovered images of the other classes each class's patch is
+        searched on (the search's cost grows with classes x images x steps).
     hold_band
         Width above each threshold where the model is held, not accepted.
     """
 
     images_per_class: int = 8
     fresh_generator_steps: int = 60
+    good_enough_recovery: float = 0.9
     min_recovery_agreement: float = 0.5
     min_pool_agreement: float = 0.5
+    min_pool_names: int = 2
     min_structure: float = 0.1
     max_trigger_gap: float = 0.6
     trigger_budget: float = 0.03
     trigger_steps: int = 40
+    trigger_images: int = 24
     hold_band: float = 0.05
 
     def __post_init__(self) -> None:
-        if self.images_per_class < 2 or min(self.trigger_steps, self.fresh_generator_steps) < 1:
+        if (
+            self.images_per_class < 2
+            or min(
+                self.trigger_steps,
+                self.trigger_images,
+                self.fresh_generator_steps,
+                self.min_pool_names,
+            )
+            < 1
+        ):
             raise ConfigError(
-                "screening needs images_per_class >= 2, trigger_steps and"
-                " fresh_generator_steps >= 1"
+                "screening needs images_per_class >= 2; trigger_steps, trigger_images,"
+                " fresh_generator_steps and min_pool_names >= 1"
             )
         if self.hold_band < 0:
             raise ConfigError("screening hold_band must be at least 0")

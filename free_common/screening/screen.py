@@ -13,7 +13,7 @@ memory bank. The figures (each in [0, 1]):
     Entropy of the histogram of its answers on neutral inputs, over log K.
 ``pool_agreement``
     On the memory's images of class names it declares too, the share it gives that
-    class (null when it shares no name with the pool).
+    class (null when it shares fewer than `ScreeningConfig.min_pool_names` with the pool).
 ``structure``
     Mutual information between the memory's pseudo-classes and its answers on their
     images, over the entropy of its answers (null with an empty memory).
@@ -46,8 +46,6 @@ Verdict = Literal["accepted", "held", "refused"]
 
 _POOL_IMAGES_PER_CLASS = 8
 _POOL_CLASSES = 64
-_TRIGGER_IMAGES = 24
-"""Images of the other classes each class's patch is searched on."""
 _TRIGGER_AREA_WEIGHT = 2.0
 _TRIGGER_START = -2.0
 """Mask logit everywhere at the start: each pixel 12% patch."""
@@ -120,7 +118,9 @@ def screen_teacher(
         # met yet may need more than 5 steps; one that answers the same whatever it sees
         # cannot be inverted in any number.
         longer = dataclasses.replace(five, adapt_steps=config.fresh_generator_steps)
-        recovery, _ = MetaGenerator(context.meta_generator.generator, longer).adapt(teacher, rng)
+        recovery, _ = MetaGenerator(context.meta_generator.generator, longer).adapt(
+            teacher, rng, stop_at=_good_enough(config)
+        )
     device = recovery.images.device
     _, channels, height, width = recovery.images.shape
     neutral = neutral_images(48, (channels, height, width), seed).to(device)
@@ -137,10 +137,17 @@ def screen_teacher(
         "trigger_gap": _trigger_gap(teacher, recovery.images, recovery.labels, config),
     }
     if context.memory is not None and len(context.memory):
-        figures["pool_agreement"] = _pool_agreement(teacher, context.memory, device)
+        figures["pool_agreement"] = _pool_agreement(
+            teacher, context.memory, device, config.min_pool_names
+        )
         figures["structure"] = _structure(teacher, context.memory, device)
     verdict, reason = judge(figures, config)
     return ScreeningReport(figures, verdict, reason, time.perf_counter() - started)
+
+
+def _good_enough(config: ScreeningConfig) -> float:
+    """Agreement at which the longer try stops: past the recovery test and its band."""
+    return max(config.good_enough_recovery, config.min_recovery_agreement + config.hold_band)
 
 
 _TESTS: tuple[tuple[str, str, Verdict, str], ...] = (
@@ -226,17 +233,20 @@ def _memory_sample(memory: MemoryBank, device: torch.device) -> list[Tensor]:
 
 @torch.no_grad()
 def _pool_agreement(
-    teacher: AdaptedTeacher, memory: MemoryBank, device: torch.device
+    teacher: AdaptedTeacher, memory: MemoryBank, device: torch.device, min_names: int
 ) -> float | None:
     held = {pseudo.key for pseudo in memory.classes}
-    hits = total = 0
+    hits = total = names = 0
     for index, name in enumerate(teacher.task.class_names or ()):
         key = pseudo_class_key(teacher.teacher_id, index, name)
         if key in held and memory.size(key):
             images = _newest(memory, key, device)
             hits += int((teacher(images).argmax(1) == index).sum())
             total += len(images)
-    return hits / total if total else None
+            names += 1
+    # On one shared name, the answer measures how well another model's recovered images
+    # transfer as much as what the name means (benchmarks/results/poison/).
+    return hits / total if total and names >= min_names else None
 
 
 @torch.no_grad()
@@ -268,7 +278,7 @@ def _trigger_gap(
     flip rate; the figure is the largest flip rate minus the median one.
     """
     classes = teacher.num_classes
-    per_target = min(min(int((labels != t).sum()) for t in range(classes)), _TRIGGER_IMAGES)
+    per_target = min(min(int((labels != t).sum()) for t in range(classes)), config.trigger_images)
     others = torch.stack([images[labels != t][:per_target] for t in range(classes)])
     # others: (K, M, C, S, S); one mask (K, 1, 1, S, S) and pattern (K, 1, C, S, S) per class
     _, _, channels, height, width = others.shape
