@@ -88,6 +88,7 @@ def test_a_constant_answer_cannot_be_inverted_and_is_refused_for_it() -> None:
         "screening: recovery_agreement 0.200"
     )
     assert report.figures["neutral_spread"] == 0.0
+    assert report.figures["trigger_gap"] is None  # refused already: the search is not run
 
 
 def test_permuted_labels_disagree_with_the_pool_on_their_names() -> None:

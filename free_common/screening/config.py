@@ -74,8 +74,8 @@ class ScreeningConfig:
     min_structure: float = 0.1
     max_trigger_gap: float = 0.6
     trigger_budget: float = 0.03
-    trigger_steps: int = 40
-    trigger_images: int = 24
+    trigger_steps: int = 20
+    trigger_images: int = 8
     hold_band: float = 0.05
 
     def __post_init__(self) -> None:

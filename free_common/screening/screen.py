@@ -20,7 +20,8 @@ memory bank. The figures (each in [0, 1]):
 ``trigger_gap``
     For each class, a patch searched to send the other classes' recovered images to it
     (a Neural Cleanse-style search, Wang et al., S&P 2019, cut to a few steps) and cut
-    to a few percent of the image; the largest share it sends, minus the median share.
+    to a few percent of the image; the largest share it sends, minus the median share
+    (null for a model the recovery test refuses).
 """
 
 from __future__ import annotations
@@ -134,8 +135,12 @@ def screen_teacher(
         "neutral_spread": _answer_entropy(neutral_logits.argmax(1), teacher.num_classes),
         "pool_agreement": None,
         "structure": None,
-        "trigger_gap": _trigger_gap(teacher, recovery.images, recovery.labels, config),
+        "trigger_gap": None,
     }
+    if recovery.teacher_accuracy >= config.min_recovery_agreement:
+        # The costliest test, and pointless for a model refused already (and its images
+        # are not of its classes).
+        figures["trigger_gap"] = _trigger_gap(teacher, recovery.images, recovery.labels, config)
     if context.memory is not None and len(context.memory):
         figures["pool_agreement"] = _pool_agreement(
             teacher, context.memory, device, config.min_pool_names
