@@ -27,9 +27,10 @@ class ScreeningConfig:
         Images recovered per class, 5 steps from the current meta-generator as in a round.
     fresh_generator_steps
         Adaptation steps of the second, longer try when the 5 steps fall short of
-        `min_recovery_agreement` (and of the only try before any round has meta-learned
-        the generator): an honest model the generator has not met the like of may need
-        more; one that answers the same whatever it sees fails any number of steps.
+        `min_recovery_agreement` plus `hold_band` (and of the only try before any round
+        has meta-learned the generator): an honest model the generator has not met the
+        like of may need more; one that answers the same whatever it sees fails any
+        number of steps.
     good_enough_recovery
         The longer try stops early once the model gives this share of its recovered images
         their target (never below `min_recovery_agreement` plus `hold_band`): images good

@@ -114,10 +114,12 @@ def screen_teacher(
     recovery = None
     if context.meta_learned:
         recovery, _ = MetaGenerator(context.meta_generator.generator, five).adapt(teacher, rng)
-    if recovery is None or recovery.teacher_accuracy < config.min_recovery_agreement:
-        # A second, longer chance: an honest model of an architecture the generator has not
-        # met yet may need more than 5 steps; one that answers the same whatever it sees
-        # cannot be inverted in any number.
+    if recovery is None or (
+        recovery.teacher_accuracy < config.min_recovery_agreement + config.hold_band
+    ):
+        # A second, longer chance before any verdict on this figure, a hold included: an
+        # honest model of an architecture the generator has not met yet may need more than
+        # 5 steps; one that answers the same whatever it sees cannot be inverted in any number.
         longer = dataclasses.replace(five, adapt_steps=config.fresh_generator_steps)
         recovery, _ = MetaGenerator(context.meta_generator.generator, longer).adapt(
             teacher, rng, stop_at=_good_enough(config)
