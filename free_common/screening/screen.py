@@ -139,15 +139,15 @@ def screen_teacher(
         "structure": None,
         "trigger_gap": None,
     }
-    if recovery.teacher_accuracy >= config.min_recovery_agreement:
-        # The costliest test, and pointless for a model refused already (and its images
-        # are not of its classes).
-        figures["trigger_gap"] = _trigger_gap(teacher, recovery.images, recovery.labels, config)
     if context.memory is not None and len(context.memory):
         figures["pool_agreement"] = _pool_agreement(
             teacher, context.memory, device, config.min_pool_names
         )
         figures["structure"] = _structure(teacher, context.memory, device)
+    if judge(figures, config)[0] != "refused":
+        # The costliest test last, and not for a model refused already: a refusal wins
+        # over the hold it could add.
+        figures["trigger_gap"] = _trigger_gap(teacher, recovery.images, recovery.labels, config)
     verdict, reason = judge(figures, config)
     return ScreeningReport(figures, verdict, reason, time.perf_counter() - started)
 
