@@ -91,6 +91,32 @@ def test_a_constant_answer_cannot_be_inverted_and_is_refused_for_it() -> None:
     assert report.figures["trigger_gap"] is None  # refused already: the search is not run
 
 
+def _forward_passes(teacher: AdaptedTeacher, context: ScreeningContext) -> tuple[str, int]:
+    """Screen `teacher`; return the verdict and how many batches its network was run on."""
+    calls = []
+    hook = teacher.model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        report = screen_teacher(teacher, context, CONFIG)
+    finally:
+        hook.remove()
+    return report.verdict, len(calls)
+
+
+@pytest.mark.parametrize("meta_learned", [False, True])
+def test_a_model_whose_output_ignores_its_input_gets_no_longer_try(meta_learned: bool) -> None:
+    # The longer try is 60 adaptation steps: wasted on a model nothing can invert.
+    context = ScreeningContext(_generator(), meta_learned=meta_learned)
+    verdict, passes = _forward_passes(_adapted(_constant(tiny.teacher(1))), context)
+    assert verdict == "refused"
+    assert passes < 12, passes
+    # Logits that still move with the input, however little, get the whole try.
+    faint = tiny.teacher(1)
+    with torch.no_grad():
+        _linear(faint).weight.mul_(1e-3)
+    verdict, passes = _forward_passes(_adapted(faint), context)
+    assert passes > CONFIG.fresh_generator_steps, passes
+
+
 def test_permuted_labels_disagree_with_the_pool_on_their_names() -> None:
     permuted = tiny.teacher(1, names=NAMES)
     layer = _linear(permuted)

@@ -50,6 +50,8 @@ _POOL_CLASSES = 64
 _TRIGGER_AREA_WEIGHT = 2.0
 _TRIGGER_START = -2.0
 """Mask logit everywhere at the start: each pixel 12% patch."""
+_SAME_LOGITS = 1e-5
+"""Relative spread of logits below which a model's output is taken not to depend on its input."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +113,11 @@ def screen_teacher(
     five = dataclasses.replace(
         context.meta_generator.config, images_per_class=config.images_per_class
     )
+    shape = context.meta_generator.generator.config
+    device = next(context.meta_generator.generator.parameters()).device
+    neutral = neutral_images(48, (shape.channels, shape.image_size, shape.image_size), seed)
+    neutral = neutral.to(device)  # (48, C, S, S), the generator's images' shape
+    neutral_logits = _logits(teacher, neutral)  # (48, K)
     recovery = None
     if context.meta_learned:
         recovery, _ = MetaGenerator(context.meta_generator.generator, five).adapt(teacher, rng)
@@ -119,17 +126,20 @@ def screen_teacher(
     ):
         # A second, longer chance before any verdict on this figure, a hold included: an
         # honest model of an architecture the generator has not met yet may need more than
-        # 5 steps; one that answers the same whatever it sees cannot be inverted in any number.
-        longer = dataclasses.replace(five, adapt_steps=config.fresh_generator_steps)
-        recovery, _ = MetaGenerator(context.meta_generator.generator, longer).adapt(
-            teacher, rng, stop_at=_good_enough(config)
+        # 5 steps. One whose logits do not move with its input cannot be inverted in any
+        # number of steps, and any images give its exact agreement: it never changes.
+        seen = (
+            [neutral_logits]
+            if recovery is None
+            else [neutral_logits, _logits(teacher, recovery.images)]
         )
-    device = recovery.images.device
-    _, channels, height, width = recovery.images.shape
-    neutral = neutral_images(48, (channels, height, width), seed).to(device)
-    with torch.no_grad():
-        recovered_logits = teacher(recovery.images)  # (N, K)
-        neutral_logits = teacher(neutral)  # (48, K)
+        steps = 1 if _ignores_input(torch.cat(seen)) else config.fresh_generator_steps
+        if recovery is None or steps > 1:
+            longer = dataclasses.replace(five, adapt_steps=steps)
+            recovery, _ = MetaGenerator(context.meta_generator.generator, longer).adapt(
+                teacher, rng, stop_at=_good_enough(config)
+            )
+    recovered_logits = _logits(teacher, recovery.images)  # (N, K)
     figures: dict[str, float | None] = {
         "recovery_agreement": recovery.teacher_accuracy,
         "recovered_entropy": _mean_entropy(recovered_logits),
@@ -150,6 +160,18 @@ def screen_teacher(
         figures["trigger_gap"] = _trigger_gap(teacher, recovery.images, recovery.labels, config)
     verdict, reason = judge(figures, config)
     return ScreeningReport(figures, verdict, reason, time.perf_counter() - started)
+
+
+@torch.no_grad()
+def _logits(teacher: AdaptedTeacher, images: Tensor) -> Tensor:
+    logits: Tensor = teacher(images)  # (N, K)
+    return logits
+
+
+def _ignores_input(logits: Tensor) -> bool:
+    """Tell whether every row of `logits` (N, K) is the first one, up to float rounding."""
+    spread = (logits - logits[:1]).abs().max()
+    return bool(spread <= _SAME_LOGITS * (1.0 + logits.abs().max()))
 
 
 def _good_enough(config: ScreeningConfig) -> float:
