@@ -70,10 +70,13 @@ _DROPPED_MARKERS = ("handshake", "socket closed", "connection reset", "broken pi
 _CALL_LIMIT_DETAILS = "Concurrent RPC limit exceeded!"
 # After a failed connection a channel refuses calls until its own reconnect backoff
 # ends (up to 120 s by default); keep it shorter than the uploader's retry delays,
-# so a retry after a server restart reaches the server.
+# so a retry after a server restart reaches the server. gRPC core reads
+# `min_reconnect_backoff_ms` as the least time a connection attempt (TCP and TLS
+# handshake) is given, not as a backoff: at 200 ms it abandoned the handshakes a
+# loaded server was slow to finish, so keep gRPC's own 20 s there.
 _RECONNECT_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 20_000),
     ("grpc.max_reconnect_backoff_ms", 2000),
 )
 

@@ -173,12 +173,15 @@ class DroppingProxy:
     """A loopback TCP proxy that closes its first `drop` connections at once, then forwards.
 
     A closed connection is what an owner sees when an overloaded server drops the TLS
-    handshake ("Handshake read failed (Socket closed)").
+    handshake ("Handshake read failed (Socket closed)"). With `delay_s`, the server's
+    first answer on each forwarded connection is held back that long: a server slow to
+    finish handshakes, as under a burst of new connections.
     """
 
-    def __init__(self, target_port: int, drop: int) -> None:
+    def __init__(self, target_port: int, drop: int, delay_s: float = 0.0) -> None:
         self._target = target_port
         self._left = drop
+        self._delay_s = delay_s
         self.dropped = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._listener.getsockname()[1]
@@ -198,13 +201,20 @@ class DroppingProxy:
                 continue
             outgoing = socket.create_connection(("127.0.0.1", self._target))
             self._open += [incoming, outgoing]
-            for source, sink in ((incoming, outgoing), (outgoing, incoming)):
-                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+            for source, sink, delay_s in (
+                (incoming, outgoing, 0.0),
+                (outgoing, incoming, self._delay_s),
+            ):
+                threading.Thread(
+                    target=self._pipe, args=(source, sink, delay_s), daemon=True
+                ).start()
 
     @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(source: socket.socket, sink: socket.socket, delay_s: float) -> None:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
+                time.sleep(delay_s)
+                delay_s = 0.0
                 sink.sendall(data)
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_WR)
@@ -237,6 +247,24 @@ def test_a_dropped_handshake_is_retried_then_the_upload_goes_through(world: Worl
     # grpcio may open a second connection within one attempt: at least one retry.
     assert proxy.dropped == 2 and 1 <= len(waits) <= 2
     assert all("closed the TLS handshake" in line for line in notices)
+
+
+def test_a_handshake_the_server_is_slow_to_answer_is_waited_for(world: World) -> None:
+    # Under a burst of new connections a loaded server takes a second or more to answer
+    # a handshake. gRPC gives a connection attempt `grpc.min_reconnect_backoff_ms` at
+    # least; at 200 ms the channel abandoned such handshakes ("handshaker shutdown") and
+    # 1,000 owners retried hundreds of them (docs/performance.md).
+    proxy = DroppingProxy(world.server.port, drop=0, delay_s=1.5)
+    waits: list[float] = []
+    try:
+        with _connect(world, proxy.port) as client:
+            receipt = _upload(
+                client, world, good_model(seed=36), RetryPolicy(attempts=1), waits.append, []
+            )
+    finally:
+        proxy.close()
+    assert receipt.record.client_id == world.alice.key_id
+    assert waits == []
 
 
 def test_a_handshake_dropped_every_time_ends_as_a_tls_error(world: World) -> None:
