@@ -102,7 +102,13 @@ def _wait_round(home: ServerHome, round_id: int, timeout_s: float = 120.0) -> st
 
     assert wait_until(ended, timeout_s, step_s=0.5), f"round {round_id} did not end"
     with home.open_store() as store:
-        return store.round(round_id).state
+        row = store.round(round_id)
+    if row.state == "failed":
+        # Say why in the test's own failure, which is all CI keeps.
+        log = SuperLinkPaths.of(home).round_log(round_id)
+        tail = log.read_text()[-3000:] if log.is_file() else "(no round log)"
+        print(f"round {round_id} failed: {row.error}\n{tail}")
+    return row.state
 
 
 def _request_round(home: ServerHome) -> int:
