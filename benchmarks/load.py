@@ -31,7 +31,10 @@ the pinned server key). It reports, as JSON on stdout and in ``--out``:
   processes under their own memory limit (``intake.memory_mb``); their largest
   sampled peaks are reported apart;
 - with ``--profile DIR``: a perf recording of the exchange process (on-CPU split
-  by shared object) and a py-spy profile of its Python (``--gil``), summarized.
+  by shared object) and a py-spy profile of its Python (``--gil``), summarized;
+- with ``--wait-profile DIR`` instead: a py-spy profile of every exchange thread,
+  idle ones included, until the last receipt, summarized per group of threads as
+  ``thread_states_until_receipts`` (where upload threads wait, and for what).
 
 Usage::
 
@@ -70,8 +73,10 @@ from load_profile import (
     profile_split,
     start_perf,
     start_profiler,
+    start_wait_profiler,
     stop_profiler,
     thread_cpu,
+    thread_states,
     top_frames,
 )
 from onnx import TensorProto, helper, numpy_helper
@@ -508,6 +513,9 @@ def _start_generators(
     return processes, ready, start, t0, results
 
 
+_WAIT_PROFILE = "server-py-spy-threads.txt"
+
+
 def _profile_report(folder: Path) -> dict[str, Any]:
     """The CPU split of the exchange process from its perf and py-spy recordings."""
     report: dict[str, Any] = {"folder": str(folder)}
@@ -560,6 +568,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 args.profile.mkdir(parents=True, exist_ok=True)
                 profiler = start_profiler(pid, args.profile / "server-py-spy.txt")
                 perf = start_perf(pid, args.profile / "server.perf.data")
+            elif args.wait_profile is not None:
+                args.wait_profile.mkdir(parents=True, exist_ok=True)
+                profiler = start_wait_profiler(pid, args.wait_profile / _WAIT_PROFILE)
             load0 = os.getloadavg()
             server_cpu0, reaped0 = cpu_seconds(pid)[0], _intake_cpu(pid)
             threads0 = thread_cpu(pid)
@@ -653,6 +664,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.profile is not None:
         report["profile"] = _profile_report(args.profile)
+    elif args.wait_profile is not None:
+        states = thread_states(args.wait_profile / _WAIT_PROFILE)
+        report["thread_states_until_receipts"] = {
+            group: [[state, round(share, 3)] for state, share in shares]
+            for group, shares in states.items()
+        }
     return report
 
 
@@ -678,6 +695,12 @@ def main() -> None:
     parser.add_argument(
         "--profile", type=Path, help="folder for perf and py-spy recordings of the server"
     )
+    parser.add_argument(
+        "--wait-profile",
+        type=Path,
+        help="folder for a py-spy recording of every server thread, waits included"
+        " (instead of --profile)",
+    )
     parser.add_argument("--out", type=Path, help="write the JSON report here too")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the cleanup in `finally`
@@ -685,6 +708,8 @@ def main() -> None:
         parser.error("--clients must be 1..1000")
     if args.procs < 1:
         parser.error("--procs must be at least 1")
+    if args.profile is not None and args.wait_profile is not None:
+        parser.error("--profile and --wait-profile sample the same process: give one")
     report = run(args)
     text = json.dumps(report, indent=1, allow_nan=False)
     print(text)

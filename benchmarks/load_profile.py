@@ -11,6 +11,10 @@ Two sources, one job each:
   sorts every sample into the categories of docs/performance.md by the first
   frame, from the leaf up, that names one (`CATEGORIES`). Samples no rule names
   stay ``other``, so the split never hides what it could not place.
+- `thread_states` reads a py-spy profile recorded with ``--idle --threads``
+  (`start_wait_profiler`): every thread sampled whatever it does, so for each
+  group of threads it gives where their time goes, waits included (an upload
+  thread waiting for its next chunk, for the store's lock, for a static check).
 """
 
 from __future__ import annotations
@@ -77,6 +81,14 @@ def start_profiler(pid: int, out: Path, rate: int = 50) -> subprocess.Popen[byte
     # exchange's Python CPU time, not threads waiting for the lock or for I/O.
     command = [str(py_spy), "record", "--pid", str(pid), "--gil", "--rate", str(rate)]
     command += ["--format", "raw", "--output", str(out)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def start_wait_profiler(pid: int, out: Path, rate: int = 40) -> subprocess.Popen[bytes]:
+    """Start py-spy on every thread of `pid`, idle ones too (raw format, thread names)."""
+    py_spy = Path(sys.executable).parent / "py-spy"
+    command = [str(py_spy), "record", "--pid", str(pid), "--idle", "--threads"]
+    command += ["--rate", str(rate), "--format", "raw", "--output", str(out)]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -179,3 +191,38 @@ def top_frames(raw: Path, limit: int = 15) -> list[tuple[str, float]]:
             counts[stack.split(";")[-1]] += int(count)
     total = sum(counts.values()) or 1
     return [(frame, n / total) for frame, n in counts.most_common(limit)]
+
+
+# py-spy's --threads frame: 'thread (0x7f...)' or 'thread (1234): exchange-upload_3'.
+_THREAD_FRAME = re.compile(r"^thread \([^)]*\)(?::\s*(?P<name>.*))?$")
+
+
+def _function(frame: str) -> str:
+    """'Store._read (free_server/store.py:120)' -> 'Store._read'."""
+    return frame.split(" (", 1)[0]
+
+
+def thread_states(raw: Path, depth: int = 2, limit: int = 4) -> dict[str, list[tuple[str, float]]]:
+    """Per group of threads (names without their numbers), its most common states.
+
+    A state is the innermost `depth` functions of a sample's stack; each share is of
+    that group's samples, so the shares of one group sum to at most 1.
+    """
+    groups: dict[str, Counter[str]] = {}
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        frames = stack.split(";")
+        match = _THREAD_FRAME.match(frames[0])
+        if match is None:
+            continue  # recorded without --threads
+        name = match.group("name") or "unnamed"
+        group = re.sub(r"[\d_-]+$", "", name) or name
+        state = ";".join(_function(f) for f in frames[1:][-depth:]) or "(no Python frame)"
+        groups.setdefault(group, Counter())[state] += int(count)
+    ordered = sorted(groups.items(), key=lambda item: -sum(item[1].values()))
+    return {
+        group: [(state, n / sum(counts.values())) for state, n in counts.most_common(limit)]
+        for group, counts in ordered
+    }
