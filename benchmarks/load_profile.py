@@ -68,10 +68,13 @@ def thread_cpu(pid: int) -> dict[str, float]:
             continue  # the thread ended
         name = text[text.index("(") + 1 : text.rindex(")")]
         fields = text.rsplit(")", 1)[1].split()
-        by_name[re.sub(r"[\d_-]+$", "", name) or name] += (
-            int(fields[11]) + int(fields[12])
-        ) / _TICK
+        by_name[_thread_group(name)] += (int(fields[11]) + int(fields[12])) / _TICK
     return dict(by_name)
+
+
+def _thread_group(name: str) -> str:
+    """'exchange-upload_3' -> 'exchange-upload': threads of one pool counted together."""
+    return re.sub(r"[\d_-]+$", "", name) or name
 
 
 def start_profiler(pid: int, out: Path, rate: int = 50) -> subprocess.Popen[bytes]:
@@ -220,7 +223,7 @@ def thread_states(raw: Path, depth: int = 2, limit: int = 4) -> dict[str, list[t
         if match is None:
             continue  # recorded without --threads
         name = match.group("name") or "unnamed"
-        group = re.sub(r"[\d_-]+$", "", name) or name
+        group = _thread_group(name)
         state = ";".join(_function(f) for f in frames[1:][-depth:]) or "(no Python frame)"
         groups.setdefault(group, Counter())[state] += int(count)
     ordered = sorted(groups.items(), key=lambda item: -sum(item[1].values()))
