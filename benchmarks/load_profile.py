@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,24 +78,26 @@ def _thread_group(name: str) -> str:
     return re.sub(r"[\d_-]+$", "", name) or name
 
 
-def start_profiler(pid: int, out: Path, rate: int = 50) -> subprocess.Popen[bytes]:
-    """Start py-spy on `pid` (native frames, raw format); stop it with `stop_profiler`."""
+def _start_py_spy(pid: int, out: Path, rate: int, flags: list[str]) -> subprocess.Popen[bytes]:
+    """Run ``py-spy record`` on `pid` with `flags`, raw format into `out`."""
     py_spy = Path(sys.executable).parent / "py-spy"
-    # --gil: only the thread holding the GIL is sampled, so the profile is the
-    # exchange's Python CPU time, not threads waiting for the lock or for I/O.
-    command = [str(py_spy), "record", "--pid", str(pid), "--gil", "--rate", str(rate)]
+    command = [str(py_spy), "record", "--pid", str(pid), *flags, "--rate", str(rate)]
     command += ["--format", "raw", "--output", str(out)]
     return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
+def start_profiler(pid: int, out: Path, rate: int = 50) -> subprocess.Popen[bytes]:
+    """Start py-spy on `pid` (native frames, raw format); stop it with `stop_profiler`."""
+    # --gil: only the thread holding the GIL is sampled, so the profile is the
+    # exchange's Python CPU time, not threads waiting for the lock or for I/O.
+    return _start_py_spy(pid, out, rate, ["--gil"])
+
+
 def start_wait_profiler(pid: int, out: Path, rate: int = 40) -> subprocess.Popen[bytes]:
     """Start py-spy on every thread of `pid`, idle ones too (raw format, thread names)."""
-    py_spy = Path(sys.executable).parent / "py-spy"
     # --nonblocking: pausing the process for each sample of every thread halved the
     # receipts/s of the run it measured; unpaused samples may tear, but rarely.
-    command = [str(py_spy), "record", "--pid", str(pid), "--idle", "--threads", "--nonblocking"]
-    command += ["--rate", str(rate), "--format", "raw", "--output", str(out)]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return _start_py_spy(pid, out, rate, ["--idle", "--threads", "--nonblocking"])
 
 
 def stop_profiler(process: subprocess.Popen[bytes]) -> None:
@@ -176,13 +179,19 @@ def _category(stack: str) -> str:
     return "other"
 
 
-def profile_split(raw: Path) -> dict[str, float]:
-    """Share of samples per category in a py-spy ``raw`` profile (fractions summing to 1)."""
-    counts: Counter[str] = Counter()
+def _samples(raw: Path) -> Iterator[tuple[str, int]]:
+    """Each (stack, sample count) of a py-spy ``raw`` profile, frames joined by ';'."""
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if stack and count.isdigit():
-            counts[_category(stack)] += int(count)
+            yield stack, int(count)
+
+
+def profile_split(raw: Path) -> dict[str, float]:
+    """Share of samples per category in a py-spy ``raw`` profile (fractions summing to 1)."""
+    counts: Counter[str] = Counter()
+    for stack, count in _samples(raw):
+        counts[_category(stack)] += count
     total = sum(counts.values()) or 1
     return {name: counts[name] / total for name, _ in counts.most_common()}
 
@@ -190,10 +199,8 @@ def profile_split(raw: Path) -> dict[str, float]:
 def top_frames(raw: Path, limit: int = 15) -> list[tuple[str, float]]:
     """The leaf frames that hold the most samples, with their shares."""
     counts: Counter[str] = Counter()
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if stack and count.isdigit():
-            counts[stack.split(";")[-1]] += int(count)
+    for stack, count in _samples(raw):
+        counts[stack.split(";")[-1]] += count
     total = sum(counts.values()) or 1
     return [(frame, n / total) for frame, n in counts.most_common(limit)]
 
@@ -214,10 +221,7 @@ def thread_states(raw: Path, depth: int = 2, limit: int = 4) -> dict[str, list[t
     that group's samples, so the shares of one group sum to at most 1.
     """
     groups: dict[str, Counter[str]] = {}
-    for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if not stack or not count.isdigit():
-            continue
+    for stack, count in _samples(raw):
         frames = stack.split(";")
         match = _THREAD_FRAME.match(frames[0])
         if match is None:
@@ -225,9 +229,9 @@ def thread_states(raw: Path, depth: int = 2, limit: int = 4) -> dict[str, list[t
         name = match.group("name") or "unnamed"
         group = _thread_group(name)
         state = ";".join(_function(f) for f in frames[1:][-depth:]) or "(no Python frame)"
-        groups.setdefault(group, Counter())[state] += int(count)
-    ordered = sorted(groups.items(), key=lambda item: -sum(item[1].values()))
+        groups.setdefault(group, Counter())[state] += count
+    totals = {group: sum(counts.values()) for group, counts in groups.items()}
     return {
-        group: [(state, n / sum(counts.values())) for state, n in counts.most_common(limit)]
-        for group, counts in ordered
+        group: [(state, n / totals[group]) for state, n in groups[group].most_common(limit)]
+        for group in sorted(groups, key=lambda group: -totals[group])
     }
