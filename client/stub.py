@@ -186,8 +186,11 @@ class ExchangeClient:
         self._channel.subscribe(self._on_connectivity)
 
     def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
-        if state is grpc.ChannelConnectivity.READY:
+        if state is grpc.ChannelConnectivity.READY and not self._ever_ready:
             self._ever_ready = True
+            # Once READY was seen there is nothing more to learn; a subscribed channel
+            # keeps a thread that wakes five times a second (grpc's _poll_connectivity).
+            self._channel.unsubscribe(self._on_connectivity)
 
     def close(self) -> None:
         """Close the channel."""
