@@ -2,11 +2,13 @@
 
 It makes a server home in a temporary folder (loopback only), enrolls K owners,
 starts ``free-server start --no-flower`` as a subprocess, and has the K owners,
-spread over ``--procs`` generator processes (a thread and a TLS channel each, so
-the generator's own Python is not one GIL's worth of bottleneck), upload a
-distinct valid ONNX model of the chosen size at the same moment (the uploader's
+spread over ``--procs`` generator processes, upload a distinct valid ONNX model of
+the chosen size at the same moment, each over its own TLS channel (the uploader's
 own building blocks: signed manifest, chunked stream, receipt checked against
-the pinned server key). It reports, as JSON on stdout and in ``--out``:
+the pinned server key). Each owner is a task on grpc's asyncio client, one event
+loop per process (``--owners asyncio``, the default), or a thread with its own
+`ExchangeClient` (``--owners threads``), whose blocking waits cost the generator
+about three times the CPU. It reports, as JSON on stdout and in ``--out``:
 
 - ``acknowledged``: uploads that got a verified receipt; ``stored_once``: owners
   with exactly one stored row whose blob's sha256 is their model's;
@@ -45,6 +47,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import hashlib
 import json
@@ -65,6 +68,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from load_profile import (
@@ -81,10 +85,19 @@ from load_profile import (
 )
 from onnx import TensorProto, helper, numpy_helper
 
-from free_client.stub import Connection, ExchangeClient
+from free_client.stub import (
+    CHANNEL_OPTIONS,
+    Connection,
+    ExchangeClient,
+    channel_credentials,
+    method_path,
+)
 from free_client.uploader import check_receipt, sign_manifest
+from free_common import wire
 from free_common.errors import FreeError, ServerRefused, ServerUnavailable, TlsError
 from free_common.models.metadata import write_metadata
+from free_common.proto import exchange_pb2 as pb
+from free_common.security.call_auth import sign_call
 from free_common.security.keys import generate_signing_key, key_id, load_public_key, public_key_pem
 from free_common.types import ChannelOrder, TaskMetadata
 from free_server.config import CONFIG_NAME, write_config
@@ -326,6 +339,7 @@ class Generator:
     chunk_bytes: int
     deadline_s: float
     insecure: bool
+    owners: str = "asyncio"
 
 
 def _chunks(data: bytes, size: int) -> Iterator[bytes]:
@@ -376,7 +390,72 @@ def run_owner(
                 outcome.submission_id, outcome.error = reply.record.submission_id, None
                 return
             attempt += 1
-            time.sleep(rng.uniform(0, min(2.0, 0.1 * 2 ** min(attempt, 8))))
+            time.sleep(_backoff(rng, attempt))
+        outcome.error = outcome.error or "no receipt before the deadline"
+
+
+def _backoff(rng: random.Random, attempt: int) -> float:
+    return rng.uniform(0, min(2.0, 0.1 * 2 ** min(attempt, 8)))
+
+
+async def run_owner_async(
+    connection: Connection,
+    key: Ed25519PrivateKey,
+    data: bytes,
+    server_pub: Any,
+    spec: Generator,
+    t0: float,
+    outcome: Outcome,
+) -> None:
+    """One owner on grpc's asyncio client: the same channel options, call signature,
+    request stream and receipt check as `ExchangeClient.submit`, without its threads.
+
+    The blocking client waits with a thread per call and per request stream, each
+    waking ten times a second; with hundreds of owners to a process those wake-ups,
+    not the uploads, took most of the generator's CPU (docs/performance.md).
+    """
+    rng = random.Random(key_id(key.public_key()))  # noqa: S311 (backoff jitter)
+    options = list(CHANNEL_OPTIONS)
+    channel = (
+        grpc.aio.insecure_channel(spec.address, options=options)
+        if spec.insecure
+        else grpc.aio.secure_channel(spec.address, channel_credentials(connection), options=options)
+    )
+    path = method_path("Submit")
+    submit = channel.stream_unary(
+        path,
+        request_serializer=pb.SubmitRequest.SerializeToString,
+        response_deserializer=pb.SignedReceipt.FromString,
+    )
+    attempt = 0
+    async with channel:
+        while time.monotonic() - t0 < spec.deadline_s:
+            signed = sign_manifest(key, data, TASK)
+            requests = wire.submit_requests(signed, _chunks(data, spec.chunk_bytes))
+            try:
+                reply = await submit(
+                    requests, timeout=spec.deadline_s, metadata=sign_call(key, path)
+                )
+            except grpc.aio.AioRpcError as exc:
+                details = exc.details() or ""
+                if exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED and BUSY in details:
+                    outcome.busy_retries += 1
+                elif exc.code() is not grpc.StatusCode.UNAVAILABLE:
+                    outcome.error = f"{exc.code().name}: {details}"
+                    return
+                elif "handshake" in details.lower():
+                    outcome.handshake_retries += 1
+                else:
+                    outcome.unavailable_retries += 1
+                outcome.error = details
+            else:
+                receipt = wire.signed_receipt_from_proto(reply)
+                check_receipt(receipt, signed.record, server_pub)
+                outcome.latency_s = time.monotonic() - t0
+                outcome.submission_id, outcome.error = receipt.record.submission_id, None
+                return
+            attempt += 1
+            await asyncio.sleep(_backoff(rng, attempt))
         outcome.error = outcome.error or "no receipt before the deadline"
 
 
@@ -388,9 +467,11 @@ def generate(
     t0: Any,
     results: Any,
 ) -> None:
-    """One generator process: a thread per owner (index, raw private key), all at once.
+    """One generator process: its owners (index, raw private key), all at once.
 
-    Reports its outcomes and the CPU seconds it spent from the start to its last
+    With ``spec.owners == "threads"`` each owner is a thread with its own
+    `ExchangeClient`; with ``"asyncio"``, a task on one event loop. Reports the
+    outcomes and the CPU seconds the process spent from the start to its last
     receipt, so the generator's own cost is known apart from the server's.
     """
     template = template_model(spec.model_size)
@@ -400,8 +481,29 @@ def generate(
         else Connection(spec.address, ca=spec.ca)
     )
     server_pub = load_public_key(spec.server_pub)
-    outcomes = [Outcome() for _ in owners]
-    local = threading.Barrier(len(owners) + 1)
+    work = [
+        (Ed25519PrivateKey.from_private_bytes(raw), owner_model(template, index), Outcome())
+        for index, raw in owners
+    ]
+    run = _owner_threads if spec.owners == "threads" else _owner_tasks
+    cpu = run(spec, connection, server_pub, work, (ready, start), t0)
+    results.put((os.getpid(), cpu, [dataclasses.asdict(o) for _, _, o in work]))
+
+
+_Work = list[tuple[Ed25519PrivateKey, bytes, Outcome]]
+
+
+def _owner_threads(
+    spec: Generator,
+    connection: Connection,
+    server_pub: Any,
+    work: _Work,
+    barriers: tuple[Any, Any],
+    t0: Any,
+) -> float:
+    """Run each owner on its own thread; return the CPU seconds from the start to the end."""
+    ready, start = barriers
+    local = threading.Barrier(len(work) + 1)
     released = threading.Event()
 
     def go() -> float:
@@ -412,22 +514,14 @@ def generate(
     threads = [
         threading.Thread(
             target=run_owner,
-            args=(
-                connection,
-                Ed25519PrivateKey.from_private_bytes(raw),
-                owner_model(template, index),
-                server_pub,
-                go,
-                spec,
-                outcome,
-            ),
+            args=(connection, key, data, server_pub, go, spec, outcome),
             daemon=True,
         )
-        for (index, raw), outcome in zip(owners, outcomes, strict=True)
+        for key, data, outcome in work
     ]
     for thread in threads:
         thread.start()
-    local.wait()  # every channel object made, every model built
+    local.wait()  # every channel object made
     ready.wait()
     start.wait()
     # The owners go only once the clock has started: woken by the shared start event
@@ -437,8 +531,34 @@ def generate(
     for thread in threads:
         thread.join(spec.deadline_s + 60)
     after = os.times()
-    cpu = after.user + after.system - before.user - before.system
-    results.put((os.getpid(), cpu, [dataclasses.asdict(o) for o in outcomes]))
+    return after.user + after.system - before.user - before.system
+
+
+def _owner_tasks(
+    spec: Generator,
+    connection: Connection,
+    server_pub: Any,
+    work: _Work,
+    barriers: tuple[Any, Any],
+    t0: Any,
+) -> float:
+    """Run every owner as a task of one event loop; return the CPU seconds of the run."""
+    ready, start = barriers
+
+    async def everyone() -> None:
+        await asyncio.gather(
+            *(
+                run_owner_async(connection, key, data, server_pub, spec, t0.value, outcome)
+                for key, data, outcome in work
+            )
+        )
+
+    ready.wait()
+    start.wait()
+    before = os.times()
+    asyncio.run(everyone())
+    after = os.times()
+    return after.user + after.system - before.user - before.system
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -559,6 +679,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 args.chunk_kb * 1024,
                 args.deadline_s,
                 args.insecure,
+                args.owners,
             )
             processes, ready, start, t0, results = _start_generators(spec, keys, procs)
             ready.wait()  # every generator has its models and channels
@@ -661,6 +782,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "static_check_worker_peak_rss_mb_sampled": watch.static_peak_kb / 1024,
         "chunk_bytes": args.chunk_kb * 1024,
         "transport": "plaintext (--insecure)" if args.insecure else "TLS",
+        "owners": args.owners,
         "cpus": os.cpu_count(),
         "load_average_before": [round(x, 2) for x in load0],
         "load_average_after": [round(x, 2) for x in load1],
@@ -704,6 +826,13 @@ def main() -> None:
         type=Path,
         help="folder for a py-spy recording of every server thread, waits included"
         " (instead of --profile)",
+    )
+    parser.add_argument(
+        "--owners",
+        choices=("asyncio", "threads"),
+        default="asyncio",
+        help="each owner a task of one event loop per generator process (asyncio), or a"
+        " thread with its own free_client ExchangeClient (threads)",
     )
     parser.add_argument("--out", type=Path, help="write the JSON report here too")
     args = parser.parse_args()

@@ -52,7 +52,7 @@ from free_common.types import (
     Verdict,
 )
 
-__all__ = ["Connection", "ExchangeClient", "channel_credentials"]
+__all__ = ["CHANNEL_OPTIONS", "Connection", "ExchangeClient", "channel_credentials", "method_path"]
 
 _T = TypeVar("_T")
 _SERVICE = pb.DESCRIPTOR.services_by_name["Exchange"].full_name
@@ -79,6 +79,8 @@ _RECONNECT_OPTIONS = (
     ("grpc.min_reconnect_backoff_ms", 20_000),
     ("grpc.max_reconnect_backoff_ms", 2000),
 )
+CHANNEL_OPTIONS = (*wire.GRPC_MESSAGE_OPTIONS, *_RECONNECT_OPTIONS)
+"""The options of an owner's channel to the exchange service."""
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,8 @@ def channel_credentials(connection: Connection) -> grpc.ChannelCredentials:
     )
 
 
-def _method(name: str) -> str:
+def method_path(name: str) -> str:
+    """Return the full gRPC path of an exchange method (what `sign_call` signs)."""
     return f"/{_SERVICE}/{name}"
 
 
@@ -172,7 +175,7 @@ class ExchangeClient:
         self.connection = connection
         self._key = signing_key
         self._timeout_s = timeout_s
-        options = [*wire.GRPC_MESSAGE_OPTIONS, *_RECONNECT_OPTIONS]
+        options = list(CHANNEL_OPTIONS)
         if connection.insecure:
             self._channel = grpc.insecure_channel(connection.server, options=options)
         else:
@@ -267,7 +270,7 @@ class ExchangeClient:
             raise self._error(error, what) from None
 
     def _metadata(self, name: str) -> tuple[tuple[str, str | bytes], ...]:
-        return sign_call(self._key, _method(name))
+        return sign_call(self._key, method_path(name))
 
     def submit(
         self,
