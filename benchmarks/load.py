@@ -66,7 +66,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 import numpy as np
@@ -339,7 +339,7 @@ class Generator:
     chunk_bytes: int
     deadline_s: float
     insecure: bool
-    owners: str = "asyncio"
+    owners: Literal["asyncio", "threads"] = "asyncio"
 
 
 def _chunks(data: bytes, size: int) -> Iterator[bytes]:
