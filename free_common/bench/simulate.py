@@ -36,6 +36,7 @@ import importlib.util
 import logging
 import os
 import random
+import sys
 import threading
 import time
 from collections.abc import Collection, Iterator, Mapping, Sequence
@@ -138,6 +139,38 @@ def ray_backend_config(cpus: int) -> dict[str, Any]:
         },
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
     }
+
+
+_RAY_START_TRIES = 2
+_RAY_START_TIMEOUT = "Timed out waiting for file"
+"""Ray's words when its GCS server did not write its port file within Ray's fixed 30 s."""
+
+
+def start_ray(backend_config: Mapping[str, Any]) -> None:
+    """Start Ray as Flower's Ray backend would, trying once more if it does not come up.
+
+    On a busy 2-core machine Ray's GCS server now and then misses the 30 s Ray gives
+    it to start (a hard-coded wait), and the whole simulated round then fails before
+    any owner ran. Flower's backend starts Ray only when none runs, so starting it
+    here, with the same arguments, lets a second try replace that failure.
+    """
+    import ray
+
+    init_args = {"include_dashboard": False, **backend_config.get("init_args", {})}
+    # As Flower's backend does: Ray's workers get this driver's import path.
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    for attempt in range(1, _RAY_START_TRIES + 1):
+        try:
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
+            return
+        except RuntimeError as exc:
+            if attempt == _RAY_START_TRIES or _RAY_START_TIMEOUT not in str(exc):
+                raise
+            log.warning("Ray did not start (%s); starting it once more", exc)
+            ray.shutdown()
 
 
 @dataclass(frozen=True)
@@ -279,12 +312,20 @@ class SimulatedRuns:
         state = SimulatedRunState("finished", "completed")
         try:
             with environment_restored():
-                run_simulation(
-                    server_app=_server_app(self.server_app, settings, nodes, self.node_wait_s),
-                    client_app=_client_app(self.client_app, self.node_configs, self.dropping),
-                    num_supernodes=nodes,
-                    backend_config=dict(self.backend_config),
-                )
+                start_ray(self.backend_config)
+                try:
+                    run_simulation(
+                        server_app=_server_app(self.server_app, settings, nodes, self.node_wait_s),
+                        client_app=_client_app(self.client_app, self.node_configs, self.dropping),
+                        num_supernodes=nodes,
+                        backend_config=dict(self.backend_config),
+                    )
+                finally:
+                    # Flower shuts Ray down when its runtime ends well; the next run needs
+                    # it down however this one ended.
+                    import ray
+
+                    ray.shutdown()
         except Exception as exc:  # any failure of the run is its outcome
             # Flower wraps the ServerApp's exception in its own "Ending simulation" one.
             cause: BaseException = exc

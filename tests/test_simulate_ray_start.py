@@ -1,0 +1,50 @@
+"""Starting Ray for a simulated round: one more try when its GCS server misses Ray's 30 s.
+
+Ray's own start cannot be made slow on demand, so `ray.init` is replaced here by one
+that fails the way Ray does (`RuntimeError: Timed out waiting for file .../gcs_server_port_...`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from free_common.bench.simulate import ray_backend_config, start_ray  # noqa: E402
+
+_MISSED = "Timed out waiting for file /tmp/ray/session_x/gcs_server_port_0f"
+
+
+def _fake_ray(monkeypatch: pytest.MonkeyPatch, failures: list[str]) -> list[str]:
+    calls: list[str] = []
+
+    def init(**kwargs: Any) -> None:
+        calls.append(f"init {sorted(kwargs['runtime_env'])} {kwargs['num_cpus']}")
+        if failures:
+            raise RuntimeError(failures.pop(0))
+
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
+    return calls
+
+
+def test_a_ray_that_misses_its_start_is_started_once_more(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _fake_ray(monkeypatch, [_MISSED])
+    start_ray(ray_backend_config(2))
+    assert calls == ["init ['env_vars'] 2", "shutdown", "init ['env_vars'] 2"]
+
+
+def test_a_ray_that_misses_it_twice_fails_the_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _fake_ray(monkeypatch, [_MISSED, _MISSED])
+    with pytest.raises(RuntimeError, match="Timed out waiting"):
+        start_ray(ray_backend_config(2))
+    assert calls.count("init ['env_vars'] 2") == 2
+
+
+def test_any_other_failure_to_start_is_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _fake_ray(monkeypatch, ["Maybe you called ray.init twice by accident?"])
+    with pytest.raises(RuntimeError, match="twice"):
+        start_ray(ray_backend_config(2))
+    assert calls == ["init ['env_vars'] 2"]
