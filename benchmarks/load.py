@@ -485,8 +485,16 @@ def generate(
         (Ed25519PrivateKey.from_private_bytes(raw), owner_model(template, index), Outcome())
         for index, raw in owners
     ]
-    run = _owner_threads if spec.owners == "threads" else _owner_tasks
-    cpu = run(spec, connection, server_pub, work, (ready, start), t0)
+    prepare = _owner_threads if spec.owners == "threads" else _owner_tasks
+    run = prepare(spec, connection, server_pub, work, t0)
+    ready.wait()
+    start.wait()
+    # The owners go only once the clock has started: woken by the shared start event
+    # themselves, they took the GIL first and this thread counted only the tail of the run.
+    before = os.times()
+    run()
+    after = os.times()
+    cpu = after.user + after.system - before.user - before.system
     results.put((os.getpid(), cpu, [dataclasses.asdict(o) for _, _, o in work]))
 
 
@@ -494,15 +502,9 @@ _Work = list[tuple[Ed25519PrivateKey, bytes, Outcome]]
 
 
 def _owner_threads(
-    spec: Generator,
-    connection: Connection,
-    server_pub: Any,
-    work: _Work,
-    barriers: tuple[Any, Any],
-    t0: Any,
-) -> float:
-    """Run each owner on its own thread; return the CPU seconds from the start to the end."""
-    ready, start = barriers
+    spec: Generator, connection: Connection, server_pub: Any, work: _Work, t0: Any
+) -> Callable[[], None]:
+    """Start a thread per owner, each held until the returned call lets them go and waits."""
     local = threading.Barrier(len(work) + 1)
     released = threading.Event()
 
@@ -522,28 +524,19 @@ def _owner_threads(
     for thread in threads:
         thread.start()
     local.wait()  # every channel object made
-    ready.wait()
-    start.wait()
-    # The owners go only once the clock has started: woken by the shared start event
-    # themselves, they took the GIL first and this thread counted only the tail of the run.
-    before = os.times()
-    released.set()
-    for thread in threads:
-        thread.join(spec.deadline_s + 60)
-    after = os.times()
-    return after.user + after.system - before.user - before.system
+
+    def run() -> None:
+        released.set()
+        for thread in threads:
+            thread.join(spec.deadline_s + 60)
+
+    return run
 
 
 def _owner_tasks(
-    spec: Generator,
-    connection: Connection,
-    server_pub: Any,
-    work: _Work,
-    barriers: tuple[Any, Any],
-    t0: Any,
-) -> float:
-    """Run every owner as a task of one event loop; return the CPU seconds of the run."""
-    ready, start = barriers
+    spec: Generator, connection: Connection, server_pub: Any, work: _Work, t0: Any
+) -> Callable[[], None]:
+    """Return the call that runs every owner as a task of one event loop."""
 
     async def everyone() -> None:
         await asyncio.gather(
@@ -553,12 +546,7 @@ def _owner_tasks(
             )
         )
 
-    ready.wait()
-    start.wait()
-    before = os.times()
-    asyncio.run(everyone())
-    after = os.times()
-    return after.user + after.system - before.user - before.system
+    return lambda: asyncio.run(everyone())
 
 
 # --- the run --------------------------------------------------------------------------------
