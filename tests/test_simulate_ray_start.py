@@ -12,7 +12,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from free_common.bench.simulate import ray_backend_config, start_ray  # noqa: E402
+from free_common.bench.simulate import ray_backend_config, ray_running  # noqa: E402
 
 _MISSED = "Timed out waiting for file /tmp/ray/session_x/gcs_server_port_0f"
 
@@ -32,19 +32,20 @@ def _fake_ray(monkeypatch: pytest.MonkeyPatch, failures: list[str]) -> list[str]
 
 def test_a_ray_that_misses_its_start_is_started_once_more(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _fake_ray(monkeypatch, [_MISSED])
-    start_ray(ray_backend_config(2))
-    assert calls == ["init ['env_vars'] 2", "shutdown", "init ['env_vars'] 2"]
+    with ray_running(ray_backend_config(2)):
+        assert calls == ["init ['env_vars'] 2", "shutdown", "init ['env_vars'] 2"]
+    assert calls[-1] == "shutdown"  # and down again once the run is over
 
 
 def test_a_ray_that_misses_it_twice_fails_the_round(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _fake_ray(monkeypatch, [_MISSED, _MISSED])
-    with pytest.raises(RuntimeError, match="Timed out waiting"):
-        start_ray(ray_backend_config(2))
+    with pytest.raises(RuntimeError, match="Timed out waiting"), ray_running(ray_backend_config(2)):
+        pass
     assert calls.count("init ['env_vars'] 2") == 2
 
 
 def test_any_other_failure_to_start_is_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
     calls = _fake_ray(monkeypatch, ["Maybe you called ray.init twice by accident?"])
-    with pytest.raises(RuntimeError, match="twice"):
-        start_ray(ray_backend_config(2))
+    with pytest.raises(RuntimeError, match="twice"), ray_running(ray_backend_config(2)):
+        pass
     assert calls == ["init ['env_vars'] 2"]

@@ -146,13 +146,15 @@ _RAY_START_TIMEOUT = "Timed out waiting for file"
 """Ray's words when its GCS server did not write its port file within Ray's fixed 30 s."""
 
 
-def start_ray(backend_config: Mapping[str, Any]) -> None:
-    """Start Ray as Flower's Ray backend would, trying once more if it does not come up.
+@contextmanager
+def ray_running(backend_config: Mapping[str, Any]) -> Iterator[None]:
+    """Run Ray as Flower's Ray backend would start it, trying once more if it does not come up.
 
     On a busy 2-core machine Ray's GCS server now and then misses the 30 s Ray gives
     it to start (a hard-coded wait), and the whole simulated round then fails before
     any owner ran. Flower's backend starts Ray only when none runs, so starting it
-    here, with the same arguments, lets a second try replace that failure.
+    here, with the same arguments, lets a second try replace that failure. Ray is shut
+    down on leaving, however the run ended (Flower does so only when its runtime ends well).
     """
     import ray
 
@@ -165,12 +167,16 @@ def start_ray(backend_config: Mapping[str, Any]) -> None:
     for attempt in range(1, _RAY_START_TRIES + 1):
         try:
             ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
-            return
+            break
         except RuntimeError as exc:
             if attempt == _RAY_START_TRIES or _RAY_START_TIMEOUT not in str(exc):
                 raise
             log.warning("Ray did not start (%s); starting it once more", exc)
             ray.shutdown()
+    try:
+        yield
+    finally:
+        ray.shutdown()
 
 
 @dataclass(frozen=True)
@@ -311,21 +317,13 @@ class SimulatedRuns:
         nodes = len(self.node_configs)
         state = SimulatedRunState("finished", "completed")
         try:
-            with environment_restored():
-                start_ray(self.backend_config)
-                try:
-                    run_simulation(
-                        server_app=_server_app(self.server_app, settings, nodes, self.node_wait_s),
-                        client_app=_client_app(self.client_app, self.node_configs, self.dropping),
-                        num_supernodes=nodes,
-                        backend_config=dict(self.backend_config),
-                    )
-                finally:
-                    # Flower shuts Ray down when its runtime ends well; the next run needs
-                    # it down however this one ended.
-                    import ray
-
-                    ray.shutdown()
+            with environment_restored(), ray_running(self.backend_config):
+                run_simulation(
+                    server_app=_server_app(self.server_app, settings, nodes, self.node_wait_s),
+                    client_app=_client_app(self.client_app, self.node_configs, self.dropping),
+                    num_supernodes=nodes,
+                    backend_config=dict(self.backend_config),
+                )
         except Exception as exc:  # any failure of the run is its outcome
             # Flower wraps the ServerApp's exception in its own "Ending simulation" one.
             cause: BaseException = exc
