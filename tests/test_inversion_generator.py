@@ -21,6 +21,14 @@ def test_generator_maps_latents_to_images_in_unit_range(side: int, channels: int
     assert images.min() >= 0.0 and images.max() <= 1.0
 
 
+def test_images_come_out_channels_last() -> None:
+    # Teachers convert to channels-last convolutions: the two layouts meet without a reorder.
+    config = GeneratorConfig(latent_dim=16, width=8, image_size=8, channels=3)
+    images = build_generator(config, seed=1, device=CPU)(torch.randn(4, 16))
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    assert not images.is_contiguous()
+
+
 def test_paper_generator_shape() -> None:
     config = GeneratorConfig()  # nz 256, ngf 64, 32 x 32 RGB
     generator = build_generator(config, seed=0, device=CPU)

@@ -137,6 +137,19 @@ def test_converted_module_is_frozen_and_keeps_batch_norm_statistics() -> None:
     assert not any(p.requires_grad for p in module.parameters())
 
 
+def test_convolutions_keep_their_weights_and_activations_channels_last() -> None:
+    # The generator's images are channels-last; weights in the same layout spare mkldnn a
+    # reorder of every activation (benchmarks/results/memory-format.md).
+    module = convert(
+        _model([_n("Conv", ["x", "w"], pads=[1, 1, 1, 1])], [init("w", _w(3, 4, 3, 3))])
+    )
+    (conv,) = [m for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not conv.weight.is_contiguous()
+    images = torch.rand(2, 4, 6, 6).to(memory_format=torch.channels_last)
+    assert module(images).is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize(
     ("node", "initializers", "message"),
     [

@@ -78,6 +78,8 @@ class OnnxModule(nn.Module):
             self._constant_slots[name] = slot
         self.eval()
         self.requires_grad_(False)
+        # Channels-last, as the generator's images (`free_common.inversion.generator`).
+        self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     def train(self, mode: bool = True) -> OnnxModule:
         """Stay in eval mode whatever `mode` says: a teacher's running statistics never change."""
