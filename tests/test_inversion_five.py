@@ -10,7 +10,7 @@ from torch import nn
 from free_common.inversion.config import AugmentConfig, FiveConfig, GeneratorConfig
 from free_common.inversion.five import MetaGenerator
 from free_common.inversion.generator import build_generator
-from free_common.inversion.teacher import AdaptedTeacher
+from free_common.inversion.teacher import AdaptedTeacher, teacher_accuracy
 from free_common.types import ChannelOrder, TaskMetadata
 
 CPU = torch.device("cpu")
@@ -59,12 +59,21 @@ def test_an_adaptation_told_where_to_stop_stops_there_and_keeps_those_images() -
     teacher = _teacher(0)
     full, _ = _meta_generator(config).adapt(teacher, torch.Generator().manual_seed(0))
     assert len(full.losses) == 60 and full.teacher_accuracy == 1.0
-    early, _ = _meta_generator(config).adapt(teacher, torch.Generator().manual_seed(0), stop_at=0.5)
-    # Checked every 5 steps: it stops at the first check the images pass, and reports them.
+    asked: list[int] = []
+
+    def passing(step: int, images: torch.Tensor, labels: torch.Tensor) -> bool:
+        asked.append(step)
+        return step % 5 == 0 and teacher_accuracy(teacher, images, labels) >= 0.5
+
+    early, _ = _meta_generator(config).adapt(
+        teacher, torch.Generator().manual_seed(0), stop=passing
+    )
+    # It stops at the first step the rule passes, and reports that step's images.
+    assert asked == list(range(1, len(early.losses) + 1))
     assert len(early.losses) % 5 == 0 and len(early.losses) < 60
     assert early.teacher_accuracy >= 0.5
     never, _ = _meta_generator(config).adapt(
-        teacher, torch.Generator().manual_seed(0), stop_at=1.01
+        teacher, torch.Generator().manual_seed(0), stop=lambda *_: False
     )
     assert never.losses == full.losses
 

@@ -192,31 +192,36 @@ def test_a_model_near_the_recovery_threshold_gets_the_longer_try_before_a_hold(
 ) -> None:
     # Held on 5 steps alone, honest models of other architectures were stopped that 10
     # more steps take past the band (benchmarks/results/poison-20-honest/).
-    tries: list[int] = []
+    steps: list[int] = []
     adapt = MetaGenerator.adapt
 
     def counted(self: MetaGenerator, *args: object, **kwargs: object) -> object:
-        tries.append(self.config.adapt_steps)
-        return adapt(self, *args, **kwargs)  # type: ignore[arg-type]
+        recovery, grads = adapt(self, *args, **kwargs)  # type: ignore[arg-type]
+        steps.append(len(recovery.losses))
+        return recovery, grads
 
     monkeypatch.setattr(MetaGenerator, "adapt", counted)
     context = ScreeningContext(_generator(), meta_learned=True)
     no_threshold = dataclasses.replace(CONFIG, min_recovery_agreement=0.0, hold_band=0.0)
     first = screen_teacher(_adapted(tiny.teacher(1)), context, no_threshold)
-    assert tries == [5]
+    assert steps == [5]
     agreement = first.figures["recovery_agreement"]
     assert agreement is not None
-    tries.clear()
-    # The same 5-step agreement, now just inside the hold band of the threshold.
+    steps.clear()
+    # The same 5-step agreement, now just inside the hold band of the threshold: the
+    # adaptation goes on from those 5 steps (one adaptation, not a second from the start).
     near = dataclasses.replace(
-        no_threshold, min_recovery_agreement=agreement - 0.01, hold_band=0.05
+        no_threshold,
+        min_recovery_agreement=agreement - 0.01,
+        hold_band=0.05,
+        good_enough_recovery=1.01,
     )
     screen_teacher(_adapted(tiny.teacher(1)), context, near)
-    assert tries == [5, near.fresh_generator_steps]
-    tries.clear()
+    assert steps == [near.fresh_generator_steps]
+    steps.clear()
     clear = dataclasses.replace(near, hold_band=0.0)
     screen_teacher(_adapted(tiny.teacher(1)), context, clear)
-    assert tries == [5]
+    assert steps == [5]
 
 
 def test_screening_is_seeded() -> None:

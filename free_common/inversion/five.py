@@ -27,13 +27,15 @@ from free_common.inversion.losses import image_prior_loss, inversion_loss
 from free_common.inversion.teacher import AdaptedTeacher, teacher_accuracy
 from free_common.inversion.timing import wall_clock
 
-__all__ = ["MetaGenerator", "Recovery", "StudentFn", "target_labels"]
-
-_STOP_CHECK_EVERY = 5
-"""Steps between agreement checks of an adaptation that may stop early (one teacher pass each)."""
+__all__ = ["MetaGenerator", "Recovery", "StopRule", "StudentFn", "target_labels"]
 
 StudentFn = Callable[[Tensor], Tensor]
 """The current meta-learner as a function: (B, C_s, S, S) images in [0, 1] -> (B, K) logits."""
+
+StopRule = Callable[[int, Tensor, Tensor], bool]
+"""Asked after each forward pass of an adaptation but its last, with the step (from 1), that
+pass's images (N, C_s, S, S), detached, and their target labels (N,): True stops the
+adaptation there and keeps those images."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ class MetaGenerator:
         rng: torch.Generator,
         student: StudentFn | None = None,
         *,
-        stop_at: float | None = None,
+        stop: StopRule | None = None,
     ) -> tuple[Recovery, list[Tensor]]:
         """Adapt a copy of the meta-generator to one teacher; phi itself is not touched.
 
@@ -101,10 +103,9 @@ class MetaGenerator:
             CPU generator for the latent codes and the augmentation.
         student
             The current meta-learner, or None during warm-up (no adversarial term).
-        stop_at
-            Stop before `adapt_steps` once the teacher gives at least this share of the
-            images their target (checked every `_STOP_CHECK_EVERY` steps): screening
-            only needs to know that a model can be inverted, not its best images.
+        stop
+            Stop before `adapt_steps` when this says so: screening only needs to know
+            that a model can be inverted, not its best images.
 
         Returns
         -------
@@ -136,10 +137,9 @@ class MetaGenerator:
                 torch.autograd.backward(loss)
                 losses.append(float(loss.detach()))
                 if (
-                    stop_at is not None
-                    and step % _STOP_CHECK_EVERY == 0
+                    stop is not None
                     and step < cfg.adapt_steps
-                    and teacher_accuracy(teacher, images.detach(), labels) >= stop_at
+                    and stop(step, images.detach(), labels)
                 ):
                     break  # these images are the ones kept; the step below would move past them
                 optimizer.step()

@@ -26,15 +26,16 @@ class ScreeningConfig:
     images_per_class
         Images recovered per class, 5 steps from the current meta-generator as in a round.
     fresh_generator_steps
-        Adaptation steps of the second, longer try when the 5 steps fall short of
-        `min_recovery_agreement` plus `hold_band` (and of the only try before any round
-        has meta-learned the generator): an honest model the generator has not met the
-        like of may need more; one that answers the same whatever it sees fails any
-        number of steps.
+        Adaptation steps in all, the round's 5 included, when those 5 fall short of
+        `min_recovery_agreement` plus `hold_band` (and before any round has
+        meta-learned the generator): the adaptation goes on from where the 5 left it.
+        An honest model the generator has not met the like of may need more; one that
+        answers the same whatever it sees fails any number of steps.
     good_enough_recovery
-        The longer try stops early once the model gives this share of its recovered images
-        their target (never below `min_recovery_agreement` plus `hold_band`): images good
-        enough for the tests that read them, at a fraction of the steps.
+        Past the round's 5 steps, the adaptation stops early once the model gives this
+        share of its recovered images their target (never below `min_recovery_agreement`
+        plus `hold_band`): images good enough for the tests that read them, at a
+        fraction of the steps.
     min_recovery_agreement
         The model's own agreement with the targets on its recovered images: a model that
         answers (nearly) the same whatever it sees cannot be inverted.

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from free_common.inversion.five import MetaGenerator
+from free_common.inversion.five import MetaGenerator, StopRule
 from free_common.inversion.teacher import AdaptedTeacher
 from free_common.memory.bank import MemoryBank, pseudo_class_key
 from free_common.screening.config import ScreeningConfig
@@ -50,6 +50,8 @@ _POOL_CLASSES = 64
 _TRIGGER_AREA_WEIGHT = 2.0
 _TRIGGER_START = -2.0
 """Mask logit everywhere at the start: each pixel 12% patch."""
+_CHECK_EVERY = 5
+"""Steps between the agreement checks of screening's adaptation (one teacher pass each)."""
 _SAME_LOGITS = 1e-5
 """Relative spread of logits below which a model's output is taken not to depend on its input."""
 
@@ -118,27 +120,15 @@ def screen_teacher(
     neutral = neutral_images(48, (shape.channels, shape.image_size, shape.image_size), seed)
     neutral = neutral.to(device)  # (48, C, S, S), the generator's images' shape
     neutral_logits = _logits(teacher, neutral)  # (48, K)
-    recovery = None
-    if context.meta_learned:
-        recovery, _ = MetaGenerator(context.meta_generator.generator, five).adapt(teacher, rng)
-    if recovery is None or (
-        recovery.teacher_accuracy < config.min_recovery_agreement + config.hold_band
-    ):
-        # A second, longer chance before any verdict on this figure, a hold included: an
-        # honest model of an architecture the generator has not met yet may need more than
-        # 5 steps. One whose logits do not move with its input cannot be inverted in any
-        # number of steps, and any images give its exact agreement: it never changes.
-        seen = (
-            [neutral_logits]
-            if recovery is None
-            else [neutral_logits, _logits(teacher, recovery.images)]
-        )
-        steps = 1 if _ignores_input(torch.cat(seen)) else config.fresh_generator_steps
-        if recovery is None or steps > 1:
-            longer = dataclasses.replace(five, adapt_steps=steps)
-            recovery, _ = MetaGenerator(context.meta_generator.generator, longer).adapt(
-                teacher, rng, stop_at=_good_enough(config)
-            )
+    # The round's 5 steps first; the adaptation goes on past them only for a model they
+    # leave near or below the recovery threshold (and always before any round has
+    # meta-learned the generator).
+    first = context.meta_generator.config.adapt_steps if context.meta_learned else 0
+    adaptation = dataclasses.replace(five, adapt_steps=max(first, config.fresh_generator_steps))
+    stop = _stop_rule(teacher, neutral_logits, config, first)
+    recovery, _ = MetaGenerator(context.meta_generator.generator, adaptation).adapt(
+        teacher, rng, stop=stop
+    )
     recovered_logits = _logits(teacher, recovery.images)  # (N, K)
     figures: dict[str, float | None] = {
         "recovery_agreement": recovery.teacher_accuracy,
@@ -174,9 +164,31 @@ def _ignores_input(logits: Tensor) -> bool:
     return bool(spread <= _SAME_LOGITS * (1.0 + logits.abs().max()))
 
 
-def _good_enough(config: ScreeningConfig) -> float:
-    """Agreement at which the longer try stops: past the recovery test and its band."""
-    return max(config.good_enough_recovery, config.min_recovery_agreement + config.hold_band)
+def _stop_rule(
+    teacher: AdaptedTeacher, neutral_logits: Tensor, config: ScreeningConfig, first: int
+) -> StopRule:
+    """When screening's adaptation stops: at step `first` (0: none) or a later check.
+
+    At `first`, images past the recovery test and its band are enough, as a round's
+    would be. Past it (an honest model of an architecture the generator has not met yet
+    may need more steps), only images `good_enough_recovery` of them pass. At the first
+    check, a model whose logits do not move with its input stops: no number of steps can
+    invert it, and any images give its exact agreement.
+    """
+    first_check = first or _CHECK_EVERY
+    passing = config.min_recovery_agreement + config.hold_band
+    good_enough = max(config.good_enough_recovery, passing)
+
+    def stop(step: int, images: Tensor, labels: Tensor) -> bool:
+        if step < first_check or (step - first_check) % _CHECK_EVERY:
+            return False
+        logits = _logits(teacher, images)  # (N, K)
+        agreement = float((logits.argmax(1) == labels).float().mean())
+        if step == first_check and _ignores_input(torch.cat([neutral_logits, logits])):
+            return True
+        return agreement >= (passing if step == first else good_enough)
+
+    return stop
 
 
 _TESTS: tuple[tuple[str, str, Verdict, str], ...] = (
