@@ -1,7 +1,8 @@
-"""Starting Ray for a simulated round: one more try when its GCS server misses Ray's 30 s.
+"""Starting Ray for a simulated round: one more try when its GCS server or raylet misses Ray's 30 s.
 
 Ray's own start cannot be made slow on demand, so `ray.init` is replaced here by one
-that fails the way Ray does (`RuntimeError: Timed out waiting for file .../gcs_server_port_...`).
+that fails the ways Ray does (`RuntimeError: Timed out waiting for file .../gcs_server_port_...`,
+and a bare `Exception: The current node timed out during startup...` from `ray._private.node`).
 """
 
 from __future__ import annotations
@@ -15,15 +16,20 @@ ray = pytest.importorskip("ray")
 from free_common.bench.simulate import ray_backend_config, ray_running  # noqa: E402
 
 _MISSED = "Timed out waiting for file /tmp/ray/session_x/gcs_server_port_0f"
+_RAYLET_LATE = (
+    "The current node timed out during startup. This could happen because some of the"
+    " raylet failed to startup or the GCS has become overloaded."
+)
 
 
-def _fake_ray(monkeypatch: pytest.MonkeyPatch, failures: list[str]) -> list[str]:
+def _fake_ray(monkeypatch: pytest.MonkeyPatch, failures: list[str | Exception]) -> list[str]:
     calls: list[str] = []
 
     def init(**kwargs: Any) -> None:
         calls.append(f"init {sorted(kwargs['runtime_env'])} {kwargs['num_cpus']}")
         if failures:
-            raise RuntimeError(failures.pop(0))
+            failure = failures.pop(0)
+            raise failure if isinstance(failure, Exception) else RuntimeError(failure)
 
     monkeypatch.setattr(ray, "init", init)
     monkeypatch.setattr(ray, "shutdown", lambda: calls.append("shutdown"))
@@ -35,6 +41,14 @@ def test_a_ray_that_misses_its_start_is_started_once_more(monkeypatch: pytest.Mo
     with ray_running(ray_backend_config(2)):
         assert calls == ["init ['env_vars'] 2", "shutdown", "init ['env_vars'] 2"]
     assert calls[-1] == "shutdown"  # and down again once the run is over
+
+
+def test_a_raylet_that_registers_late_is_started_once_more(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = _fake_ray(monkeypatch, [Exception(_RAYLET_LATE)])
+    with ray_running(ray_backend_config(2)):
+        assert calls == ["init ['env_vars'] 2", "shutdown", "init ['env_vars'] 2"]
 
 
 def test_a_ray_that_misses_it_twice_fails_the_round(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -142,16 +142,17 @@ def ray_backend_config(cpus: int) -> dict[str, Any]:
 
 
 _RAY_START_TRIES = 2
-_RAY_START_TIMEOUT = "Timed out waiting for file"
-"""Ray's words when its GCS server did not write its port file within Ray's fixed 30 s."""
+_RAY_START_TIMEOUTS = ("Timed out waiting for file", "The current node timed out during startup")
+"""Ray's words when its GCS server did not write its port file, or its raylet did not
+register with the GCS, within Ray's fixed 30 s (a `RuntimeError` and a bare `Exception`)."""
 
 
 @contextmanager
 def ray_running(backend_config: Mapping[str, Any]) -> Iterator[None]:
     """Run Ray as Flower's Ray backend would start it, trying once more if it does not come up.
 
-    On a busy 2-core machine Ray's GCS server now and then misses the 30 s Ray gives
-    it to start (a hard-coded wait), and the whole simulated round then fails before
+    On a busy 2-core machine Ray's GCS server or raylet now and then misses the 30 s Ray
+    gives it to start (a hard-coded wait), and the whole simulated round then fails before
     any owner ran. Flower's backend starts Ray only when none runs, so starting it
     here, with the same arguments, lets a second try replace that failure. Ray is shut
     down on leaving, however the run ended (Flower does so only when its runtime ends well).
@@ -168,8 +169,8 @@ def ray_running(backend_config: Mapping[str, Any]) -> Iterator[None]:
         try:
             ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **init_args)
             break
-        except RuntimeError as exc:
-            if attempt == _RAY_START_TRIES or _RAY_START_TIMEOUT not in str(exc):
+        except Exception as exc:  # Ray raises a bare Exception when its raylet is late
+            if attempt == _RAY_START_TRIES or not any(m in str(exc) for m in _RAY_START_TIMEOUTS):
                 raise
             log.warning("Ray did not start (%s); starting it once more", exc)
             ray.shutdown()
