@@ -19,6 +19,7 @@ from free_common.memory.config import MemoryConfig
 from free_common.screening import ScreeningConfig
 from free_common.screening.screen import (
     ScreeningContext,
+    _stop_rule,
     judge,
     neutral_images,
     screen_teacher,
@@ -163,8 +164,11 @@ def test_a_backdoor_target_is_reached_by_a_small_patch_far_more_than_the_others(
         # A white 3x3 corner (3.5% of the image) means class 0, whatever else is there.
         _linear(backdoored).weight[0] += 10.0 * corner.flatten()
         _linear(backdoored).bias[0] -= 20.0
-    # The recovery test is set aside: this one is about the trigger search alone.
-    config = dataclasses.replace(CONFIG, min_recovery_agreement=0.0)
+    # The recovery test and its plateau are set aside: this one is about the trigger
+    # search alone, on images the whole adaptation recovered.
+    config = dataclasses.replace(
+        CONFIG, min_recovery_agreement=0.0, plateau_steps=CONFIG.fresh_generator_steps
+    )
     honest = screen_teacher(_adapted(tiny.teacher(1)), _fresh(), config)
     report = screen_teacher(_adapted(backdoored), _fresh(), config)
     clean, stamped = honest.figures["trigger_gap"], report.figures["trigger_gap"]
@@ -215,6 +219,7 @@ def test_a_model_near_the_recovery_threshold_gets_the_longer_try_before_a_hold(
         min_recovery_agreement=agreement - 0.01,
         hold_band=0.05,
         good_enough_recovery=1.01,
+        plateau_steps=CONFIG.fresh_generator_steps,
     )
     screen_teacher(_adapted(tiny.teacher(1)), context, near)
     assert steps == [near.fresh_generator_steps]
@@ -222,6 +227,39 @@ def test_a_model_near_the_recovery_threshold_gets_the_longer_try_before_a_hold(
     clear = dataclasses.replace(near, hold_band=0.0)
     screen_teacher(_adapted(tiny.teacher(1)), context, clear)
     assert steps == [5]
+
+
+def _stops(teacher: AdaptedTeacher, agreements: list[float]) -> list[bool]:
+    """The stop rule's answer at steps 5, 10, ... given labels that make each agreement."""
+    neutral = neutral_images(12, (1, tiny.SIDE, tiny.SIDE))
+    stop = _stop_rule(teacher, teacher(neutral).detach(), CONFIG, first=5)
+    images = torch.rand(20, 1, tiny.SIDE, tiny.SIDE, generator=torch.Generator().manual_seed(0))
+    answers = teacher(images).argmax(1)
+    out = []
+    for index, agreement in enumerate(agreements):
+        labels = answers.clone()
+        wrong = round(agreement * len(labels))
+        labels[wrong:] = (answers[wrong:] + 1) % teacher.num_classes
+        out.append(stop(5 * (index + 1), images, labels))
+    return out
+
+
+def test_the_longer_try_stops_on_a_plateau_it_passes_or_on_one_answer_for_everything() -> None:
+    # Honest models of other architectures level off and then drift down; random
+    # weights that answer one class to every image stay there (poison-rebuilt/).
+    honest = _adapted(tiny.teacher(1))
+    plateau = CONFIG.plateau_steps // 5
+    assert _stops(honest, [0.4] + [0.6] * (plateau + 1)) == [False] * (plateau + 1) + [True]
+    # Below the threshold, a flat agreement of varied answers gets the whole try.
+    assert not any(_stops(honest, [0.3] * 11))
+    # And one that still rises stops only when good enough (0.9).
+    assert _stops(honest, [0.4 + 0.05 * i for i in range(10)] + [1.0]) == [False] * 10 + [True]
+    # Logits that move with the input but always pick the same class.
+    one_answer = tiny.teacher(1)
+    with torch.no_grad():
+        _linear(one_answer).weight.mul_(1e-3)
+        _linear(one_answer).bias[0] = 1.0
+    assert _stops(_adapted(one_answer), [0.2] * (plateau + 1)) == [False] * plateau + [True]
 
 
 def test_screening_is_seeded() -> None:

@@ -36,6 +36,14 @@ class ScreeningConfig:
         share of its recovered images their target (never below `min_recovery_agreement`
         plus `hold_band`): images good enough for the tests that read them, at a
         fraction of the steps.
+    plateau_steps
+        Past the round's 5 steps, the adaptation also stops once the model's agreement
+        has not risen past its best for this many steps (checked every 5), while it
+        passes `min_recovery_agreement` plus `hold_band` or while the model gives every
+        recovered image the same answer: honest models of other architectures level off
+        within 25 to 40 steps and some then drift down, and some models with random
+        weights answer one class to everything (`benchmarks/results/poison-rebuilt/`).
+        At `fresh_generator_steps` or more it never stops on a plateau.
     min_recovery_agreement
         The model's own agreement with the targets on its recovered images: a model that
         answers (nearly) the same whatever it sees cannot be inverted.
@@ -70,6 +78,7 @@ class ScreeningConfig:
     images_per_class: int = 8
     fresh_generator_steps: int = 60
     good_enough_recovery: float = 0.9
+    plateau_steps: int = 10
     min_recovery_agreement: float = 0.5
     min_pool_agreement: float = 0.5
     min_pool_names: int = 2
@@ -87,13 +96,14 @@ class ScreeningConfig:
                 self.trigger_steps,
                 self.trigger_images,
                 self.fresh_generator_steps,
+                self.plateau_steps,
                 self.min_pool_names,
             )
             < 1
         ):
             raise ConfigError(
                 "screening needs images_per_class >= 2; trigger_steps, trigger_images,"
-                " fresh_generator_steps and min_pool_names >= 1"
+                " fresh_generator_steps, plateau_steps and min_pool_names >= 1"
             )
         if self.hold_band < 0:
             raise ConfigError("screening hold_band must be at least 0")

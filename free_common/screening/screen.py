@@ -171,22 +171,33 @@ def _stop_rule(
 
     At `first`, images past the recovery test and its band are enough, as a round's
     would be. Past it (an honest model of an architecture the generator has not met yet
-    may need more steps), only images `good_enough_recovery` of them pass. At the first
-    check, a model whose logits do not move with its input stops: no number of steps can
-    invert it, and any images give its exact agreement.
+    may need more steps), only images `good_enough_recovery` of them pass, or a plateau:
+    an agreement that has not passed its best for `plateau_steps` while it passes
+    (further steps seldom raise it, and an honest model's often drifts down), or while
+    the model gives every recovered image the same answer. At the first check, a model
+    whose logits do not move with its input stops: no number of steps can invert it, and
+    any images give its exact agreement.
     """
     first_check = first or _CHECK_EVERY
     passing = config.min_recovery_agreement + config.hold_band
     good_enough = max(config.good_enough_recovery, passing)
+    best_agreement, best_step = -1.0, 0
 
     def stop(step: int, images: Tensor, labels: Tensor) -> bool:
+        nonlocal best_agreement, best_step
         if step < first_check or (step - first_check) % _CHECK_EVERY:
             return False
         logits = _logits(teacher, images)  # (N, K)
         agreement = float((logits.argmax(1) == labels).float().mean())
         if step == first_check and _ignores_input(torch.cat([neutral_logits, logits])):
             return True
-        return agreement >= (passing if step == first else good_enough)
+        if agreement > best_agreement:
+            best_agreement, best_step = agreement, step
+        if step == first:
+            return agreement >= passing
+        stalled = step - best_step >= config.plateau_steps
+        one_answer = bool((logits.argmax(1) == logits[0].argmax()).all())
+        return agreement >= good_enough or (stalled and (agreement >= passing or one_answer))
 
     return stop
 
