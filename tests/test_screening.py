@@ -229,10 +229,10 @@ def test_a_model_near_the_recovery_threshold_gets_the_longer_try_before_a_hold(
     assert steps == [5]
 
 
-def _stops(teacher: AdaptedTeacher, agreements: list[float]) -> list[bool]:
+def _stops(teacher: AdaptedTeacher, agreements: list[float], first: int = 5) -> list[bool]:
     """The stop rule's answer at steps 5, 10, ... given labels that make each agreement."""
     neutral = neutral_images(12, (1, tiny.SIDE, tiny.SIDE))
-    stop = _stop_rule(teacher, teacher(neutral).detach(), CONFIG, first=5)
+    stop = _stop_rule(teacher, teacher(neutral).detach(), CONFIG, first=first)
     images = torch.rand(20, 1, tiny.SIDE, tiny.SIDE, generator=torch.Generator().manual_seed(0))
     answers = teacher(images).argmax(1)
     out = []
@@ -260,6 +260,8 @@ def test_the_longer_try_stops_on_a_plateau_it_passes_or_on_one_answer_for_everyt
         _linear(one_answer).weight.mul_(1e-3)
         _linear(one_answer).bias[0] = 1.0
     assert _stops(_adapted(one_answer), [0.2] * (plateau + 1)) == [False] * plateau + [True]
+    # But not from a fresh generator, whose first images are alike.
+    assert not any(_stops(_adapted(one_answer), [0.2] * 11, first=0))
 
 
 def test_screening_is_seeded() -> None:

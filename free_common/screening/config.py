@@ -39,8 +39,9 @@ class ScreeningConfig:
     plateau_steps
         Past the round's 5 steps, the adaptation also stops once the model's agreement
         has not risen past its best for this many steps (checked every 5), while it
-        passes `min_recovery_agreement` plus `hold_band` or while the model gives every
-        recovered image the same answer: honest models of other architectures level off
+        passes `min_recovery_agreement` plus `hold_band` or (past a meta-learned start)
+        while the model gives every recovered image the same answer: honest models of
+        other architectures level off
         within 25 to 40 steps and some then drift down, and some models with random
         weights answer one class to everything (`benchmarks/results/poison-rebuilt/`).
         At `fresh_generator_steps` or more it never stops on a plateau.

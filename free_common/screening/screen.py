@@ -173,8 +173,10 @@ def _stop_rule(
     would be. Past it (an honest model of an architecture the generator has not met yet
     may need more steps), only images `good_enough_recovery` of them pass, or a plateau:
     an agreement that has not passed its best for `plateau_steps` while it passes
-    (further steps seldom raise it, and an honest model's often drifts down), or while
-    the model gives every recovered image the same answer. At the first check, a model
+    (further steps seldom raise it, and an honest model's often drifts down), or, past a
+    meta-learned start, while the model gives every recovered image the same answer. (A
+    fresh generator's first images are alike: an honest ResNet answered them all with one
+    class for 15 steps.) At the first check, a model
     whose logits do not move with its input stops: no number of steps can invert it, and
     any images give its exact agreement.
     """
@@ -196,7 +198,7 @@ def _stop_rule(
         if step == first:
             return agreement >= passing
         stalled = step - best_step >= config.plateau_steps
-        one_answer = bool((logits.argmax(1) == logits[0].argmax()).all())
+        one_answer = first > 0 and bool((logits.argmax(1) == logits[0].argmax()).all())
         return agreement >= good_enough or (stalled and (agreement >= passing or one_answer))
 
     return stop
